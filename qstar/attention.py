@@ -1,0 +1,206 @@
+"""Attention layout of parallel thoughts: pure math, plus the hook into Hugging Face models.
+
+Notation (one sequence; every tensor also has a leading batch dim ``B``):
+    L   tokens in the input ``x`` (the "prefix" keys, from the base pass)
+    m   thought blocks already in the KV cache, the query blocks included
+    nq  query blocks in this call (``nq <= m``); query block ``n`` is thought depth ``g = m - nq + n``
+    H / Hkv / G   query heads / key-value heads / ``H // Hkv``
+
+Key layout: ``[x_0 .. x_{L-1} | block 0 (L tokens) | ... | block m-1 (L tokens)]``.
+The token of position ``i`` at depth ``g`` (0-based block; its position id is ``i + g + 1``) may
+attend to the prefix ``x_0..x_i`` and to the tokens of the *same* position ``i`` in blocks
+``0..g`` (Quiet-STaR's "tokenwise parallel sampling", Zelikman et al. 2024, Sec. 4.2). Nothing else.
+
+The authors materialise this as a dense additive ``(L, (m+1)L)`` mask per depth
+(:func:`dense_thought_mask`, our reference path). :func:`sparse_thought_attention` computes the
+same thing as a causal ``L x L`` prefix part plus a per-position ``m``-wide diagonal part, joined in
+one softmax over ``L + m`` scores: O(L^2 + L m) per block instead of O(L^2 m).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "qstar_sparse"
+
+
+@dataclass(frozen=True)
+class ThoughtLayout:
+    """How the keys of a thought forward are laid out: ``n_prefix`` base tokens, then blocks."""
+
+    n_prefix: int
+
+
+_LAYOUT: contextvars.ContextVar[ThoughtLayout | None] = contextvars.ContextVar(
+    "qstar_layout", default=None
+)
+
+
+def _apply_softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
+def thought_allowed(
+    n_prefix: int, m: int, nq: int, sliding_window: int | None = None, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks of the two parts for query blocks ``m-nq .. m-1``.
+
+    Returns:
+        prefix: ``(nq, L, L)`` -- query ``(n, i)`` may see prefix key ``j``.
+        diag:   ``(nq, m)``    -- query block ``n`` may see block ``g'`` of its own position.
+    """
+    L = n_prefix
+    i = torch.arange(L, device=device)
+    depth = torch.arange(m - nq, m, device=device)  # (nq,) 0-based block of each query block
+    prefix = (i[None, :, None] >= i[None, None, :]).expand(nq, L, L)  # j <= i
+    blocks = torch.arange(m, device=device)
+    diag = blocks[None, :] <= depth[:, None]  # g' <= g
+    if sliding_window is not None:
+        # HF convention: key k visible to query q iff q_pos - k_pos < window.
+        qpos = i[None, :, None] + depth[:, None, None] + 1
+        prefix = prefix & (qpos - i[None, None, :] < sliding_window)
+        diag = diag & (depth[:, None] - blocks[None, :] < sliding_window)
+    return prefix, diag
+
+
+def sparse_thought_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    n_prefix: int,
+    scaling: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Thought attention without the dense mask.
+
+    Args:
+        query: ``(B, H, nq*L, D)``, the last ``nq`` blocks.
+        key, value: ``(B, Hkv, L + m*L, D)``.
+    Returns:
+        ``(B, nq*L, H, D)`` (the layout Hugging Face attention functions return).
+    """
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    L = n_prefix
+    G = H // Hkv
+    nq, m = Q // L, (K - L) // L
+    if nq * L != Q or L + m * L != K or nq > m:
+        raise ValueError(f"thought layout mismatch: L={L}, queries={Q}, keys={K}")
+    query = query.contiguous()
+    q = query.view(B, Hkv, G * nq * L, D)
+    k_pre, v_pre = key[:, :, :L], value[:, :, :L]  # (B, Hkv, L, D)
+    k_blk = key[:, :, L:].view(B, Hkv, m, L, D)
+    v_blk = value[:, :, L:].view(B, Hkv, m, L, D)
+
+    s_pre = torch.matmul(q, k_pre.transpose(-1, -2)) * scaling  # (B, Hkv, G*nq*L, L)
+    s_pre = s_pre.view(B, Hkv, G, nq, L, L)
+    qd = query.view(B, Hkv, G, nq, L, D)
+    s_blk = torch.einsum("bkgnid,bkmid->bkgnim", qd, k_blk) * scaling  # (B, Hkv, G, nq, L, m)
+
+    prefix_ok, diag_ok = thought_allowed(L, m, nq, sliding_window, device=query.device)
+    scores = torch.cat([s_pre, s_blk], dim=-1).float()  # (B, Hkv, G, nq, L, L+m)
+    scores = _apply_softcap(scores, softcap)
+    allowed = torch.cat([prefix_ok, diag_ok[:, None, :].expand(nq, L, m)], dim=-1)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    if dropout > 0.0 and training:
+        probs = F.dropout(probs, p=dropout, training=True)
+    p_pre, p_blk = probs[..., :L], probs[..., L:]
+    out = torch.matmul(p_pre.reshape(B, Hkv, G * nq * L, L), v_pre).view(B, Hkv, G, nq, L, D)
+    out = out + torch.einsum("bkgnim,bkmid->bkgnid", p_blk, v_blk)
+    return out.reshape(B, H, Q, D).transpose(1, 2)  # (B, nq*L, H, D)
+
+
+def dense_thought_mask(
+    n_prefix: int,
+    m: int,
+    nq: int,
+    dtype: torch.dtype,
+    sliding_window: int | None = None,
+    device=None,
+) -> torch.Tensor:
+    """The authors' dense additive mask for query blocks ``m-nq..m-1``: ``(1, 1, nq*L, (m+1)*L)``.
+
+    0 where attention is allowed, ``finfo(dtype).min`` elsewhere (a float mask: eager attention
+    silently mis-reads boolean 4D masks).
+    """
+    L = n_prefix
+    prefix_ok, diag_ok = thought_allowed(L, m, nq, sliding_window, device=device)
+    eye = torch.eye(L, dtype=torch.bool, device=device)
+    blocks_ok = diag_ok[:, None, :, None, None] & eye[None, None, None]  # (nq, 1, m, L, L)
+    blocks_ok = blocks_ok.expand(nq, 1, m, L, L).permute(0, 3, 2, 1, 4).reshape(nq, L, m * L)
+    allowed = torch.cat([prefix_ok, blocks_ok], dim=-1).reshape(nq * L, (m + 1) * L)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+# ---------------------------------------------------------------------------- HF integration
+def _hf_sparse_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
+    """Hugging Face ``AttentionInterface`` entry: reads the layout set by :func:`thought_attention`."""
+    layout = _LAYOUT.get()
+    if layout is None:
+        raise RuntimeError(
+            f"attention '{ATTN_NAME}' was called outside qstar.attention.thought_attention()"
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out = sparse_thought_attention(
+        query,
+        key,
+        value,
+        layout.n_prefix,
+        scaling,
+        sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+        dropout=dropout,
+        training=module.training,
+    )
+    return out, None
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register the sparse kernel with transformers' attention interface (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, _hf_sparse_attention)
+    _REGISTERED = True
+
+
+@contextlib.contextmanager
+def thought_attention(model, n_prefix: int, implementation: str) -> Iterator[None]:
+    """Within this block, ``model``'s attention follows the thought layout.
+
+    ``implementation`` is ``"sparse"`` (our kernel, no mask is built) or ``"dense"`` (the model's
+    eager attention; the caller passes :func:`dense_thought_mask` as ``attention_mask``).
+    The model's previous attention implementation is restored on exit.
+    """
+    register()
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = ATTN_NAME if implementation == "sparse" else "eager"
+    token = _LAYOUT.set(ThoughtLayout(n_prefix=n_prefix))
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+        config._attn_implementation = previous

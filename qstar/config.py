@@ -1,0 +1,155 @@
+"""The Quiet-STaR hyper-parameters: one typed dataclass, validated eagerly.
+
+Defaults reproduce the authors' training code (Zelikman et al. 2024, `quiet-star-train.py`),
+which is what produced the published numbers; the paper's text variants are named options.
+
+Token counts. The authors' code counts ``n_ahead = thought_len + 3`` (the base pass, ``<start>``,
+``<end>`` and the sampled tokens); its "12 ahead" setting samples 9 thought tokens, so
+``QuietStarConfig.from_authors(n_ahead=12, n_ahead_talk=4, n_passes=2)`` equals the defaults here.
+Model passes per training step: ``1 base + 1 <start> + thought_len + 1 <end> + (n_true - 1)``
+``= thought_len + 2 + n_true`` (the code's ``n_ahead + n_ahead_talk - 1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+MIXING_CHOICES = ("hidden", "logprob")
+POLICY_LOGPROB_CHOICES = ("per_token", "per_thought")
+ATTENTION_CHOICES = ("sparse", "dense")
+
+
+@dataclass
+class QuietStarConfig:
+    """Hyper-parameters of think / talk / learn.
+
+    Attributes:
+        thought_len: sampled thought tokens per position, without ``<start>``/``<end>`` (``t``).
+        n_true: true future tokens predicted after each thought (lookahead, the code's
+            ``n_ahead_talk``).
+        n_thoughts: thoughts sampled per position (``k``, the code's ``n_passes``); the REINFORCE
+            baseline is the mean over them, so ``k = 1`` gives zero rewards.
+        mixing: ``"hidden"`` mixes hidden states before the LM head with an unbounded weight
+            (the authors' code); ``"logprob"`` interpolates log-probabilities with a weight in
+            [0, 1] (sigmoid), as the paper's text describes.
+        base_loss_weight / mixed_loss_weight: weights of the base-LM NLL and of the mean over the
+            ``n_true`` mixed NLLs (the code's ``original_loss_weight = 0.5``).
+        policy_weight: weight of the REINFORCE term (the code's ``policy_loss_beta = 1e6``).
+        policy_temperature: temperature of the thought log-probabilities in the policy term
+            (the code's ``reinforce_temperature = 3``).
+        policy_logprob: ``"per_token"`` averages the policy term over thought tokens (code);
+            ``"per_thought"`` uses the whole thought's log-probability (paper).
+        positive_rewards: keep only positive rewards (clamp at 0), as the code does.
+        thought_temperature: sampling temperature of thought tokens (1.0: the code's hard
+            Gumbel trick, which is exactly categorical sampling at T=1).
+        meta_scale: the meta-token embeddings are stored divided by this factor and multiplied
+            back on use; under Adam this multiplies their effective learning rate by it (100).
+        attention: ``"sparse"`` computes thought attention as a causal prefix part plus a
+            per-position diagonal part (no dense mask); ``"dense"`` is the plain reference that
+            materialises the authors' additive mask and runs the model's eager attention.
+        start_token / end_token: the two meta tokens added to the tokenizer.
+        meta_init_text: text whose first token's embedding initialises both meta tokens.
+    """
+
+    thought_len: int = 9
+    n_true: int = 4
+    n_thoughts: int = 2
+    mixing: str = "hidden"
+    base_loss_weight: float = 0.5
+    mixed_loss_weight: float = 0.5
+    policy_weight: float = 1e6
+    policy_temperature: float = 3.0
+    policy_logprob: str = "per_token"
+    positive_rewards: bool = True
+    thought_temperature: float = 1.0
+    meta_scale: float = 100.0
+    attention: str = "sparse"
+    start_token: str = "<|startofthought|>"
+    end_token: str = "<|endofthought|>"
+    meta_init_text: str = "---"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the allowed values."""
+        _int_in("thought_len", self.thought_len, 1, 256)
+        _int_in("n_true", self.n_true, 1, 256)
+        _int_in("n_thoughts", self.n_thoughts, 1, 64)
+        _choice("mixing", self.mixing, MIXING_CHOICES)
+        _choice("policy_logprob", self.policy_logprob, POLICY_LOGPROB_CHOICES)
+        _choice("attention", self.attention, ATTENTION_CHOICES)
+        for name in ("base_loss_weight", "mixed_loss_weight", "policy_weight"):
+            _float_ge(name, getattr(self, name), 0.0)
+        for name in ("policy_temperature", "thought_temperature", "meta_scale"):
+            _float_gt(name, getattr(self, name), 0.0)
+        if not isinstance(self.positive_rewards, bool):
+            raise ValueError(f"positive_rewards must be true or false, got {self.positive_rewards!r}")
+        for name in ("start_token", "end_token", "meta_init_text"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if self.start_token == self.end_token:
+            raise ValueError("start_token and end_token must differ")
+
+    # ------------------------------------------------------------------ derived counts
+    @property
+    def thought_block(self) -> int:
+        """Tokens fed per position after the base pass: <start>, c_1..c_t, <end>, n_true-1 true."""
+        return self.thought_len + 1 + self.n_true
+
+    @property
+    def passes(self) -> int:
+        """Model passes per training step: ``thought_len + 2 + n_true``."""
+        return self.thought_len + 2 + self.n_true
+
+    # ------------------------------------------------------------------ conversions
+    @classmethod
+    def from_authors(cls, n_ahead: int, n_ahead_talk: int, n_passes: int = 2, **kw: Any):
+        """Build from the authors' counts: ``thought_len = n_ahead - 3``."""
+        if n_ahead < 4:
+            raise ValueError(f"n_ahead must be >= 4 (thought_len = n_ahead - 3), got {n_ahead}")
+        return cls(thought_len=n_ahead - 3, n_true=n_ahead_talk, n_thoughts=n_passes, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuietStarConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown QuietStarConfig key(s) {unknown}; valid keys: {sorted(known)}"
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> QuietStarConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _float_ge(name: str, value: Any, lo: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= lo:
+        raise ValueError(f"{name} must be a number >= {lo}, got {value!r}")
+
+
+def _float_gt(name: str, value: Any, lo: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > lo:
+        raise ValueError(f"{name} must be a number > {lo}, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -1,0 +1,85 @@
+"""Learn: the Quiet-STaR objective as pure functions over tensors.
+
+Notation: ``B`` sequences, ``k`` thoughts per position, ``L`` positions, ``n`` = ``n_true``
+lookahead tokens, ``t`` thought tokens, ``V`` vocabulary.
+
+Objective (the authors' code defaults; Zelikman et al. 2024, Eq. 1-3):
+    loss = base_w * NLL_base + mixed_w * mean_j NLL_mixed(j) + policy_w * L_policy
+    r[b, s, i]   = sum_j log p_mixed(x_{i+j} | thought s) - mean_s' (same)   (base cancels)
+    L_policy     = mean over (b, s, i, thought token) of  -max(r, 0) * log p_T(c)   (per_token)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ``mask`` (same shape); 0 when the mask is empty."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def token_nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-log p(target)``: ``(..., V), (...) -> (...)``."""
+    return -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def base_nll(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of the base pass, averaged over real targets.
+
+    Args:
+        logits: ``(B, L, V)``; input_ids, valid: ``(B, L)``.
+    """
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = token_nll(lp, input_ids[:, 1:])
+    return masked_mean(nll, valid[:, 1:] & valid[:, :-1])
+
+
+def mixed_nll(nll: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over lookahead steps ``j`` of the mean over real targets of step ``j``.
+
+    Args:
+        nll: ``(B, k, L, n)`` per-target NLL of the mixed prediction.
+        valid: ``(B, 1 or k, L, n)`` whether target ``x_{i+1+j}`` exists.
+    """
+    valid = valid.expand_as(nll).to(nll.dtype)
+    per_step = (nll * valid).sum(dim=(0, 1, 2)) / valid.sum(dim=(0, 1, 2)).clamp(min=1)  # (n,)
+    has_any = valid.sum(dim=(0, 1, 2)) > 0
+    return per_step[has_any].mean() if has_any.any() else nll.sum() * 0
+
+
+def thought_rewards(
+    nll: torch.Tensor, valid: torch.Tensor, positive_only: bool = True
+) -> torch.Tensor:
+    """REINFORCE reward per thought, with the mean over the ``k`` thoughts as baseline.
+
+    Args:
+        nll: ``(B, k, L, n)`` mixed NLL of the true tokens after each thought.
+        valid: ``(B, 1 or k, L, n)``.
+    Returns:
+        ``(B, k, L)`` detached rewards (the baseline includes the thought itself, as the code).
+    """
+    ll = -(nll.detach() * valid.to(nll.dtype)).sum(dim=-1)  # (B, k, L) log-likelihood
+    r = ll - ll.mean(dim=1, keepdim=True)
+    return r.clamp(min=0) if positive_only else r
+
+
+def policy_loss(
+    thought_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    position_valid: torch.Tensor,
+    per_token: bool = True,
+) -> torch.Tensor:
+    """REINFORCE term ``-r log p(thought)``.
+
+    Args:
+        thought_logprobs: ``(B, k, L, t)`` log-probabilities of the sampled thought tokens
+            (at the policy temperature).
+        rewards: ``(B, k, L)``, detached.
+        position_valid: ``(B, 1 or k, L)``: positions that have at least one true target.
+        per_token: average over thought tokens (the authors' code) instead of summing them
+            into the whole thought's log-probability (the paper's text).
+    """
+    lp = thought_logprobs.mean(dim=-1) if per_token else thought_logprobs.sum(dim=-1)
+    return masked_mean(-rewards.detach() * lp, position_valid.expand_as(lp))

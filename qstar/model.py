@@ -1,0 +1,450 @@
+"""``QuietStar``: wraps any Hugging Face causal LM by composition (think -> talk -> learn).
+
+Notation: ``B`` sequences, ``k`` thoughts per position, ``L`` positions, ``t`` thought tokens,
+``n`` = ``n_true``, ``D = t + 1 + n`` tokens fed per position after the base pass
+(``<start>, c_1..c_t, <end>, x_{i+1}..x_{i+n-1}``), ``H`` hidden size, ``V`` vocabulary.
+
+One training step (see ``forward``):
+  1. base pass over ``x`` once (with gradient), keeping its KV cache;
+  2. thoughts sampled depth by depth *without gradient* from a ``k``-times repeated cache;
+  3. one teacher-forced forward of all ``D`` depths at once (with gradient) on the repeated
+     cache, with the thought attention layout of :mod:`qstar.attention`;
+  4. mixed predictions, rewards and losses (:mod:`qstar.talk`, :mod:`qstar.learn`).
+Step 3 recomputes what step 2 computed, which is what lets step 2 keep no activations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from . import learn, think
+from .attention import dense_thought_mask, thought_attention
+from .config import QuietStarConfig
+from .talk import MixingHead, get_mixer
+
+CONFIG_FILE = "qstar_config.json"
+HEADS_FILE = "qstar_heads.safetensors"
+
+
+@dataclass
+class QuietStarOutput:
+    """What one training forward returns. Scalars are 0-dim tensors."""
+
+    loss: torch.Tensor
+    base_nll: torch.Tensor
+    mixed_nll: torch.Tensor
+    policy_loss: torch.Tensor
+    rewards: torch.Tensor  # (B, k, L)
+    mixing_weight: torch.Tensor  # (B, k, L, n)
+    thoughts: torch.Tensor  # (B, k, L, t)
+    target_valid: torch.Tensor  # (B, 1, L, n)
+
+    def stats(self) -> dict[str, float]:
+        """Loggable floats: loss parts, reward and mixing-weight statistics."""
+        valid = self.target_valid.expand_as(self.mixing_weight)
+        w = self.mixing_weight[valid].float()
+        pos = self.target_valid[..., 0].expand_as(self.rewards)
+        r = self.rewards[pos].float()
+        return {
+            "loss": float(self.loss.detach()),
+            "base_nll": float(self.base_nll),
+            "mixed_nll": float(self.mixed_nll),
+            "policy_loss": float(self.policy_loss),
+            "reward_mean": float(r.mean()) if r.numel() else 0.0,
+            "reward_max": float(r.max()) if r.numel() else 0.0,
+            "reward_nonzero": float((r != 0).float().mean()) if r.numel() else 0.0,
+            "mixing_weight_mean": float(w.mean()) if w.numel() else 0.0,
+            "mixing_weight_std": float(w.std()) if w.numel() > 1 else 0.0,
+        }
+
+
+class QuietStar(nn.Module):
+    """A Hugging Face causal LM that thinks before each token.
+
+    Build with :meth:`from_base` (a loaded model and tokenizer) or :meth:`from_pretrained`
+    (a hub id, a local directory, a GGUF file, or a directory written by :meth:`save_pretrained`).
+    """
+
+    def __init__(self, base_model: nn.Module, tokenizer, config: QuietStarConfig):
+        """Attach to a model whose tokenizer already has the meta tokens (use ``from_base``)."""
+        super().__init__()
+        config.validate()
+        self.base_model = base_model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.start_id = _token_id(tokenizer, config.start_token)
+        self.end_id = _token_id(tokenizer, config.end_token)
+        emb = base_model.get_input_embeddings()
+        hidden = emb.weight.shape[1]
+        ref = emb.weight
+        # Stored divided by meta_scale and multiplied back on use: under Adam this multiplies the
+        # meta tokens' effective learning rate by meta_scale (the authors' `embedding_scale`).
+        self.meta_embeddings = nn.Parameter(torch.zeros(2, hidden, dtype=ref.dtype, device=ref.device))
+        self.mixing_head = MixingHead(hidden).to(device=ref.device, dtype=ref.dtype)
+        self._mixer = get_mixer(config.mixing)
+        self.fill_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(cls, model: nn.Module, tokenizer, config: QuietStarConfig | None = None) -> QuietStar:
+        """Add the meta tokens to ``tokenizer`` and ``model``, initialised from ``---``."""
+        config = config or QuietStarConfig()
+        tokenizer.add_tokens([config.start_token, config.end_token], special_tokens=True)
+        emb = model.get_input_embeddings()
+        if len(tokenizer) > emb.weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        qs = cls(model, tokenizer, config)
+        init_ids = tokenizer.encode(config.meta_init_text, add_special_tokens=False)
+        if not init_ids:
+            raise ValueError(f"meta_init_text {config.meta_init_text!r} encodes to no tokens")
+        qs._init_meta(init_ids[0])
+        qs._check_output_head()
+        return qs
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str | Path, config: QuietStarConfig | None = None, **load_kwargs
+    ) -> QuietStar:
+        """Load a saved QuietStar directory, or wrap a base model (hub id, directory, GGUF file).
+
+        ``config`` overrides the saved configuration (the meta tokens and mixing head are still
+        restored). ``load_kwargs`` go to :func:`qstar.loading.load_model` (``dtype``, ``device``...).
+        """
+        from .loading import load_model
+
+        path = Path(str(path_or_id)).expanduser()
+        if (path / CONFIG_FILE).is_file():
+            saved = QuietStarConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+            model, tokenizer = load_model(str(path), **load_kwargs)
+            qs = cls(model, tokenizer, config or saved)
+            qs._load_heads(path / HEADS_FILE)
+            return qs
+        model, tokenizer = load_model(str(path_or_id), **load_kwargs)
+        return cls.from_base(model, tokenizer, config)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the HF model and tokenizer, ``qstar_config.json`` and ``qstar_heads.safetensors``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.base_model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        heads = {"meta_embeddings": self.meta_embeddings.detach()}
+        heads.update({f"mixing_head.{k}": v.detach() for k, v in self.mixing_head.state_dict().items()})
+        save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(directory / HEADS_FILE))
+        (directory / CONFIG_FILE).write_text(self.config.to_json() + "\n")
+        return directory
+
+    def _load_heads(self, file: Path) -> None:
+        from safetensors.torch import load_file
+
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: this directory has no saved meta tokens/mixing head")
+        state = load_file(str(file))
+        with torch.no_grad():
+            self.meta_embeddings.copy_(state.pop("meta_embeddings"))
+        prefix = "mixing_head."
+        self.mixing_head.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
+
+    @torch.no_grad()
+    def _init_meta(self, init_id: int) -> None:
+        """Both meta tokens start at the embedding of ``init_id`` (the paper: "---", a pause)."""
+        emb = self.base_model.get_input_embeddings().weight
+        row = emb[init_id].clone()
+        self.meta_embeddings.copy_(row.expand(2, -1) / self.config.meta_scale)
+        emb[self.start_id] = row
+        emb[self.end_id] = row
+        out = self.base_model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight[self.start_id] = out.weight[init_id]
+            out.weight[self.end_id] = out.weight[init_id]
+
+    @torch.no_grad()
+    def _check_output_head(self) -> None:
+        """Refuse models whose logits are not ``lm_logits(last_hidden_state)``."""
+        ids = torch.tensor([[1, 2, 3]], device=self.meta_embeddings.device)
+        ref = self.base_model(input_ids=ids).logits
+        ours = self.lm_logits(self.backbone(input_ids=ids).last_hidden_state)
+        if ref.shape != ours.shape or not torch.allclose(ref.float(), ours.float(), atol=1e-3, rtol=1e-3):
+            raise ValueError(
+                f"{type(self.base_model).__name__}: its logits are not lm_head(last hidden state) "
+                "(+ final softcapping); qstar cannot wrap this architecture yet"
+            )
+
+    # ------------------------------------------------------------------ model pieces
+    @property
+    def backbone(self) -> nn.Module:
+        """The transformer without its LM head (``LlamaModel``, ``GPT2Model``...)."""
+        return self.base_model.base_model
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, L) -> (B, L, H)``: the model's input embeddings with the trained meta tokens."""
+        emb_layer = self.base_model.get_input_embeddings()
+        emb = emb_layer(input_ids)
+        scale = getattr(emb_layer, "embed_scale", 1.0)  # Gemma scales inside its embedding
+        meta = self.meta_embeddings * self.config.meta_scale * scale  # (2, H)
+        meta = meta.to(emb.dtype)
+        emb = torch.where((input_ids == self.start_id).unsqueeze(-1), meta[0], emb)
+        return torch.where((input_ids == self.end_id).unsqueeze(-1), meta[1], emb)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., H) -> (..., V)``: the LM head, with final logit softcapping where the model has it."""
+        logits = self.base_model.get_output_embeddings()(hidden)
+        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        limit = getattr(self.base_model.config, "max_position_embeddings", None)
+        needed = input_ids.shape[1] + self.config.thought_block
+        if limit is not None and needed > limit:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} + thought block {self.config.thought_block} "
+                f"exceeds the model's {limit} positions; use shorter windows"
+            )
+        if attention_mask is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        valid = attention_mask.bool()
+        # Right padding only: each row is ones then zeros.
+        if (valid[:, 1:] & ~valid[:, :-1]).any():
+            raise ValueError("attention_mask must be right-padded (ones then zeros); pad on the right")
+        return valid
+
+    def _base_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """``(B, L) -> h (B, L, H)``, KV cache of the ``L`` tokens."""
+        out = self.backbone(
+            inputs_embeds=self.embed(input_ids),
+            attention_mask=attention_mask,
+            cache=DynamicCache(),
+            use_cache=True,
+        )
+        return out.last_hidden_state, out.cache
+
+    def _thought_pass(
+        self, tokens: torch.Tensor, cache: DynamicCache, n_prefix: int, first_block: int
+    ) -> torch.Tensor:
+        """Feed ``nq`` depth blocks at once.
+
+        Args:
+            tokens: ``(B, nq, L)`` tokens of blocks ``first_block .. first_block + nq - 1``.
+            cache: holds the prefix and the ``first_block`` earlier blocks; extended in place.
+        Returns:
+            ``(B, nq, L, H)`` hidden states.
+        """
+        B, nq, L = tokens.shape
+        depth = torch.arange(first_block, first_block + nq, device=tokens.device)
+        position_ids = (torch.arange(L, device=tokens.device)[None, :] + depth[:, None] + 1)
+        position_ids = position_ids.reshape(1, nq * L).expand(B, -1)  # (B, nq*L): i + d
+        kwargs = {}
+        if self.config.attention == "dense":
+            kwargs["attention_mask"] = self._dense_mask(L, first_block + nq, nq, tokens.device)
+        with thought_attention(self.base_model, n_prefix, self.config.attention):
+            out = self.backbone(
+                inputs_embeds=self.embed(tokens.reshape(B, nq * L)),
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                **kwargs,
+            )
+        return out.last_hidden_state.view(B, nq, L, -1)
+
+    def _dense_mask(self, L: int, m: int, nq: int, device):
+        """The reference path's mask: one tensor, or one per layer type for sliding-window models."""
+        cfg = self.base_model.config
+        dtype = self.meta_embeddings.dtype
+        layer_types = getattr(cfg, "layer_types", None) or []
+        window = getattr(cfg, "sliding_window", None)
+        if "sliding_attention" in layer_types:
+            return {
+                "full_attention": dense_thought_mask(L, m, nq, dtype, None, device),
+                "sliding_attention": dense_thought_mask(L, m, nq, dtype, window, device),
+            }
+        return dense_thought_mask(L, m, nq, dtype, window if not layer_types else None, device)
+
+    @staticmethod
+    def _repeat_cache(cache: DynamicCache, k: int, detach: bool) -> DynamicCache:
+        """A new cache with every row repeated ``k`` times (``repeat_interleave`` order)."""
+        data = []
+        for layer in cache.layers:
+            key, value = layer.keys, layer.values
+            if detach:
+                key, value = key.detach(), value.detach()
+            data.append((key.repeat_interleave(k, dim=0), value.repeat_interleave(k, dim=0)))
+        return DynamicCache(ddp_cache_data=data)
+
+    @torch.no_grad()
+    def _sample(
+        self,
+        cache: DynamicCache,
+        n_prefix: int,
+        batch: int,
+        greedy: bool,
+        generator: torch.Generator | None,
+        uniforms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sample ``t`` thought tokens at every position; extends ``cache`` by ``t`` blocks.
+
+        Returns ``(batch, L, t)``.
+        """
+        L, t = n_prefix, self.config.thought_len
+        device = self.meta_embeddings.device
+        if not greedy and uniforms is None:
+            uniforms = think.draw_uniforms((batch, t, L), generator, device)
+        tok = torch.full((batch, 1, L), self.start_id, dtype=torch.long, device=device)
+        out = []
+        for d in range(t):
+            h = self._thought_pass(tok, cache, n_prefix, first_block=d)[:, 0]  # (B, L, H)
+            logits = think.mask_meta_logits(self.lm_logits(h), (self.start_id, self.end_id))
+            u = None if greedy else uniforms[:, d]
+            nxt = think.sample_from_logits(logits, u, self.config.thought_temperature)  # (B, L)
+            out.append(nxt)
+            tok = nxt[:, None]
+        return torch.stack(out, dim=-1)
+
+    # ------------------------------------------------------------------ public API
+    def sample_thoughts(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        greedy: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One thought per position: ``(B, L) -> (B, L, t)`` (no ``<start>``/``<end>``).
+
+        The thought at position ``i`` is what autoregressive decoding of ``x_0..x_i, <start>``
+        would produce (greedy, or the same uniform draws; see :mod:`qstar.think`).
+        """
+        self._check_inputs(input_ids, attention_mask)
+        with torch.no_grad():
+            _, cache = self._base_pass(input_ids, attention_mask)
+            return self._sample(cache, input_ids.shape[1], input_ids.shape[0], greedy, generator)
+
+    @torch.no_grad()
+    def mixed_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        greedy: bool = True,
+        generator: torch.Generator | None = None,
+        return_thoughts: bool = False,
+    ):
+        """Next-token logits after thinking at every position: ``(B, L) -> (B, L, V)``.
+
+        Row ``i`` predicts ``x_{i+1}`` from the mix of the base prediction and the prediction
+        at ``<end>`` of the thought at ``i`` (what evaluation scores). With ``mixing="logprob"``
+        the returned values are normalised log-probabilities.
+        """
+        self._check_inputs(input_ids, attention_mask)
+        B, L = input_ids.shape
+        t = self.config.thought_len
+        h_base, cache = self._base_pass(input_ids, attention_mask)
+        thoughts = self._sample(cache, L, B, greedy, generator)
+        end = torch.full((B, 1, L), self.end_id, dtype=torch.long, device=input_ids.device)
+        tail = torch.cat([thoughts[:, :, -1][:, None], end], dim=1)  # (B, 2, L): c_t, <end>
+        h_end = self._thought_pass(tail, cache, L, first_block=t)[:, 1]  # (B, L, H)
+        raw_w = self.mixing_head(h_base, h_end)
+        logits, _ = self._mixer(raw_w, h_base, h_end, self.lm_logits)
+        return (logits, thoughts) if return_thoughts else logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        greedy: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> QuietStarOutput:
+        """One Quiet-STaR training forward: loss and its parts (see the module docstring)."""
+        cfg = self.config
+        valid = self._check_inputs(input_ids, attention_mask)
+        B, L = input_ids.shape
+        k, t, n = cfg.n_thoughts, cfg.thought_len, cfg.n_true
+
+        # 1. base pass, once per sequence
+        h_base, cache = self._base_pass(input_ids, attention_mask)  # (B, L, H)
+        base_logits = self.lm_logits(h_base)
+        base_nll = learn.base_nll(base_logits, input_ids, valid)
+        del base_logits
+
+        # 2. think: sample without gradient (no activations kept)
+        sample_cache = self._repeat_cache(cache, k, detach=True)
+        thoughts = self._sample(sample_cache, L, B * k, greedy, generator)  # (Bk, L, t)
+        del sample_cache
+
+        # 3. recompute all D depths at once, with gradient
+        ids_k = input_ids.repeat_interleave(k, dim=0)
+        block = think.thought_block_tokens(ids_k, thoughts, self.start_id, self.end_id, n, self.fill_id)
+        h = self._thought_pass(block, self._repeat_cache(cache, k, detach=False), L, first_block=0)
+        # h: (Bk, D, L, H); depth 0 = <start> ... t = c_t, t+1 = <end>, t+1+j = x_{i+j}
+
+        # policy log-probs of c_1..c_t, predicted at depths 0..t-1, at the policy temperature
+        pol_logits = self.lm_logits(h[:, :t]).float() / cfg.policy_temperature  # (Bk, t, L, V)
+        pol_logits[..., [self.start_id, self.end_id]] = float("-inf")
+        thought_lp = -nn.functional.cross_entropy(
+            pol_logits.flatten(0, 2), thoughts.transpose(1, 2).flatten(), reduction="none"
+        ).view(B, k, t, L).transpose(2, 3)  # (B, k, L, t)
+        del pol_logits
+
+        # 4. talk: mix base and post-thought predictions for x_{i+1..i+n}
+        h_talk = h[:, t + 1 :]  # (Bk, n, L, H)
+        idx = (torch.arange(L, device=h.device)[None, :] + torch.arange(n, device=h.device)[:, None]).clamp(max=L - 1)
+        h_b = h_base[:, idx].repeat_interleave(k, dim=0)  # (Bk, n, L, H): base hidden predicting the same token
+        raw_w = self.mixing_head(h_b, h_talk)  # (Bk, n, L, 1)
+        logits, w = self._mixer(raw_w, h_b, h_talk, self.lm_logits)  # (Bk, n, L, V)
+        targets = think.shifted_targets(input_ids, n, self.fill_id).transpose(1, 2)  # (B, n, L)
+        targets = targets.repeat_interleave(k, dim=0)
+        nll = nn.functional.cross_entropy(
+            logits.float().flatten(0, 2), targets.flatten(), reduction="none"
+        ).view(B, k, n, L).transpose(2, 3)  # (B, k, L, n)
+        del logits
+
+        # 5. learn
+        target_valid = think.shifted_valid(valid, n)[:, None]  # (B, 1, L, n)
+        mixed = learn.mixed_nll(nll, target_valid)
+        rewards = learn.thought_rewards(nll, target_valid, cfg.positive_rewards)  # (B, k, L)
+        policy = learn.policy_loss(
+            thought_lp, rewards, target_valid[..., 0], per_token=cfg.policy_logprob == "per_token"
+        )
+        loss = cfg.base_loss_weight * base_nll + cfg.mixed_loss_weight * mixed + cfg.policy_weight * policy
+        mixing_weight = w.detach().view(B, k, n, L).transpose(2, 3)  # (B, k, L, n)
+        return QuietStarOutput(
+            loss=loss,
+            base_nll=base_nll.detach(),
+            mixed_nll=mixed.detach(),
+            policy_loss=policy.detach(),
+            rewards=rewards,
+            mixing_weight=mixing_weight,
+            thoughts=thoughts.view(B, k, L, t),
+            target_valid=target_valid,
+        )
+
+    # ------------------------------------------------------------------ optimisation helpers
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``{"model", "meta", "mixing_head"}`` trainable parameters (the meta rows of the
+        embedding matrix stay in ``model``; the trained meta vectors are ``meta``)."""
+        return {
+            "model": [p for p in self.base_model.parameters() if p.requires_grad],
+            "meta": [self.meta_embeddings],
+            "mixing_head": list(self.mixing_head.parameters()),
+        }
+
+
+def _token_id(tokenizer, token: str) -> int:
+    ids = tokenizer.convert_tokens_to_ids([token])
+    unk = tokenizer.unk_token_id
+    if not ids or ids[0] is None or (unk is not None and ids[0] == unk):
+        raise ValueError(f"tokenizer has no token {token!r}; build with QuietStar.from_base")
+    return int(ids[0])

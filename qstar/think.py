@@ -1,0 +1,95 @@
+"""Think: sampling thought tokens, and laying out the teacher-forced thought block.
+
+Notation: ``B`` batch (already repeated ``k`` times where relevant), ``L`` positions,
+``t`` sampled thought tokens, ``n`` = ``n_true``, ``V`` vocabulary.
+
+Sampling rule (Zelikman et al. 2024; the authors' hard Gumbel trick at temperature 1 is exactly
+categorical sampling): ``softmax(logits / T)`` with ``<start>``/``<end>`` masked out, drawn by
+inverse CDF from one uniform number per (row, position, depth). Drawing the uniforms up front
+makes the rule reproducible token by token: sequential decoding that uses the same uniform for
+the same (row, position, depth) draws the same thought (the parity test relies on it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mask_meta_logits(logits: torch.Tensor, meta_ids: tuple[int, int]) -> torch.Tensor:
+    """Return ``logits`` (..., V) with the meta tokens' logits set to ``-inf``."""
+    out = logits.clone()
+    out[..., list(meta_ids)] = float("-inf")
+    return out
+
+
+def draw_uniforms(
+    shape: tuple[int, ...], generator: torch.Generator | None, device
+) -> torch.Tensor:
+    """Uniforms in [0, 1) for inverse-CDF sampling, drawn on the CPU for device independence."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return u.to(device)
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Draw one token per row.
+
+    Args:
+        logits: ``(..., V)``; masked entries are ``-inf``.
+        uniforms: ``(...)`` in [0, 1), or ``None`` for greedy (argmax).
+    Returns:
+        ``(...)`` LongTensor.
+    """
+    if uniforms is None:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    cdf = probs.cumsum(dim=-1)  # (..., V)
+    target = (uniforms * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
+    return idx.clamp_(max=logits.shape[-1] - 1)
+
+
+def thought_block_tokens(
+    input_ids: torch.Tensor,
+    thoughts: torch.Tensor,
+    start_id: int,
+    end_id: int,
+    n_true: int,
+    fill_id: int,
+) -> torch.Tensor:
+    """Tokens fed after the base pass, depth-major, for teacher-forced recomputation.
+
+    Per position ``i``: ``<start>, c_1..c_t, <end>, x_{i+1}..x_{i+n-1}`` (``t + 1 + n`` tokens);
+    true tokens past the end of the sequence are ``fill_id`` (their predictions are masked).
+
+    Args:
+        input_ids: ``(B, L)``.
+        thoughts: ``(B, L, t)``.
+    Returns:
+        ``(B, t + 1 + n, L)``.
+    """
+    B, L = input_ids.shape
+    start = torch.full((B, L, 1), start_id, dtype=torch.long, device=input_ids.device)
+    end = torch.full_like(start, end_id)
+    future = shifted_targets(input_ids, n_true - 1, fill_id)  # (B, L, n-1)
+    block = torch.cat([start, thoughts, end, future], dim=-1)  # (B, L, t+1+n)
+    return block.transpose(1, 2).contiguous()
+
+
+def shifted_targets(input_ids: torch.Tensor, n: int, fill_id: int) -> torch.Tensor:
+    """``out[b, i, j] = input_ids[b, i + 1 + j]`` for ``j < n``, ``fill_id`` past the end: ``(B, L, n)``."""
+    B, L = input_ids.shape
+    padded = torch.cat(
+        [input_ids, torch.full((B, n), fill_id, dtype=input_ids.dtype, device=input_ids.device)],
+        dim=1,
+    )
+    idx = torch.arange(L, device=input_ids.device)[:, None] + 1 + torch.arange(n, device=input_ids.device)
+    return padded[:, idx]  # (B, L, n)
+
+
+def shifted_valid(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[b, i, j]`` is true iff position ``i`` and target ``i + 1 + j`` are real tokens: ``(B, L, n)``."""
+    return shifted_targets(valid.long(), n, 0).bool() & valid[:, :, None]

@@ -1,0 +1,41 @@
+import pytest
+
+from qstar import QuietStarConfig
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("thought_len", 0),
+        ("thought_len", 2.5),
+        ("n_true", 0),
+        ("n_thoughts", -1),
+        ("mixing", "sigmoid"),
+        ("policy_logprob", "whole"),
+        ("attention", "flash"),
+        ("policy_temperature", 0),
+        ("base_loss_weight", -0.1),
+        ("positive_rewards", "yes"),
+        ("start_token", ""),
+    ],
+)
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        QuietStarConfig(**{field: value})
+
+
+def test_unknown_keys_are_listed():
+    with pytest.raises(ValueError, match="thougth_len"):
+        QuietStarConfig.from_dict({"thougth_len": 3})
+
+
+def test_authors_counts_map_to_sampled_tokens():
+    cfg = QuietStarConfig.from_authors(n_ahead=12, n_ahead_talk=4, n_passes=2)
+    assert (cfg.thought_len, cfg.n_true, cfg.n_thoughts) == (9, 4, 2)
+    assert cfg == QuietStarConfig()  # the defaults are the authors' training settings
+    assert cfg.passes == 12 + 4 - 1  # the code's n_ahead + n_ahead_talk - 1
+
+
+def test_round_trip():
+    cfg = QuietStarConfig(thought_len=5, mixing="logprob")
+    assert QuietStarConfig.from_dict(cfg.to_dict()) == cfg

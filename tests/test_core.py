@@ -1,0 +1,231 @@
+"""Core parity and behaviour tests on tiny random models of five architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qstar import QuietStar, QuietStarConfig
+from qstar.testing import ARCHITECTURES, tiny_model
+from qstar.think import draw_uniforms
+
+from .reference import reference_loss, sequential_hidden, sequential_thought
+
+TEXT = "Q: What is 12 times 7?\nA: 84"
+
+
+def build(arch="llama", seed=0, randomize_head=False, **cfg):
+    model, tok = tiny_model(arch, seed=seed)
+    defaults = dict(thought_len=3, n_true=2, n_thoughts=2)
+    defaults.update(cfg)
+    qs = QuietStar.from_base(model, tok, QuietStarConfig(**defaults))
+    if randomize_head:  # a trained-looking head, so thoughts matter
+        torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.5)
+    return qs
+
+
+def ids_of(qs, text=TEXT, max_len=12):
+    return torch.tensor([qs.tokenizer.encode(text)[:max_len]])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_parallel_thoughts_equal_sequential_decoding(arch):
+    qs = build(arch, thought_len=4)
+    ids = ids_of(qs)
+    par = qs.sample_thoughts(ids, greedy=True)  # (1, L, t)
+    for i in range(ids.shape[1]):
+        assert par[0, i].tolist() == sequential_thought(qs, ids[0], i), f"position {i}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sampled_parallel_thoughts_equal_sequential_with_same_draws(arch):
+    qs = build(arch, thought_len=4)
+    ids = ids_of(qs)
+    L, t = ids.shape[1], qs.config.thought_len
+    par = qs.sample_thoughts(ids, generator=torch.Generator().manual_seed(3))
+    u = draw_uniforms((1, t, L), torch.Generator().manual_seed(3), "cpu")
+    for i in range(L):
+        assert par[0, i].tolist() == sequential_thought(qs, ids[0], i, u[0, :, i]), f"position {i}"
+    greedy = qs.sample_thoughts(ids, greedy=True)
+    assert not torch.equal(par, greedy)  # the draws matter: this test can fail
+
+
+def test_sliding_window_thoughts_equal_sequential():
+    """A window smaller than prefix + thought exercises the window logic of both parts."""
+    model, tok = tiny_model("gemma3", sliding_window=4)
+    qs = QuietStar.from_base(model, tok, QuietStarConfig(thought_len=5, n_true=1, n_thoughts=1))
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.5)
+    ids = ids_of(qs)
+    par = qs.sample_thoughts(ids, greedy=True)
+    for i in range(ids.shape[1]):
+        assert par[0, i].tolist() == sequential_thought(qs, ids[0], i)
+    ml = qs.mixed_logits(ids)
+    qs.config.attention = "dense"
+    assert torch.allclose(ml, qs.mixed_logits(ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_mixed_logits_equal_sequential_reference(arch):
+    qs = build(arch, randomize_head=True)
+    ids = ids_of(qs, max_len=8)
+    logits, thoughts = qs.mixed_logits(ids, return_thoughts=True)
+    h_base = qs.backbone(inputs_embeds=qs.embed(ids)).last_hidden_state[0]
+    for i in range(ids.shape[1]):
+        h_end = sequential_hidden(qs, ids[0], i, thoughts[0, i].tolist(), 0)[0]
+        w = qs.mixing_head(h_base[i], h_end)
+        ref, _ = qs._mixer(w, h_base[i], h_end, qs.lm_logits)
+        torch.testing.assert_close(logits[0, i], ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("mixing", ["hidden", "logprob"])
+def test_training_loss_equals_plain_reference(arch, mixing):
+    """Every loss part of the batched forward equals the position-by-position definition."""
+    qs = build(arch, randomize_head=True, mixing=mixing, n_true=3, positive_rewards=False, policy_weight=10.0)
+    ids = torch.cat([ids_of(qs, max_len=7), ids_of(qs, "Language models can teach", max_len=7)])
+    out = qs(ids, generator=torch.Generator().manual_seed(1))
+    ref = reference_loss(qs, ids, out.thoughts)
+    for name in ("base_nll", "mixed_nll", "policy_loss", "loss"):
+        torch.testing.assert_close(getattr(out, name).float(), ref[name].float(), atol=1e-4, rtol=1e-4, msg=name)
+    assert out.policy_loss.abs() > 0  # rewards are non-zero with a random head
+
+
+def test_sparse_attention_equals_dense_path_values_and_gradients():
+    grads = {}
+    for mode in ("sparse", "dense"):
+        qs = build("qwen2", randomize_head=True, attention=mode, thought_len=5, n_true=3)
+        ids = torch.cat([ids_of(qs, max_len=10), ids_of(qs, "The quick brown fox", max_len=10)])
+        out = qs(ids, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        grads[mode] = (out, {n: p.grad.clone() for n, p in qs.named_parameters() if p.grad is not None})
+    (a, ga), (b, gb) = grads["sparse"], grads["dense"]
+    assert torch.equal(a.thoughts, b.thoughts)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+    assert ga.keys() == gb.keys()
+    for name in ga:  # the 1e6 policy weight scales gradients up: compare relative to their size
+        scale = float(ga[name].abs().max())
+        assert float((ga[name] - gb[name]).abs().max()) <= 1e-5 * scale + 1e-7, name
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_zero_mixing_weight_reproduces_base_logits(arch):
+    qs = build(arch)  # zero-initialised last layer
+    ids = ids_of(qs)
+    base = qs.base_model(input_ids=ids).logits
+    torch.testing.assert_close(qs.mixed_logits(ids), base, atol=1e-5, rtol=1e-5)
+    out = qs(ids, generator=torch.Generator().manual_seed(0))
+    assert float(out.mixing_weight.abs().max()) == 0.0
+    assert float(out.rewards.abs().max()) == 0.0
+
+
+def test_logprob_mixing_at_zero_weight_is_base_distribution():
+    from qstar.talk import mix_logprob
+
+    h_b, h_t = torch.randn(3, 8), torch.randn(3, 8)
+    head = torch.nn.Linear(8, 11)
+    lp, w = mix_logprob(torch.full((3, 1), -1e4), h_b, h_t, head)
+    torch.testing.assert_close(lp, torch.log_softmax(head(h_b), -1))
+    assert float(w.max()) == 0.0
+
+
+def test_gradients_reach_meta_tokens_mixing_head_and_lm_after_one_step():
+    qs = build("llama", thought_len=3, n_true=2)
+    ids = torch.cat([ids_of(qs), ids_of(qs, "The quick brown fox jumps")])[:, :10]
+    opt = torch.optim.Adam(qs.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+
+    qs(ids, generator=gen).loss.backward()
+    # Step 0 (DESIGN.md): the zero last layer makes thoughts irrelevant.
+    assert qs.meta_embeddings.grad is None or float(qs.meta_embeddings.grad.abs().sum()) == 0.0
+    assert float(qs.mixing_head.net[-1].weight.grad.abs().sum()) > 0
+    assert float(qs.base_model.get_output_embeddings().weight.grad.abs().sum()) > 0
+    opt.step()
+    opt.zero_grad()
+
+    qs(ids, generator=gen).loss.backward()
+    assert float(qs.meta_embeddings.grad.abs().sum()) > 0
+    assert float(qs.mixing_head.net[0].weight.grad.abs().sum()) > 0
+    assert float(qs.base_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum()) > 0
+
+
+def test_meta_tokens_learn_meta_scale_times_faster_under_adam():
+    """Adam's first step moves each parameter by lr * sign(grad): the used embedding moves 100x lr."""
+    qs = build("llama", thought_len=2, n_true=1)
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.5)
+    ids = ids_of(qs)[:, :8]
+    before = qs.embed(torch.tensor([[qs.start_id]]))[0, 0].detach().clone()
+    lr = 1e-4
+    opt = torch.optim.Adam([qs.meta_embeddings], lr=lr)
+    qs(ids, generator=torch.Generator().manual_seed(0)).loss.backward()
+    moved = qs.meta_embeddings.grad[0] != 0
+    assert moved.any()
+    opt.step()
+    after = qs.embed(torch.tensor([[qs.start_id]]))[0, 0].detach()
+    delta = (after - before)[moved].abs()
+    torch.testing.assert_close(delta, torch.full_like(delta, lr * qs.config.meta_scale), rtol=1e-2, atol=0)
+
+
+def test_loss_falls_on_a_fixed_batch():
+    # policy_weight 1: the code's 1e6 is sized for lr 1e-6 and diverges at this test's lr.
+    qs = build("llama", thought_len=2, n_true=2, policy_weight=1.0)
+    qs.train()
+    ids = torch.cat([ids_of(qs), ids_of(qs, "The quick brown fox jumps")])[:, :10]
+    opt = torch.optim.AdamW(qs.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    first = None
+    for _ in range(20):
+        out = qs(ids, generator=gen)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        first = first or out.stats()
+    last = qs(ids, generator=gen).stats()
+    assert last["base_nll"] < first["base_nll"] - 1.0
+    assert last["mixed_nll"] < first["mixed_nll"] - 1.0
+    assert last["loss"] < first["loss"]
+
+
+def test_save_and_load_give_the_same_outputs(tmp_path):
+    qs = build("mistral", randomize_head=True)
+    with torch.no_grad():
+        qs.meta_embeddings.add_(torch.randn_like(qs.meta_embeddings) * 0.01)  # trained meta tokens
+    ids = ids_of(qs)
+    before = qs.mixed_logits(ids)
+    loss_before = qs(ids, generator=torch.Generator().manual_seed(0)).loss
+    qs.save_pretrained(tmp_path / "ckpt")
+    loaded = QuietStar.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == qs.config
+    torch.testing.assert_close(loaded.meta_embeddings, qs.meta_embeddings)
+    torch.testing.assert_close(loaded.mixed_logits(ids), before)
+    torch.testing.assert_close(loaded(ids, generator=torch.Generator().manual_seed(0)).loss, loss_before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_right_padded_batch_gives_each_row_its_own_results(arch):
+    qs = build(arch, randomize_head=True, n_thoughts=1)
+    a = ids_of(qs, max_len=12)
+    b = ids_of(qs, "The quick brown fox", max_len=7)
+    pad = torch.full((1, a.shape[1] - b.shape[1]), qs.tokenizer.pad_token_id)
+    batch = torch.cat([a, torch.cat([b, pad], 1)])
+    mask = torch.cat([torch.ones_like(a), torch.cat([torch.ones_like(b), torch.zeros_like(pad)], 1)])
+    logits = qs.mixed_logits(batch, attention_mask=mask)
+    out = qs(batch, attention_mask=mask, greedy=True)
+    for row, alone in enumerate([a, b]):
+        n = alone.shape[1]
+        torch.testing.assert_close(logits[row, :n], qs.mixed_logits(alone)[0], atol=2e-5, rtol=1e-4)
+        single = qs(alone, greedy=True)
+        assert torch.equal(out.thoughts[row, :, :n], single.thoughts[0])
+        ok = single.target_valid[0].expand_as(single.mixing_weight[0])
+        torch.testing.assert_close(out.mixing_weight[row, :, :n][ok], single.mixing_weight[0][ok], atol=2e-5, rtol=1e-4)
+        assert torch.equal(out.target_valid[row, :, :n], single.target_valid[0])
+
+
+def test_left_padding_and_overlong_inputs_are_rejected():
+    qs = build("gpt2")
+    ids = ids_of(qs)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="right-padded"):
+        qs(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="positions"):
+        qs(torch.zeros((1, 255), dtype=torch.long))
