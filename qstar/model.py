@@ -202,6 +202,46 @@ class QuietStar(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def thought_logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """``(..., H) -> (..., V - 2)``: logits over the vocabulary *without* the meta tokens.
+
+        Thought tokens are drawn from this vocabulary (the authors mask ``<start>``/``<end>``);
+        computing it with the head's other rows avoids masking full ``(..., V)`` tensors. Map
+        indices with :meth:`to_vocab` / :meth:`from_vocab`. For a bias-free head without
+        softcapping the temperature divides the hidden state (H values) instead of the logits.
+        """
+        head = self.base_model.get_output_embeddings()
+        rows = head.weight.shape[0]
+        if (self.start_id, self.end_id) == (rows - 2, rows - 1):
+            weight = head.weight[:-2]  # a view: the common case, meta tokens appended last
+            bias = None if head.bias is None else head.bias[:-2]
+        else:
+            keep = self._keep_index(rows, head.weight.device)
+            weight = head.weight.index_select(0, keep)
+            bias = None if head.bias is None else head.bias.index_select(0, keep)
+        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
+        if bias is None and cap is None:
+            return nn.functional.linear(hidden / temperature if temperature != 1.0 else hidden, weight)
+        logits = nn.functional.linear(hidden, weight, bias)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits / temperature if temperature != 1.0 else logits
+
+    def _keep_index(self, rows: int, device) -> torch.Tensor:
+        keep = torch.ones(rows, dtype=torch.bool)
+        keep[[self.start_id, self.end_id]] = False
+        return keep.nonzero().squeeze(1).to(device)
+
+    def to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
+        """Index in the meta-free vocabulary -> token id."""
+        lo, hi = sorted((self.start_id, self.end_id))
+        idx = idx + (idx >= lo).long()
+        return idx + (idx >= hi).long()
+
+    def from_vocab(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token id (not a meta token) -> index in the meta-free vocabulary."""
+        return ids - (ids > self.start_id).long() - (ids > self.end_id).long()
+
     def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -246,6 +286,12 @@ class QuietStar(nn.Module):
             ``(B, nq, L, H)`` hidden states.
         """
         B, nq, L = tokens.shape
+        if self.config.attention == "dense" and nq > 1:
+            # The authors' way: one depth per call, each with its dense (L, (d+1)L) mask slice.
+            return torch.cat(
+                [self._thought_pass(tokens[:, d : d + 1], cache, n_prefix, first_block + d) for d in range(nq)],
+                dim=1,
+            )
         depth = torch.arange(first_block, first_block + nq, device=tokens.device)
         position_ids = (torch.arange(L, device=tokens.device)[None, :] + depth[:, None] + 1)
         position_ids = position_ids.reshape(1, nq * L).expand(B, -1)  # (B, nq*L): i + d
@@ -308,9 +354,9 @@ class QuietStar(nn.Module):
         out = []
         for d in range(t):
             h = self._thought_pass(tok, cache, n_prefix, first_block=d)[:, 0]  # (B, L, H)
-            logits = think.mask_meta_logits(self.lm_logits(h), (self.start_id, self.end_id))
+            logits = self.thought_logits(h)  # (B, L, V-2)
             u = None if greedy else uniforms[:, d]
-            nxt = think.sample_from_logits(logits, u, self.config.thought_temperature)  # (B, L)
+            nxt = self.to_vocab(think.sample_from_logits(logits, u, self.config.thought_temperature))  # (B, L)
             out.append(nxt)
             tok = nxt[:, None]
         return torch.stack(out, dim=-1)
@@ -391,10 +437,9 @@ class QuietStar(nn.Module):
         # h: (Bk, D, L, H); depth 0 = <start> ... t = c_t, t+1 = <end>, t+1+j = x_{i+j}
 
         # policy log-probs of c_1..c_t, predicted at depths 0..t-1, at the policy temperature
-        pol_logits = self.lm_logits(h[:, :t]).float() / cfg.policy_temperature  # (Bk, t, L, V)
-        pol_logits[..., [self.start_id, self.end_id]] = float("-inf")
+        pol_logits = self.thought_logits(h[:, :t], cfg.policy_temperature).float()  # (Bk, t, L, V-2)
         thought_lp = -nn.functional.cross_entropy(
-            pol_logits.flatten(0, 2), thoughts.transpose(1, 2).flatten(), reduction="none"
+            pol_logits.flatten(0, 2), self.from_vocab(thoughts.transpose(1, 2)).flatten(), reduction="none"
         ).view(B, k, t, L).transpose(2, 3)  # (B, k, L, t)
         del pol_logits
 

@@ -16,18 +16,17 @@ import torch
 
 
 def mask_meta_logits(logits: torch.Tensor, meta_ids: tuple[int, int]) -> torch.Tensor:
-    """Return ``logits`` (..., V) with the meta tokens' logits set to ``-inf``."""
-    out = logits.clone()
-    out[..., list(meta_ids)] = float("-inf")
-    return out
+    """Return ``logits`` (..., V) with the meta tokens' logits set to ``-inf`` (out of place)."""
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    banned[list(meta_ids)] = True
+    return logits.masked_fill(banned, float("-inf"))
 
 
 def draw_uniforms(
     shape: tuple[int, ...], generator: torch.Generator | None, device
 ) -> torch.Tensor:
     """Uniforms in [0, 1) for inverse-CDF sampling, drawn on the CPU for device independence."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float64)
-    return u.to(device)
+    return torch.rand(shape, generator=generator).to(device)
 
 
 def sample_from_logits(
@@ -45,10 +44,10 @@ def sample_from_logits(
     """
     if uniforms is None:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    cdf = probs.cumsum(dim=-1)  # (..., V)
-    target = (uniforms * cdf[..., -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)  # (..., V)
+    target = (uniforms.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target.contiguous(), right=True).squeeze(-1)
     return idx.clamp_(max=logits.shape[-1] - 1)
 
 

@@ -104,7 +104,7 @@ def test_sparse_attention_equals_dense_path_values_and_gradients():
     assert ga.keys() == gb.keys()
     for name in ga:  # the 1e6 policy weight scales gradients up: compare relative to their size
         scale = float(ga[name].abs().max())
-        assert float((ga[name] - gb[name]).abs().max()) <= 1e-5 * scale + 1e-7, name
+        assert float((ga[name] - gb[name]).abs().max()) <= 5e-5 * scale + 1e-7, name
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -1,0 +1,248 @@
+"""Train-step benchmark: the sparse thought path beside the plain LM step and the dense-mask path.
+
+For each (model, L, thought_len, n_true) the three steps are timed interleaved in one process
+(these machines are noisy, so only ratios measured side by side are reported):
+
+* ``plain``: one forward+backward of the base LM on the same batch repeated ``k`` times;
+* ``fast``:  a Quiet-STaR step with ``attention="sparse"``;
+* ``dense``: the same step with the authors' dense additive masks, one depth per call.
+
+``passes = thought_len + 2 + n_true`` model passes per step, so ``passes x plain`` is about the
+floor for a Quiet-STaR step. Activation memory is the bytes autograd saves for backward
+(distinct storages, via ``saved_tensors_hooks``), which works on every device; on CUDA the
+peak allocated memory is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import QuietStarConfig
+from .testing import mistral_shaped, tiny_tokenizer
+
+DEFAULT_CONFIGS = ((5, 4), (9, 4), (13, 8), (21, 12))
+
+
+@contextlib.contextmanager
+def saved_activation_bytes():
+    """Yield a dict whose ``"bytes"`` is the size of distinct tensors saved for backward."""
+    seen: dict[int, int] = {}
+    result = {"bytes": 0}
+
+    def pack(t: torch.Tensor):
+        try:
+            storage = t.untyped_storage()
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        except RuntimeError:
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield result
+    result["bytes"] = sum(seen.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _plain_step(model, ids: torch.Tensor) -> None:
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+
+
+def _qstar_step(qs, ids: torch.Tensor, gen: torch.Generator) -> None:
+    qs(ids, generator=gen).loss.backward()
+
+
+def dense_attention_bytes(qcfg: QuietStarConfig, L: int, heads: int, layers: int, rows: int) -> int:
+    """Rough bytes that the dense path's eager attention keeps for backward (scores + probs)."""
+    D = qcfg.thought_block
+    per_layer = sum(heads * L * (d + 2) * L for d in range(D)) * rows * 4 * 2
+    return per_layer * layers
+
+
+def run(
+    sizes=("tiny", "small"),
+    lengths=(128, 256),
+    configs=DEFAULT_CONFIGS,
+    k: int = 2,
+    batch: int = 1,
+    repeats: int = 2,
+    device: str | None = None,
+    dtype: str = "float32",
+    dense_limit_gb: float = 6.0,
+    skip_dense: bool = False,
+    out: Path | None = None,
+) -> list[dict]:
+    from .model import QuietStar
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tok = tiny_tokenizer()
+    rows = []
+    header = (f"{'model':6} {'L':>4} {'t,n':>6} {'passes':>6} {'plain s':>8} {'fast s':>8} "
+              f"{'fast/(p*plain)':>14} {'dense s':>8} {'dense/fast':>10} "
+              f"{'act MB plain':>12} {'act MB fast':>11} {'act MB dense':>12}")
+    print(f"# device={dev} dtype={dtype} k={k} batch={batch} repeats={repeats} torch={torch.__version__}")
+    print(header)
+    for size in sizes:
+        model = mistral_shaped(size, dtype=torch_dtype).to(dev)
+        model.train()
+        mcfg = model.config
+        for L in lengths:
+            gen_ids = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, 32000, (batch, L), generator=gen_ids).to(dev)
+            ids_k = ids.repeat_interleave(k, 0)
+            for t, n in configs:
+                qcfg = QuietStarConfig(thought_len=t, n_true=n, n_thoughts=k)
+                qs = _wrap(model, tok, qcfg).to(dev)
+                gen = torch.Generator().manual_seed(0)
+                steps = {
+                    "plain": lambda: _plain_step(model, ids_k),
+                    "fast": lambda: _qstar_step(qs, ids, gen),
+                }
+                dense_bytes = dense_attention_bytes(qcfg, L, mcfg.num_attention_heads,
+                                                    mcfg.num_hidden_layers, batch * k)
+                if not skip_dense and dense_bytes < dense_limit_gb * 2**30:
+                    steps["dense"] = lambda: _dense_step(qs, ids, gen)
+                res = {name: {"times": [], "saved": 0, "peak": 0} for name in steps}
+                for name, fn in steps.items():  # warm-up run, which also measures memory
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    with saved_activation_bytes() as acc:
+                        fn()
+                    res[name]["saved"] = acc["bytes"]
+                    if dev.type == "cuda":
+                        res[name]["peak"] = torch.cuda.max_memory_allocated()
+                    qs.zero_grad(set_to_none=True)
+                for _ in range(repeats):  # interleaved: plain, fast, dense, plain, ...
+                    for name, fn in steps.items():
+                        res[name]["times"].append(_time(fn, dev))
+                        qs.zero_grad(set_to_none=True)
+                med = {name: statistics.median(v["times"]) for name, v in res.items()}
+                passes = qcfg.passes
+                row = {
+                    "model": size, "L": L, "thought_len": t, "n_true": n, "k": k, "batch": batch,
+                    "passes": passes, "plain_s": med["plain"], "fast_s": med["fast"],
+                    "fast_over_passes_plain": med["fast"] / (passes * med["plain"]),
+                    "dense_s": med.get("dense"),
+                    "dense_over_fast": med["dense"] / med["fast"] if "dense" in med else None,
+                    "act_mb_plain": res["plain"]["saved"] / 2**20,
+                    "act_mb_fast": res["fast"]["saved"] / 2**20,
+                    "act_mb_dense": res["dense"]["saved"] / 2**20 if "dense" in res else None,
+                    "cuda_peak_mb": {k_: v["peak"] / 2**20 for k_, v in res.items()} if dev.type == "cuda" else None,
+                    "device": str(dev), "dtype": dtype,
+                }
+                rows.append(row)
+                _print_row(row)
+                del qs
+    meta = {"torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "threads": torch.get_num_threads()}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        (out / "bench.md").write_text(markdown(rows, meta, " ".join(sys.argv)))
+        print(f"# wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return rows
+
+
+def _wrap(model, tok, qcfg):
+    """Wrap ``model`` again for each config without re-adding tokens (they are already there)."""
+    from .model import QuietStar
+
+    if qcfg.start_token in tok.get_vocab():
+        return QuietStar(model, tok, qcfg)
+    return QuietStar.from_base(model, tok, qcfg)
+
+
+def _dense_step(qs, ids, gen):
+    qs.config.attention = "dense"
+    try:
+        _qstar_step(qs, ids, gen)
+    finally:
+        qs.config.attention = "sparse"
+
+
+def _time(fn, dev) -> float:
+    _sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def _fmt(x, spec):
+    return format(x, spec) if x is not None else "-".rjust(len(format(0, spec)))
+
+
+def _print_row(r: dict) -> None:
+    print(f"{r['model']:6} {r['L']:>4} {str(r['thought_len']) + ',' + str(r['n_true']):>6} {r['passes']:>6} "
+          f"{r['plain_s']:8.3f} {r['fast_s']:8.3f} {r['fast_over_passes_plain']:14.2f} "
+          f"{_fmt(r['dense_s'], '8.3f')} {_fmt(r['dense_over_fast'], '10.2f')} "
+          f"{r['act_mb_plain']:12.0f} {r['act_mb_fast']:11.0f} {_fmt(r['act_mb_dense'], '12.0f')}", flush=True)
+
+
+def markdown(rows: list[dict], meta: dict, command: str) -> str:
+    lines = [
+        "# Train-step benchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Environment: {json.dumps(meta)}",
+        "",
+        "Ratios are measured side by side in one run. `passes = thought_len + 2 + n_true`; "
+        "`fast/(passes x plain)` near 1 means a Quiet-STaR step costs about its model passes. "
+        "Activation MB = bytes autograd saves for backward.",
+        "",
+        "| model | L | t,n | passes | plain s | fast s | fast/(passes x plain) | dense s | dense/fast "
+        "| act MB plain | act MB fast | act MB dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['L']} | {r['thought_len']},{r['n_true']} | {r['passes']} | "
+            f"{r['plain_s']:.3f} | {r['fast_s']:.3f} | {r['fast_over_passes_plain']:.2f} | "
+            f"{_fmt(r['dense_s'], '.3f')} | {_fmt(r['dense_over_fast'], '.2f')} | "
+            f"{r['act_mb_plain']:.0f} | {r['act_mb_fast']:.0f} | {_fmt(r['act_mb_dense'], '.0f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="tiny,small", help="comma list of: tiny, small (default: tiny,small)")
+    p.add_argument("--lengths", default="128,256", help="comma list of sequence lengths (default: 128,256)")
+    p.add_argument("--configs", default="5:4,9:4,13:8,21:12",
+                   help="comma list of thought_len:n_true (default: 5:4,9:4,13:8,21:12)")
+    p.add_argument("--k", type=int, default=2, help="thoughts per position (default: 2)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default: 1)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats per step (default: 2)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--skip-dense", action="store_true", help="do not time the dense-mask path")
+    p.add_argument("--dense-limit-gb", type=float, default=6.0,
+                   help="skip the dense path where its attention would keep more than this (default: 6)")
+    p.add_argument("--out", type=Path, default=None, help="write bench.json and bench.md here")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        configs = tuple(tuple(int(x) for x in c.split(":")) for c in args.configs.split(","))
+        lengths = tuple(int(x) for x in args.lengths.split(","))
+    except ValueError:
+        print("qstar bench: error: --configs is like 5:4,9:4 and --lengths like 128,256", file=sys.stderr)
+        return 2
+    run(sizes=tuple(args.sizes.split(",")), lengths=lengths, configs=configs, k=args.k,
+        batch=args.batch, repeats=args.repeats, device=args.device, dtype=args.dtype,
+        dense_limit_gb=args.dense_limit_gb, skip_dense=args.skip_dense, out=args.out)
+    return 0
