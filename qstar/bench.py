@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import platform
 import statistics
@@ -85,16 +86,19 @@ def run(
     skip_dense: bool = False,
     out: Path | None = None,
 ) -> list[dict]:
-    from .model import QuietStar
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tok = tiny_tokenizer()
     rows = []
-    header = (f"{'model':6} {'L':>4} {'t,n':>6} {'passes':>6} {'plain s':>8} {'fast s':>8} "
-              f"{'fast/(p*plain)':>14} {'dense s':>8} {'dense/fast':>10} "
-              f"{'act MB plain':>12} {'act MB fast':>11} {'act MB dense':>12}")
-    print(f"# device={dev} dtype={dtype} k={k} batch={batch} repeats={repeats} torch={torch.__version__}")
+    header = (
+        f"{'model':6} {'L':>4} {'t,n':>6} {'passes':>6} {'plain s':>8} {'fast s':>8} "
+        f"{'fast/(p*plain)':>14} {'dense s':>8} {'dense/fast':>10} "
+        f"{'act MB plain':>12} {'act MB fast':>11} {'act MB dense':>12}"
+    )
+    print(
+        f"# device={dev} dtype={dtype} k={k} batch={batch} repeats={repeats} torch={torch.__version__}"
+    )
     print(header)
     for size in sizes:
         model = mistral_shaped(size, dtype=torch_dtype).to(dev)
@@ -109,13 +113,14 @@ def run(
                 qs = _wrap(model, tok, qcfg).to(dev)
                 gen = torch.Generator().manual_seed(0)
                 steps = {
-                    "plain": lambda: _plain_step(model, ids_k),
-                    "fast": lambda: _qstar_step(qs, ids, gen),
+                    "plain": functools.partial(_plain_step, model, ids_k),
+                    "fast": functools.partial(_qstar_step, qs, ids, gen),
                 }
-                dense_bytes = dense_attention_bytes(qcfg, L, mcfg.num_attention_heads,
-                                                    mcfg.num_hidden_layers, batch * k)
+                dense_bytes = dense_attention_bytes(
+                    qcfg, L, mcfg.num_attention_heads, mcfg.num_hidden_layers, batch * k
+                )
                 if not skip_dense and dense_bytes < dense_limit_gb * 2**30:
-                    steps["dense"] = lambda: _dense_step(qs, ids, gen)
+                    steps["dense"] = functools.partial(_dense_step, qs, ids, gen)
                 res = {name: {"times": [], "saved": 0, "peak": 0} for name in steps}
                 for name, fn in steps.items():  # warm-up run, which also measures memory
                     if dev.type == "cuda":
@@ -133,22 +138,35 @@ def run(
                 med = {name: statistics.median(v["times"]) for name, v in res.items()}
                 passes = qcfg.passes
                 row = {
-                    "model": size, "L": L, "thought_len": t, "n_true": n, "k": k, "batch": batch,
-                    "passes": passes, "plain_s": med["plain"], "fast_s": med["fast"],
+                    "model": size,
+                    "L": L,
+                    "thought_len": t,
+                    "n_true": n,
+                    "k": k,
+                    "batch": batch,
+                    "passes": passes,
+                    "plain_s": med["plain"],
+                    "fast_s": med["fast"],
                     "fast_over_passes_plain": med["fast"] / (passes * med["plain"]),
                     "dense_s": med.get("dense"),
                     "dense_over_fast": med["dense"] / med["fast"] if "dense" in med else None,
                     "act_mb_plain": res["plain"]["saved"] / 2**20,
                     "act_mb_fast": res["fast"]["saved"] / 2**20,
                     "act_mb_dense": res["dense"]["saved"] / 2**20 if "dense" in res else None,
-                    "cuda_peak_mb": {k_: v["peak"] / 2**20 for k_, v in res.items()} if dev.type == "cuda" else None,
-                    "device": str(dev), "dtype": dtype,
+                    "cuda_peak_mb": {k_: v["peak"] / 2**20 for k_, v in res.items()}
+                    if dev.type == "cuda"
+                    else None,
+                    "device": str(dev),
+                    "dtype": dtype,
                 }
                 rows.append(row)
                 _print_row(row)
-                del qs
-    meta = {"torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "threads": torch.get_num_threads()}
+    meta = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -187,10 +205,13 @@ def _fmt(x, spec):
 
 
 def _print_row(r: dict) -> None:
-    print(f"{r['model']:6} {r['L']:>4} {str(r['thought_len']) + ',' + str(r['n_true']):>6} {r['passes']:>6} "
-          f"{r['plain_s']:8.3f} {r['fast_s']:8.3f} {r['fast_over_passes_plain']:14.2f} "
-          f"{_fmt(r['dense_s'], '8.3f')} {_fmt(r['dense_over_fast'], '10.2f')} "
-          f"{r['act_mb_plain']:12.0f} {r['act_mb_fast']:11.0f} {_fmt(r['act_mb_dense'], '12.0f')}", flush=True)
+    print(
+        f"{r['model']:6} {r['L']:>4} {str(r['thought_len']) + ',' + str(r['n_true']):>6} {r['passes']:>6} "
+        f"{r['plain_s']:8.3f} {r['fast_s']:8.3f} {r['fast_over_passes_plain']:14.2f} "
+        f"{_fmt(r['dense_s'], '8.3f')} {_fmt(r['dense_over_fast'], '10.2f')} "
+        f"{r['act_mb_plain']:12.0f} {r['act_mb_fast']:11.0f} {_fmt(r['act_mb_dense'], '12.0f')}",
+        flush=True,
+    )
 
 
 def markdown(rows: list[dict], meta: dict, command: str) -> str:
@@ -220,18 +241,29 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default="tiny,small", help="comma list of: tiny, small (default: tiny,small)")
-    p.add_argument("--lengths", default="128,256", help="comma list of sequence lengths (default: 128,256)")
-    p.add_argument("--configs", default="5:4,9:4,13:8,21:12",
-                   help="comma list of thought_len:n_true (default: 5:4,9:4,13:8,21:12)")
+    p.add_argument(
+        "--sizes", default="tiny,small", help="comma list of: tiny, small (default: tiny,small)"
+    )
+    p.add_argument(
+        "--lengths", default="128,256", help="comma list of sequence lengths (default: 128,256)"
+    )
+    p.add_argument(
+        "--configs",
+        default="5:4,9:4,13:8,21:12",
+        help="comma list of thought_len:n_true (default: 5:4,9:4,13:8,21:12)",
+    )
     p.add_argument("--k", type=int, default=2, help="thoughts per position (default: 2)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default: 1)")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per step (default: 2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--skip-dense", action="store_true", help="do not time the dense-mask path")
-    p.add_argument("--dense-limit-gb", type=float, default=6.0,
-                   help="skip the dense path where its attention would keep more than this (default: 6)")
+    p.add_argument(
+        "--dense-limit-gb",
+        type=float,
+        default=6.0,
+        help="skip the dense path where its attention would keep more than this (default: 6)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write bench.json and bench.md here")
 
 
@@ -240,9 +272,22 @@ def main(args: argparse.Namespace) -> int:
         configs = tuple(tuple(int(x) for x in c.split(":")) for c in args.configs.split(","))
         lengths = tuple(int(x) for x in args.lengths.split(","))
     except ValueError:
-        print("qstar bench: error: --configs is like 5:4,9:4 and --lengths like 128,256", file=sys.stderr)
+        print(
+            "qstar bench: error: --configs is like 5:4,9:4 and --lengths like 128,256",
+            file=sys.stderr,
+        )
         return 2
-    run(sizes=tuple(args.sizes.split(",")), lengths=lengths, configs=configs, k=args.k,
-        batch=args.batch, repeats=args.repeats, device=args.device, dtype=args.dtype,
-        dense_limit_gb=args.dense_limit_gb, skip_dense=args.skip_dense, out=args.out)
+    run(
+        sizes=tuple(args.sizes.split(",")),
+        lengths=lengths,
+        configs=configs,
+        k=args.k,
+        batch=args.batch,
+        repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
+        dense_limit_gb=args.dense_limit_gb,
+        skip_dense=args.skip_dense,
+        out=args.out,
+    )
     return 0

@@ -88,7 +88,9 @@ class QuietStarConfig:
         for name in ("policy_temperature", "thought_temperature", "meta_scale"):
             _float_gt(name, getattr(self, name), 0.0)
         if not isinstance(self.positive_rewards, bool):
-            raise ValueError(f"positive_rewards must be true or false, got {self.positive_rewards!r}")
+            raise ValueError(
+                f"positive_rewards must be true or false, got {self.positive_rewards!r}"
+            )
         for name in ("start_token", "end_token", "meta_init_text"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -153,3 +155,341 @@ def _float_gt(name: str, value: Any, lo: float) -> None:
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+# ============================================================================ the run config tree
+# One typed tree for a training run; one merge order: defaults -> YAML -> `a.b=c` overrides.
+# Unknown keys and invalid values fail before any work, naming the dotted key.
+
+PRECISIONS = ("bf16-autocast", "fp32", "bf16")
+WINDOWINGS = ("random", "pack")
+BAD_ROW_POLICIES = ("error", "skip")
+SCHEDULES = ("constant", "linear", "cosine")
+OBJECTIVES = ("quiet_star", "lm")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelSection:
+    """``name``: hub id, local directory, ``.gguf`` file, or ``tiny:ARCH`` (a random test model)."""
+
+    name: str = "HuggingFaceTB/SmolLM2-135M"
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ValueError("name must be a hub id, a directory, a .gguf file or tiny:ARCH")
+
+
+@dataclass
+class DataSection:
+    """Where training text comes from and how it is cut into windows.
+
+    ``source``: a hub dataset id (streamed), a local ``.jsonl``/``.json``/``.parquet``/``.txt``
+    file, a directory or glob of them, or ``builtin:NAME`` (small texts shipped with qstar).
+    Hub ids with a known local layout (GSM8K, CommonsenseQA, C4) are read from ``data_dir``
+    (or ``$QSTAR_DATA_DIR``) when the file is there.
+    """
+
+    source: str = "open-web-math/open-web-math"
+    hub_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    template: str | None = None
+    window: int = 256
+    windowing: str = "random"
+    max_documents: int | None = 1000
+    on_bad_row: str = "error"
+    val_source: str | None = None
+    val_split: str | None = None
+    val_documents: int = 32
+    data_dir: str | None = None
+    shuffle_buffer: int = 10000
+
+    def validate(self) -> None:
+        _int_in("window", self.window, 8, 1 << 16)
+        _choice("windowing", self.windowing, WINDOWINGS)
+        _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
+        if self.max_documents is not None:
+            _int_in("max_documents", self.max_documents, 1, 1 << 40)
+        _int_in("val_documents", self.val_documents, 0, 1 << 30)
+        _int_in("shuffle_buffer", self.shuffle_buffer, 1, 1 << 30)
+        if not self.source:
+            raise ValueError(
+                "source must name a hub dataset, a local file/directory/glob or builtin:NAME"
+            )
+
+
+@dataclass
+class OptimSection:
+    """AdamW with the paper's defaults; linear warmup, then ``schedule``."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.001
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "constant"
+
+    def validate(self) -> None:
+        _float_gt("lr", self.lr, 0.0)
+        _float_ge("weight_decay", self.weight_decay, 0.0)
+        _int_in("warmup_steps", self.warmup_steps, 0, 1 << 30)
+        _float_ge("grad_clip", self.grad_clip, 0.0)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        _float_gt("eps", self.eps, 0.0)
+        _choice("schedule", self.schedule, SCHEDULES)
+
+
+@dataclass
+class TrainSection:
+    """``batch_size`` sequences per optimiser step, ``micro_batch_size`` per forward (the rest is
+    gradient accumulation). ``objective: lm`` trains the plain LM on the same data (the paper's
+    no-thought baseline)."""
+
+    steps: int = 100
+    batch_size: int = 8
+    micro_batch_size: int = 4
+    precision: str = "bf16-autocast"
+    device: str = "auto"
+    seed: int = 0
+    objective: str = "quiet_star"
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+    def validate(self) -> None:
+        _int_in("steps", self.steps, 1, 1 << 30)
+        _int_in("batch_size", self.batch_size, 1, 1 << 20)
+        _int_in("micro_batch_size", self.micro_batch_size, 1, 1 << 20)
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("device", self.device, DEVICES)
+        _int_in("seed", self.seed, 0, 2**63 - 1)
+        _choice("objective", self.objective, OBJECTIVES)
+        _int_in("checkpoint_every", self.checkpoint_every, 0, 1 << 30)
+        _int_in("keep_checkpoints", self.keep_checkpoints, 1, 1000)
+        _int_in("log_every", self.log_every, 1, 1 << 30)
+
+
+@dataclass
+class EvalSection:
+    """Every ``every`` steps (0: only at the start and the end): held-out NLL with and without
+    thoughts on ``windows`` validation windows, and lm-eval ``tasks`` with ``limit`` examples."""
+
+    every: int = 10
+    windows: int = 16
+    batch_size: int = 4
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    limit: int | None = None
+
+    def validate(self) -> None:
+        _int_in("every", self.every, 0, 1 << 30)
+        _int_in("windows", self.windows, 0, 1 << 20)
+        _int_in("batch_size", self.batch_size, 1, 1 << 20)
+        if self.limit is not None:
+            _int_in("limit", self.limit, 1, 1 << 30)
+
+
+@dataclass
+class LoggingSection:
+    """``metrics.jsonl`` is always written; TensorBoard and MLflow are optional sinks."""
+
+    tensorboard: bool = True
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = None
+    experiment: str = "qstar"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.mlflow:
+            import importlib.util
+
+            if importlib.util.find_spec("mlflow") is None:
+                raise ValueError("mlflow is true but mlflow is not installed: pip install mlflow")
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    quiet_star: QuietStarConfig = dataclasses.field(default_factory=QuietStarConfig)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def accumulation(self) -> int:
+        return self.train.batch_size // self.train.micro_batch_size
+
+
+def _section_types() -> dict[str, type]:
+    import typing
+
+    return typing.get_type_hints(RunConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=c"`` -> ``(["a", "b"], value)``; the value is read as YAML (``3``, ``true``, ``[1, 2]``)."""
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ValueError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _close(name: str, options) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def merge_into(tree: dict[str, Any], path: list[str], value: Any, where: str = "") -> None:
+    """Set ``tree[path]`` strictly: every key must already exist in the defaults tree."""
+    node = tree
+    for depth, key in enumerate(path):
+        dotted = ".".join(path[: depth + 1])
+        if not isinstance(node, dict) or key not in node:
+            options = sorted(node) if isinstance(node, dict) else []
+            raise ValueError(
+                f"unknown config key {dotted!r}{where}{_close(key, options)}; "
+                f"valid keys here: {', '.join(options)}"
+            )
+        if depth == len(path) - 1:
+            if isinstance(node[key], dict):
+                if not isinstance(value, dict):
+                    raise ValueError(
+                        f"{dotted}{where} is a section; set its keys, e.g. {dotted}.KEY=VALUE"
+                    )
+                for sub, subvalue in value.items():
+                    merge_into(tree, path + [str(sub)], subvalue, where)
+            else:
+                node[key] = value
+        node = node[key]
+
+
+def _coerce(dotted: str, value: Any, hint: Any) -> Any:
+    """Coerce YAML/CLI values to the annotated type, or raise naming the key."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(dotted, value, inner[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{dotted} must be a list, got {value!r}")
+        return [_coerce(dotted, v, args[0] if args else str) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise ValueError(f"{dotted} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{dotted} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-6" as a string
+            except ValueError:
+                pass
+        raise ValueError(f"{dotted} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{dotted} must be a string, got {value!r}")
+    return value
+
+
+def build_run_config(tree: dict[str, Any]) -> RunConfig:
+    """Typed, validated :class:`RunConfig` from a full nested dict."""
+    import typing
+
+    sections = {}
+    for name, cls in _section_types().items():
+        hints = typing.get_type_hints(cls)
+        values = {
+            key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in tree[name].items()
+        }
+        try:
+            section = cls(**values)
+            section.validate()
+        except ValueError as exc:
+            raise ValueError(f"{name}.{exc}") from None
+        sections[name] = section
+    return RunConfig(**sections)
+
+
+def load_run_config(
+    path: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """defaults -> YAML file -> ``a.b=c`` overrides, strictly; raises ``ValueError`` naming the key."""
+    import yaml
+
+    tree = RunConfig().to_dict()
+    if path is not None:
+        from pathlib import Path
+
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+        for key, value in data.items():
+            merge_into(tree, [str(key)], value, where=f" in {path}")
+    for text in overrides:
+        keys, value = parse_override(text)
+        merge_into(tree, keys, value, where=" in overrides")
+    return build_run_config(tree)

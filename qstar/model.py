@@ -85,14 +85,18 @@ class QuietStar(nn.Module):
         ref = emb.weight
         # Stored divided by meta_scale and multiplied back on use: under Adam this multiplies the
         # meta tokens' effective learning rate by meta_scale (the authors' `embedding_scale`).
-        self.meta_embeddings = nn.Parameter(torch.zeros(2, hidden, dtype=ref.dtype, device=ref.device))
+        self.meta_embeddings = nn.Parameter(
+            torch.zeros(2, hidden, dtype=ref.dtype, device=ref.device)
+        )
         self.mixing_head = MixingHead(hidden).to(device=ref.device, dtype=ref.dtype)
         self._mixer = get_mixer(config.mixing)
         self.fill_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_base(cls, model: nn.Module, tokenizer, config: QuietStarConfig | None = None) -> QuietStar:
+    def from_base(
+        cls, model: nn.Module, tokenizer, config: QuietStarConfig | None = None
+    ) -> QuietStar:
         """Add the meta tokens to ``tokenizer`` and ``model``, initialised from ``---``."""
         config = config or QuietStarConfig()
         tokenizer.add_tokens([config.start_token, config.end_token], special_tokens=True)
@@ -137,7 +141,9 @@ class QuietStar(nn.Module):
         self.base_model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         heads = {"meta_embeddings": self.meta_embeddings.detach()}
-        heads.update({f"mixing_head.{k}": v.detach() for k, v in self.mixing_head.state_dict().items()})
+        heads.update(
+            {f"mixing_head.{k}": v.detach() for k, v in self.mixing_head.state_dict().items()}
+        )
         save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(directory / HEADS_FILE))
         (directory / CONFIG_FILE).write_text(self.config.to_json() + "\n")
         return directory
@@ -146,12 +152,14 @@ class QuietStar(nn.Module):
         from safetensors.torch import load_file
 
         if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing: this directory has no saved meta tokens/mixing head")
+            raise FileNotFoundError(
+                f"{file} is missing: this directory has no saved meta tokens/mixing head"
+            )
         state = load_file(str(file))
         with torch.no_grad():
             self.meta_embeddings.copy_(state.pop("meta_embeddings"))
         prefix = "mixing_head."
-        self.mixing_head.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
+        self.mixing_head.load_state_dict({k[len(prefix) :]: v for k, v in state.items()})
 
     @torch.no_grad()
     def _init_meta(self, init_id: int) -> None:
@@ -172,7 +180,9 @@ class QuietStar(nn.Module):
         ids = torch.tensor([[1, 2, 3]], device=self.meta_embeddings.device)
         ref = self.base_model(input_ids=ids).logits
         ours = self.lm_logits(self.backbone(input_ids=ids).last_hidden_state)
-        if ref.shape != ours.shape or not torch.allclose(ref.float(), ours.float(), atol=1e-3, rtol=1e-3):
+        if ref.shape != ours.shape or not torch.allclose(
+            ref.float(), ours.float(), atol=1e-3, rtol=1e-3
+        ):
             raise ValueError(
                 f"{type(self.base_model).__name__}: its logits are not lm_head(last hidden state) "
                 "(+ final softcapping); qstar cannot wrap this architecture yet"
@@ -221,7 +231,9 @@ class QuietStar(nn.Module):
             bias = None if head.bias is None else head.bias.index_select(0, keep)
         cap = getattr(self.base_model.config, "final_logit_softcapping", None)
         if bias is None and cap is None:
-            return nn.functional.linear(hidden / temperature if temperature != 1.0 else hidden, weight)
+            return nn.functional.linear(
+                hidden / temperature if temperature != 1.0 else hidden, weight
+            )
         logits = nn.functional.linear(hidden, weight, bias)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -242,9 +254,13 @@ class QuietStar(nn.Module):
         """Token id (not a meta token) -> index in the meta-free vocabulary."""
         return ids - (ids > self.start_id).long() - (ids > self.end_id).long()
 
-    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}"
+            )
         limit = getattr(self.base_model.config, "max_position_embeddings", None)
         needed = input_ids.shape[1] + self.config.thought_block
         if limit is not None and needed > limit:
@@ -261,7 +277,9 @@ class QuietStar(nn.Module):
         valid = attention_mask.bool()
         # Right padding only: each row is ones then zeros.
         if (valid[:, 1:] & ~valid[:, :-1]).any():
-            raise ValueError("attention_mask must be right-padded (ones then zeros); pad on the right")
+            raise ValueError(
+                "attention_mask must be right-padded (ones then zeros); pad on the right"
+            )
         return valid
 
     def _base_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
@@ -289,11 +307,14 @@ class QuietStar(nn.Module):
         if self.config.attention == "dense" and nq > 1:
             # The authors' way: one depth per call, each with its dense (L, (d+1)L) mask slice.
             return torch.cat(
-                [self._thought_pass(tokens[:, d : d + 1], cache, n_prefix, first_block + d) for d in range(nq)],
+                [
+                    self._thought_pass(tokens[:, d : d + 1], cache, n_prefix, first_block + d)
+                    for d in range(nq)
+                ],
                 dim=1,
             )
         depth = torch.arange(first_block, first_block + nq, device=tokens.device)
-        position_ids = (torch.arange(L, device=tokens.device)[None, :] + depth[:, None] + 1)
+        position_ids = torch.arange(L, device=tokens.device)[None, :] + depth[:, None] + 1
         position_ids = position_ids.reshape(1, nq * L).expand(B, -1)  # (B, nq*L): i + d
         kwargs = {}
         if self.config.attention == "dense":
@@ -356,7 +377,9 @@ class QuietStar(nn.Module):
             h = self._thought_pass(tok, cache, n_prefix, first_block=d)[:, 0]  # (B, L, H)
             logits = self.thought_logits(h)  # (B, L, V-2)
             u = None if greedy else uniforms[:, d]
-            nxt = self.to_vocab(think.sample_from_logits(logits, u, self.config.thought_temperature))  # (B, L)
+            nxt = self.to_vocab(
+                think.sample_from_logits(logits, u, self.config.thought_temperature)
+            )  # (B, L)
             out.append(nxt)
             tok = nxt[:, None]
         return torch.stack(out, dim=-1)
@@ -432,28 +455,46 @@ class QuietStar(nn.Module):
 
         # 3. recompute all D depths at once, with gradient
         ids_k = input_ids.repeat_interleave(k, dim=0)
-        block = think.thought_block_tokens(ids_k, thoughts, self.start_id, self.end_id, n, self.fill_id)
+        block = think.thought_block_tokens(
+            ids_k, thoughts, self.start_id, self.end_id, n, self.fill_id
+        )
         h = self._thought_pass(block, self._repeat_cache(cache, k, detach=False), L, first_block=0)
         # h: (Bk, D, L, H); depth 0 = <start> ... t = c_t, t+1 = <end>, t+1+j = x_{i+j}
 
         # policy log-probs of c_1..c_t, predicted at depths 0..t-1, at the policy temperature
-        pol_logits = self.thought_logits(h[:, :t], cfg.policy_temperature).float()  # (Bk, t, L, V-2)
-        thought_lp = -nn.functional.cross_entropy(
-            pol_logits.flatten(0, 2), self.from_vocab(thoughts.transpose(1, 2)).flatten(), reduction="none"
-        ).view(B, k, t, L).transpose(2, 3)  # (B, k, L, t)
+        pol_logits = self.thought_logits(
+            h[:, :t], cfg.policy_temperature
+        ).float()  # (Bk, t, L, V-2)
+        thought_lp = (
+            -nn.functional.cross_entropy(
+                pol_logits.flatten(0, 2),
+                self.from_vocab(thoughts.transpose(1, 2)).flatten(),
+                reduction="none",
+            )
+            .view(B, k, t, L)
+            .transpose(2, 3)
+        )  # (B, k, L, t)
         del pol_logits
 
         # 4. talk: mix base and post-thought predictions for x_{i+1..i+n}
         h_talk = h[:, t + 1 :]  # (Bk, n, L, H)
-        idx = (torch.arange(L, device=h.device)[None, :] + torch.arange(n, device=h.device)[:, None]).clamp(max=L - 1)
-        h_b = h_base[:, idx].repeat_interleave(k, dim=0)  # (Bk, n, L, H): base hidden predicting the same token
+        idx = (
+            torch.arange(L, device=h.device)[None, :] + torch.arange(n, device=h.device)[:, None]
+        ).clamp(max=L - 1)
+        h_b = h_base[:, idx].repeat_interleave(
+            k, dim=0
+        )  # (Bk, n, L, H): base hidden predicting the same token
         raw_w = self.mixing_head(h_b, h_talk)  # (Bk, n, L, 1)
         logits, w = self._mixer(raw_w, h_b, h_talk, self.lm_logits)  # (Bk, n, L, V)
         targets = think.shifted_targets(input_ids, n, self.fill_id).transpose(1, 2)  # (B, n, L)
         targets = targets.repeat_interleave(k, dim=0)
-        nll = nn.functional.cross_entropy(
-            logits.float().flatten(0, 2), targets.flatten(), reduction="none"
-        ).view(B, k, n, L).transpose(2, 3)  # (B, k, L, n)
+        nll = (
+            nn.functional.cross_entropy(
+                logits.float().flatten(0, 2), targets.flatten(), reduction="none"
+            )
+            .view(B, k, n, L)
+            .transpose(2, 3)
+        )  # (B, k, L, n)
         del logits
 
         # 5. learn
@@ -463,7 +504,11 @@ class QuietStar(nn.Module):
         policy = learn.policy_loss(
             thought_lp, rewards, target_valid[..., 0], per_token=cfg.policy_logprob == "per_token"
         )
-        loss = cfg.base_loss_weight * base_nll + cfg.mixed_loss_weight * mixed + cfg.policy_weight * policy
+        loss = (
+            cfg.base_loss_weight * base_nll
+            + cfg.mixed_loss_weight * mixed
+            + cfg.policy_weight * policy
+        )
         mixing_weight = w.detach().view(B, k, n, L).transpose(2, 3)  # (B, k, L, n)
         return QuietStarOutput(
             loss=loss,

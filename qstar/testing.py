@@ -56,8 +56,15 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         Qwen2Config,
     )
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     if arch == "llama":
         cfg = LlamaConfig(**common)
     elif arch == "mistral":
@@ -65,11 +72,23 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
     elif arch == "qwen2":
         cfg = Qwen2Config(**common)
     elif arch == "gemma3":
-        cfg = Gemma3TextConfig(**common, head_dim=16, sliding_window=512, query_pre_attn_scalar=16,
-                               layer_types=["sliding_attention", "full_attention"])
+        cfg = Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            sliding_window=512,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+        )
     elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                         bos_token_id=0, eos_token_id=0)
+        cfg = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {list(ARCHITECTURES)}")
     for key, value in overrides.items():
@@ -77,7 +96,9 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
     return cfg
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, tokenizer=None, **overrides):
+def tiny_model(
+    arch: str = "llama", seed: int = 0, dtype=torch.float32, tokenizer=None, **overrides
+):
     """``(model, tokenizer)``: a random ``arch`` model in eval mode with a tiny tokenizer."""
     from transformers import AutoModelForCausalLM
 
@@ -93,13 +114,25 @@ def mistral_shaped(size: str, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, MistralConfig
 
     dims = {
-        "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, intermediate_size=688),
-        "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                      num_key_value_heads=4, intermediate_size=1376),
+        "tiny": dict(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=688,
+        ),
+        "small": dict(
+            hidden_size=512,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            intermediate_size=1376,
+        ),
     }
     if size not in dims:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(dims)}")
-    cfg = MistralConfig(vocab_size=32002, max_position_embeddings=4096, sliding_window=None, **dims[size])
+    cfg = MistralConfig(
+        vocab_size=32002, max_position_embeddings=4096, sliding_window=None, **dims[size]
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")

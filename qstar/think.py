@@ -85,7 +85,11 @@ def shifted_targets(input_ids: torch.Tensor, n: int, fill_id: int) -> torch.Tens
         [input_ids, torch.full((B, n), fill_id, dtype=input_ids.dtype, device=input_ids.device)],
         dim=1,
     )
-    idx = torch.arange(L, device=input_ids.device)[:, None] + 1 + torch.arange(n, device=input_ids.device)
+    idx = (
+        torch.arange(L, device=input_ids.device)[:, None]
+        + 1
+        + torch.arange(n, device=input_ids.device)
+    )
     return padded[:, idx]  # (B, L, n)
 
 

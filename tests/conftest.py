@@ -26,3 +26,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_run_config():
+    """The shipped debug config with overrides, as the CLI would build it."""
+    from qstar.cli import resolve_config
+    from qstar.config import load_run_config
+
+    def make(*overrides: str):
+        return load_run_config(resolve_config("debug_tiny"), ["logging.progress=false", *overrides])
+
+    return make

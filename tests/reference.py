@@ -21,22 +21,26 @@ def sequential_thought(qs, ids_row: torch.Tensor, i: int, uniforms=None) -> list
         h = qs.backbone(inputs_embeds=qs.embed(seq[None])).last_hidden_state[0, -1]
         logits = mask_meta_logits(qs.lm_logits(h), (qs.start_id, qs.end_id))
         u = None if uniforms is None else uniforms[d]
-        tok = int(sample_from_logits(logits[None], None if u is None else u[None], qs.config.thought_temperature)[0])
+        tok = int(
+            sample_from_logits(
+                logits[None], None if u is None else u[None], qs.config.thought_temperature
+            )[0]
+        )
         out.append(tok)
         seq = torch.cat([seq, torch.tensor([tok])])
     return out
 
 
-def sequential_hidden(qs, ids_row: torch.Tensor, i: int, thought: list[int], n_extra: int) -> torch.Tensor:
+def sequential_hidden(
+    qs, ids_row: torch.Tensor, i: int, thought: list[int], n_extra: int
+) -> torch.Tensor:
     """Hidden states at ``<end>`` and the next ``n_extra`` true tokens after the thought at ``i``.
 
     Returns ``(1 + n_extra, H)`` from one plain forward of ``x_0..x_i <start> c <end> x_{i+1}..``.
     """
     L = ids_row.shape[0]
     future = [int(ids_row[j]) if j < L else qs.fill_id for j in range(i + 1, i + 1 + n_extra)]
-    seq = torch.cat(
-        [ids_row[: i + 1], torch.tensor([qs.start_id, *thought, qs.end_id, *future])]
-    )
+    seq = torch.cat([ids_row[: i + 1], torch.tensor([qs.start_id, *thought, qs.end_id, *future])])
     h = qs.backbone(inputs_embeds=qs.embed(seq[None])).last_hidden_state[0]
     first = i + 1 + len(thought) + 1  # index of <end>
     return h[first : first + 1 + n_extra]

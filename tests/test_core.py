@@ -81,12 +81,21 @@ def test_mixed_logits_equal_sequential_reference(arch):
 @pytest.mark.parametrize("mixing", ["hidden", "logprob"])
 def test_training_loss_equals_plain_reference(arch, mixing):
     """Every loss part of the batched forward equals the position-by-position definition."""
-    qs = build(arch, randomize_head=True, mixing=mixing, n_true=3, positive_rewards=False, policy_weight=10.0)
+    qs = build(
+        arch,
+        randomize_head=True,
+        mixing=mixing,
+        n_true=3,
+        positive_rewards=False,
+        policy_weight=10.0,
+    )
     ids = torch.cat([ids_of(qs, max_len=7), ids_of(qs, "Language models can teach", max_len=7)])
     out = qs(ids, generator=torch.Generator().manual_seed(1))
     ref = reference_loss(qs, ids, out.thoughts)
     for name in ("base_nll", "mixed_nll", "policy_loss", "loss"):
-        torch.testing.assert_close(getattr(out, name).float(), ref[name].float(), atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(
+            getattr(out, name).float(), ref[name].float(), atol=1e-4, rtol=1e-4, msg=name
+        )
     assert out.policy_loss.abs() > 0  # rewards are non-zero with a random head
 
 
@@ -97,7 +106,10 @@ def test_sparse_attention_equals_dense_path_values_and_gradients():
         ids = torch.cat([ids_of(qs, max_len=10), ids_of(qs, "The quick brown fox", max_len=10)])
         out = qs(ids, generator=torch.Generator().manual_seed(0))
         out.loss.backward()
-        grads[mode] = (out, {n: p.grad.clone() for n, p in qs.named_parameters() if p.grad is not None})
+        grads[mode] = (
+            out,
+            {n: p.grad.clone() for n, p in qs.named_parameters() if p.grad is not None},
+        )
     (a, ga), (b, gb) = grads["sparse"], grads["dense"]
     assert torch.equal(a.thoughts, b.thoughts)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
@@ -162,7 +174,9 @@ def test_meta_tokens_learn_meta_scale_times_faster_under_adam():
     opt.step()
     after = qs.embed(torch.tensor([[qs.start_id]]))[0, 0].detach()
     delta = (after - before)[moved].abs()
-    torch.testing.assert_close(delta, torch.full_like(delta, lr * qs.config.meta_scale), rtol=1e-2, atol=0)
+    torch.testing.assert_close(
+        delta, torch.full_like(delta, lr * qs.config.meta_scale), rtol=1e-2, atol=0
+    )
 
 
 def test_loss_falls_on_a_fixed_batch():
@@ -197,7 +211,9 @@ def test_save_and_load_give_the_same_outputs(tmp_path):
     assert loaded.config == qs.config
     torch.testing.assert_close(loaded.meta_embeddings, qs.meta_embeddings)
     torch.testing.assert_close(loaded.mixed_logits(ids), before)
-    torch.testing.assert_close(loaded(ids, generator=torch.Generator().manual_seed(0)).loss, loss_before)
+    torch.testing.assert_close(
+        loaded(ids, generator=torch.Generator().manual_seed(0)).loss, loss_before
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -207,7 +223,9 @@ def test_right_padded_batch_gives_each_row_its_own_results(arch):
     b = ids_of(qs, "The quick brown fox", max_len=7)
     pad = torch.full((1, a.shape[1] - b.shape[1]), qs.tokenizer.pad_token_id)
     batch = torch.cat([a, torch.cat([b, pad], 1)])
-    mask = torch.cat([torch.ones_like(a), torch.cat([torch.ones_like(b), torch.zeros_like(pad)], 1)])
+    mask = torch.cat(
+        [torch.ones_like(a), torch.cat([torch.ones_like(b), torch.zeros_like(pad)], 1)]
+    )
     logits = qs.mixed_logits(batch, attention_mask=mask)
     out = qs(batch, attention_mask=mask, greedy=True)
     for row, alone in enumerate([a, b]):
@@ -216,7 +234,9 @@ def test_right_padded_batch_gives_each_row_its_own_results(arch):
         single = qs(alone, greedy=True)
         assert torch.equal(out.thoughts[row, :, :n], single.thoughts[0])
         ok = single.target_valid[0].expand_as(single.mixing_weight[0])
-        torch.testing.assert_close(out.mixing_weight[row, :, :n][ok], single.mixing_weight[0][ok], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            out.mixing_weight[row, :, :n][ok], single.mixing_weight[0][ok], atol=2e-5, rtol=1e-4
+        )
         assert torch.equal(out.target_valid[row, :, :n], single.target_valid[0])
 
 

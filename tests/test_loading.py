@@ -62,7 +62,9 @@ def test_real_default_model_thinks_and_trains(default_model, tmp_path):
     assert type(qs.base_model).__name__ == "LlamaForCausalLM"
     ids = qs.tokenizer("Q: What is 12 times 7?\nA: 84", return_tensors="pt").input_ids
     # a zero-initialised head reproduces the base model exactly
-    torch.testing.assert_close(qs.mixed_logits(ids), qs.base_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        qs.mixed_logits(ids), qs.base_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+    )
     out = qs(ids, generator=torch.Generator().manual_seed(0))
     assert 0.5 < float(out.base_nll) < 8  # a real language model, not random weights
     out.loss.backward()

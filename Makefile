@@ -1,0 +1,33 @@
+# Entry points. `make run` and `make test` set everything up from a fresh clone first.
+# QSTAR_DATA_DIR: a folder with local copies of the data sets (gsm8k/, csqa/, c4/); where it is
+# unset, hub ids are streamed from the Hugging Face hub. On the project's build machines the
+# copies live in ../shared/data, used when present.
+SHELL := /bin/bash
+VENV := .venv/bin
+export QSTAR_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup run test test-all bench lint format
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(VENV)/qstar train smollm2_math
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/python -m pytest -q
+
+test-all: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/python -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(VENV)/qstar bench --out reports/bench
+
+lint: setup
+	$(VENV)/ruff check qstar tests
+	$(VENV)/ruff format --check qstar tests
+
+format: setup
+	$(VENV)/ruff format qstar tests
+	$(VENV)/ruff check --fix qstar tests

@@ -1,0 +1,408 @@
+"""The training recipe: setup -> train -> save, over the core components.
+
+Run directory (written before step 0, read by sweeps and reports):
+    config.yaml            the resolved configuration
+    run.json               provenance: git sha, versions, model and data sources, command
+    metrics.jsonl          one JSON row per step (kind "train") and per evaluation (kind "eval")
+    tb/                    TensorBoard events
+    checkpoints/step_N/    see :mod:`qstar.checkpoint`; checkpoints/latest names the newest
+    final/                 the trained model (``QuietStar.from_pretrained`` loads it)
+    summary.json           final figures
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, learn
+from .config import RunConfig, load_run_config
+from .data import DataError, WindowStream, collate, fixed_windows, load_documents, tokenize
+from .model import QuietStar
+from .tracking import MetricsLogger, provenance
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available; use train.device=auto")
+    return torch.device(name)
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> QuietStar:
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    qs = QuietStar.from_pretrained(
+        cfg.model.name,
+        cfg.quiet_star,
+        dtype=dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    return qs.to(device)
+
+
+def lr_lambda(cfg: RunConfig):
+    warmup, total, kind = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.schedule
+
+    def fn(step: int) -> float:  # step = optimiser steps taken so far
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@torch.no_grad()
+def heldout_nll(
+    qs: QuietStar, windows: list[list[int]], batch_size: int, device, think: bool = True
+) -> dict[str, float]:
+    """Next-token NLL on fixed windows without thoughts and, if ``think``, after greedy thoughts."""
+    was_training = qs.training
+    qs.eval()
+    pad = qs.fill_id
+    sums = {"base": 0.0, "thought": 0.0}
+    count = 0
+    try:
+        for i in range(0, len(windows), batch_size):
+            ids, mask = collate(windows[i : i + batch_size], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            valid = (mask[:, 1:] & mask[:, :-1]).bool()
+            targets = ids[:, 1:]
+            count += int(valid.sum())
+            base = qs.base_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            sums["base"] += float(
+                learn.token_nll(torch.log_softmax(base, -1), targets)[valid].sum()
+            )
+            if think:
+                mixed = qs.mixed_logits(ids, mask)[:, :-1].float()
+                sums["thought"] += float(
+                    learn.token_nll(torch.log_softmax(mixed, -1), targets)[valid].sum()
+                )
+    finally:
+        qs.train(was_training)
+    out = {"eval/nll_base": sums["base"] / max(count, 1)}
+    if think:
+        out["eval/nll_thought"] = sums["thought"] / max(count, 1)
+        out["eval/nll_delta"] = out["eval/nll_thought"] - out["eval/nll_base"]
+    return out
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> tuple[WindowStream, list[list[int]], dict[str, Any]]:
+    d = cfg.data
+    common = dict(
+        text_field=d.text_field,
+        template=d.template,
+        on_bad_row=d.on_bad_row,
+        configured_dir=d.data_dir,
+        hub_config=d.hub_config,
+        seed=cfg.train.seed,
+        shuffle_buffer=d.shuffle_buffer,
+    )
+    held_out = 0 if d.val_source else d.val_documents
+    limit = None if d.max_documents is None else d.max_documents + held_out
+    docs = load_documents(d.source, d.split, max_documents=limit, **common)
+    train_docs = tokenize(tokenizer, docs.texts)
+    if d.val_source:
+        val = load_documents(
+            d.val_source, d.val_split or d.split, max_documents=max(cfg.eval.windows, 1), **common
+        )
+        val_docs = tokenize(tokenizer, val.texts)
+    else:
+        order = list(range(len(train_docs)))
+        random.Random(cfg.train.seed).shuffle(order)
+        if held_out >= len(order):
+            raise DataError(
+                f"data.val_documents={held_out} leaves no training documents "
+                f"({len(order)} usable); lower it or set data.val_source"
+            )
+        val_docs = [train_docs[i] for i in order[:held_out]]
+        train_docs = [train_docs[i] for i in order[held_out:]]
+    eos = tokenizer.eos_token_id
+    stream = WindowStream(
+        train_docs, d.window, d.windowing, cfg.train.seed, pad_id=_pad_id(tokenizer), eos_id=eos
+    )
+    windows = (
+        fixed_windows(val_docs, d.window, cfg.eval.windows, cfg.train.seed) if val_docs else []
+    )
+    info = {
+        "data_source": docs.source,
+        "train_documents": len(train_docs),
+        "val_windows": len(windows),
+        "skipped_rows": docs.skipped,
+        "skipped_examples": docs.skipped_examples,
+    }
+    return stream, windows, info
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
+    """Refuse to overwrite a run; on resume, require the same config. Returns the checkpoint."""
+    existing = run_dir / "config.yaml"
+    if not resume:
+        if existing.exists() or (run_dir / "checkpoints").exists():
+            raise ValueError(
+                f"run directory {run_dir} already holds a run; pass --resume to continue "
+                "it, or choose another --run-dir"
+            )
+        return None
+    if existing.exists():
+        saved = load_run_config(str(existing)).to_dict()
+        diffs = _diff(saved, cfg.to_dict())
+        if diffs:
+            raise ValueError(
+                f"--resume with a different config than {existing}: {', '.join(diffs[:5])}; "
+                "resume with the same config and overrides"
+            )
+    return checkpoint.latest(run_dir)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the summary. ``stop_after`` ends the process's
+    work after that step (tests use it to simulate an interruption)."""
+    run_dir = Path(run_dir)
+    ckpt = check_run_dir(run_dir, cfg, resume)
+    if resume and ckpt is None:
+        print(f"qstar: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
+        for stale in ("metrics.jsonl",):
+            (run_dir / stale).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    qs = build_model(cfg, device)
+    stream, val_windows, data_info = prepare_data(cfg, qs.tokenizer)
+    if ckpt is None:
+        (run_dir / "run.json").write_text(
+            json.dumps(
+                provenance(
+                    {
+                        "model": cfg.model.name,
+                        "model_class": type(qs.base_model).__name__,
+                        "device": str(device),
+                        **data_info,
+                    }
+                ),
+                indent=2,
+            )
+            + "\n"
+        )
+    if data_info["skipped_rows"]:
+        print(
+            f"qstar: skipped {data_info['skipped_rows']} bad rows, e.g. {data_info['skipped_examples'][0]}",
+            file=sys.stderr,
+        )
+
+    qs.train()
+    params = [p for p in qs.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+
+    start, keep_lines = 0, None
+    if ckpt is not None:
+        state = checkpoint.load(ckpt, qs, optimizer, scheduler, generator)
+        start, keep_lines = int(state["step"]), int(state["metrics_lines"])
+        stream.load_state(state["data"])
+        print(f"qstar: resumed from {ckpt} (step {start})", file=sys.stderr)
+    logger = MetricsLogger(
+        run_dir,
+        cfg.logging.tensorboard,
+        cfg.logging.mlflow,
+        cfg.logging.mlflow_tracking_uri,
+        cfg.logging.experiment,
+        params=cfg.to_dict(),
+        keep_lines=keep_lines or 0,
+    )
+    think = cfg.train.objective == "quiet_star"
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.train.precision == "bf16-autocast"
+        else contextlib.nullcontext()
+    )
+
+    def evaluate(step: int) -> dict[str, float] | None:
+        if not val_windows:
+            return None
+        with autocast:
+            row = heldout_nll(qs, val_windows, cfg.eval.batch_size, device, think=think)
+        logger.log({"kind": "eval", "step": step, **row})
+        return row
+
+    first_eval = evaluate(0) if start == 0 else None
+    last_eval = first_eval
+    progress = _progress(cfg, start)
+    accum, micro = cfg.accumulation, cfg.train.micro_batch_size
+    tokens_total = 0
+    t_start = time.perf_counter()
+    last_row: dict[str, Any] = {}
+    try:
+        for step in range(start + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            parts: dict[str, float] = {}
+            tokens = 0
+            for _ in range(accum):
+                ids, mask = stream.next_batch(micro)
+                ids, mask = ids.to(device), mask.to(device)
+                tokens += int(mask.sum())
+                with autocast:
+                    if think:
+                        out = qs(ids, attention_mask=mask, generator=generator)
+                        loss, stats = out.loss, out.stats()
+                    else:
+                        logits = qs.base_model(input_ids=ids, attention_mask=mask).logits
+                        loss = learn.base_nll(logits, ids, mask.bool())
+                        stats = {"loss": float(loss.detach()), "base_nll": float(loss.detach())}
+                (loss / accum).backward()
+                for key, value in stats.items():
+                    parts[key] = parts.get(key, 0.0) + value / accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            tokens_total += tokens
+            last_row = {
+                "kind": "train",
+                "step": step,
+                **parts,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": tokens,
+                "tokens_per_s": tokens / dt,
+                "step_s": dt,
+                "peak_mem_mb": peak_memory_mb(device),
+            }
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                logger.log(last_row)
+            if cfg.eval.every and (step % cfg.eval.every == 0) or step == cfg.train.steps:
+                last_eval = evaluate(step) or last_eval
+            if (
+                (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+                or step == cfg.train.steps
+                or step == stop_after
+            ):
+                checkpoint.save(
+                    run_dir,
+                    step,
+                    qs,
+                    optimizer,
+                    scheduler,
+                    generator,
+                    {"data": stream.state(), "metrics_lines": logger.line_count()},
+                    cfg.train.keep_checkpoints,
+                )
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{parts.get('loss', 0):.3g}",
+                    base=f"{parts.get('base_nll', 0):.3f}",
+                    mixed=f"{parts.get('mixed_nll', float('nan')):.3f}",
+                    tok_s=f"{tokens / dt:.0f}",
+                )
+            if stop_after is not None and step >= stop_after:
+                return {"stopped_at": step, "run_dir": str(run_dir)}
+    finally:
+        if progress is not None:
+            progress.close()
+        logger.close()
+
+    final_dir = qs.save_pretrained(run_dir / "final")
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": cfg.train.steps,
+        "resumed_from": start or None,
+        "seconds": elapsed,
+        "tokens_per_s": tokens_total / elapsed if elapsed else None,
+        "peak_mem_mb": peak_memory_mb(device),
+        "final": {k: v for k, v in last_row.items() if k != "kind"},
+        "eval_first": first_eval,
+        "eval_last": last_eval,
+        "final_model": str(final_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _progress(cfg: RunConfig, start: int):
+    if not cfg.logging.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The one-screen summary printed at the end of ``qstar train``."""
+    f = summary.get("final", {})
+    lines = [
+        f"run directory   {summary['run_dir']}",
+        f"steps           {summary['steps']}"
+        + (f" (resumed from {summary['resumed_from']})" if summary.get("resumed_from") else ""),
+        f"time            {summary['seconds']:.1f} s, {summary['tokens_per_s'] or 0:.0f} tokens/s, "
+        f"peak memory {summary['peak_mem_mb']:.0f} MB",
+        f"last step       loss {f.get('loss', float('nan')):.4g}  base NLL {f.get('base_nll', float('nan')):.4f}  "
+        f"mixed NLL {f.get('mixed_nll', float('nan')):.4f}  policy {f.get('policy_loss', float('nan')):.3g}  "
+        f"reward {f.get('reward_mean', float('nan')):.3g}  mixing w {f.get('mixing_weight_mean', float('nan')):.3g}",
+    ]
+    for name, ev in (
+        ("held-out before", summary.get("eval_first")),
+        ("held-out after", summary.get("eval_last")),
+    ):
+        if ev:
+            text = f"NLL without thoughts {ev['eval/nll_base']:.4f}"
+            if "eval/nll_thought" in ev:
+                text += f", with thoughts {ev['eval/nll_thought']:.4f} (delta {ev['eval/nll_delta']:+.4f})"
+            lines.append(f"{name:15} {text}")
+    lines.append(f"final model     {summary['final_model']}")
+    return "\n".join(lines)

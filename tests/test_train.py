@@ -1,0 +1,161 @@
+"""Training recipe: run directory, metrics, checkpoints, resume == uninterrupted, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qstar.tracking import read_metrics
+from qstar.train import train
+
+LOSS_KEYS = (
+    "loss",
+    "base_nll",
+    "mixed_nll",
+    "policy_loss",
+    "reward_mean",
+    "mixing_weight_mean",
+    "lr",
+    "grad_norm",
+)
+
+
+def _comparable(rows):
+    return [
+        {k: r[k] for k in r if k in LOSS_KEYS or k.startswith("eval/") or k in ("kind", "step")}
+        for r in rows
+    ]
+
+
+def test_run_directory_layout_and_metrics(tmp_path, tiny_run_config):
+    cfg = tiny_run_config()
+    summary = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in (
+        "config.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "summary.json",
+        "final/qstar_config.json",
+        "checkpoints/latest",
+    ):
+        assert (run / name).exists(), name
+    rows = read_metrics(run / "metrics.jsonl")
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    eval_rows = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train_rows] == list(range(1, cfg.train.steps + 1))
+    assert [r["step"] for r in eval_rows] == [0, 3, 6]
+    for key in (
+        "base_nll",
+        "mixed_nll",
+        "policy_loss",
+        "reward_mean",
+        "mixing_weight_mean",
+        "tokens_per_s",
+        "peak_mem_mb",
+        "lr",
+    ):
+        assert key in train_rows[0]
+    assert {"eval/nll_base", "eval/nll_thought", "eval/nll_delta"} <= set(eval_rows[0])
+    assert train_rows[0]["lr"] == pytest.approx(cfg.optim.lr / cfg.optim.warmup_steps)
+    provenance = json.loads((run / "run.json").read_text())
+    assert provenance["git_sha"] is None or len(provenance["git_sha"]) == 40
+    assert summary["eval_last"]["eval/nll_base"] < summary["eval_first"]["eval/nll_base"]
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert kept == ["step_000004", "step_000006"]  # keep_checkpoints=2
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_run_config):
+    cfg = tiny_run_config("train.checkpoint_every=0")
+    train(cfg, tmp_path / "straight")
+    first = train(cfg, tmp_path / "resumed", stop_after=3)
+    assert first["stopped_at"] == 3
+    train(cfg, tmp_path / "resumed", resume=True)
+    a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert _comparable(a) == _comparable(b)
+    wa = load_file(str(tmp_path / "straight" / "checkpoints" / "step_000006" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_000006" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_kill_then_resume_from_the_cli(tmp_path):
+    """A real SIGKILL mid-run: the latest checkpoint stays loadable and --resume finishes."""
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "qstar.cli",
+        "train",
+        "debug_tiny",
+        "--run-dir",
+        str(run),
+        "train.steps=12",
+        "train.checkpoint_every=1",
+        "logging.progress=false",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "checkpoints").glob("step_00000[3-9]")):
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.stderr.read().decode()[-500:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert "resumed from" in done.stderr
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+
+
+def test_existing_run_is_never_overwritten(tmp_path, tiny_run_config):
+    cfg = tiny_run_config("train.steps=2")
+    train(cfg, tmp_path / "run")
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg, tmp_path / "run")
+    with pytest.raises(ValueError, match="different config"):
+        train(tiny_run_config("train.steps=3"), tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_no_thought_baseline_objective(tmp_path, tiny_run_config):
+    summary = train(tiny_run_config("train.objective=lm", "train.steps=3"), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert "mixed_nll" not in rows[1] and "base_nll" in rows[1]
+    assert "eval/nll_thought" not in summary["eval_last"]
+
+
+def test_bad_data_row_names_file_and_line(tmp_path, tiny_run_config):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine row with words"}\n{"text": broken}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
+        train(tiny_run_config(f"data.source={data}"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_help_and_bad_config(tmp_path):
+    cli = [sys.executable, "-m", "qstar.cli"]
+    out = subprocess.run([*cli, "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--resume" in out.stdout
+    bad = subprocess.run(
+        [*cli, "train", "debug_tiny", "quiet_star.thougth_len=3", "--run-dir", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "quiet_star.thougth_len" in bad.stderr and "did you mean 'thought_len'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) <= 2  # no traceback
+    assert not (tmp_path / "r").exists()
