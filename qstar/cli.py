@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,55 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from . import evaluation as ev
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks needs at least one task name")
+    modes = {"think": [True], "no-think": [False], "both": [True, False]}[args.mode]
+    ev.resolve_tasks(
+        tasks, args.include_path, args.data_dir
+    )  # bad names fail before the model loads
+    lm = ev.QStarLM(
+        pretrained=args.model,
+        thought_len=args.thought_len,
+        greedy_thoughts=not args.sample_thoughts,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    runs, payload = {}, {"runs": {}}
+    for think in modes:
+        lm.think = think
+        label = "think" if think else "no-think"
+        limit = f" (limit {args.limit})" if args.limit else ""
+        print(f"qstar eval: {label} on {', '.join(tasks)}{limit}", file=sys.stderr)
+        results = ev.evaluate(
+            lm, tasks, args.limit, args.include_path, args.data_dir, args.seed, args.log_samples
+        )
+        runs[label] = ev.metric_table(results)
+        payload["runs"][label] = {
+            key: results.get(key)
+            for key in ("results", "versions", "n-samples", "configs", "timing", "samples")
+        }
+        timing = results["timing"]
+        print(
+            f"qstar eval: {label}: {timing['examples']} examples in {timing['seconds']:.1f} s "
+            f"({timing['examples_per_s'] or 0:.2f} examples/s)",
+            file=sys.stderr,
+        )
+    payload["provenance"] = ev.provenance_block(args.model, lm, tasks, results)
+    payload["provenance"].update(
+        limit=args.limit, include_paths=args.include_path, data_dir=args.data_dir
+    )
+    payload["table"] = runs
+    path = ev.write_results(Path(args.output), payload)
+    print(ev.format_table(runs))
+    print(f"results: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qstar",
@@ -82,6 +132,77 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --run-dir from its latest checkpoint",
     )
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate with lm-evaluation-harness tasks, thinking at every token",
+        description="Score a model on lm-eval tasks with the qstar backend. Tasks: the paper protocol "
+        "(qstar_gsm8k_paper, qstar_csqa_paper and their *_local variants), stock lm-eval tasks "
+        "(gsm8k, commonsense_qa, and gsm8k_local / commonsense_qa_local reading local files), "
+        "and any YAML task in an --include-path directory.",
+    )
+    p.add_argument(
+        "--model",
+        default="HuggingFaceTB/SmolLM2-135M",
+        help="hub id, directory, .gguf file, qstar run directory or saved QuietStar (default: SmolLM2-135M)",
+    )
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        help="extra directory of task YAML files (repeatable)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("QSTAR_DATA_DIR"),
+        help="folder with local data (gsm8k/, csqa/) for the *_local tasks (default: $QSTAR_DATA_DIR)",
+    )
+    p.add_argument(
+        "--output",
+        default="eval_results",
+        help="directory for the results JSON (default: eval_results)",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--think",
+        dest="mode",
+        action="store_const",
+        const="think",
+        help="think at every token (default)",
+    )
+    group.add_argument(
+        "--no-think",
+        dest="mode",
+        action="store_const",
+        const="no-think",
+        help="score the base model",
+    )
+    group.add_argument(
+        "--both",
+        dest="mode",
+        action="store_const",
+        const="both",
+        help="score with and without thinking in one call and print the difference",
+    )
+    p.set_defaults(mode="think")
+    p.add_argument(
+        "--thought-len",
+        type=int,
+        default=None,
+        help="thought tokens at inference (default: the model's)",
+    )
+    p.add_argument(
+        "--sample-thoughts", action="store_true", help="sample thoughts (seeded) instead of greedy"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--log-samples", action="store_true", help="keep per-example outputs in the results file"
+    )
+    p.set_defaults(func=_eval)
 
     from . import bench
 

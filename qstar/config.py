@@ -284,13 +284,15 @@ class TrainSection:
 @dataclass
 class EvalSection:
     """Every ``every`` steps (0: only at the start and the end): held-out NLL with and without
-    thoughts on ``windows`` validation windows, and lm-eval ``tasks`` with ``limit`` examples."""
+    thoughts on ``windows`` validation windows, and lm-eval ``tasks`` with ``limit`` examples
+    (task YAML directories in ``include_paths``)."""
 
     every: int = 10
     windows: int = 16
     batch_size: int = 4
     tasks: list[str] = dataclasses.field(default_factory=list)
     limit: int | None = None
+    include_paths: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         _int_in("every", self.every, 0, 1 << 30)

@@ -16,6 +16,7 @@ Step 3 recomputes what step 2 computed, which is what lets step 2 keep no activa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from . import learn, think
+from . import think as think_mod
 from .attention import dense_thought_mask, thought_attention
 from .config import QuietStarConfig
 from .talk import MixingHead, get_mixer
@@ -220,15 +222,7 @@ class QuietStar(nn.Module):
         indices with :meth:`to_vocab` / :meth:`from_vocab`. For a bias-free head without
         softcapping the temperature divides the hidden state (H values) instead of the logits.
         """
-        head = self.base_model.get_output_embeddings()
-        rows = head.weight.shape[0]
-        if (self.start_id, self.end_id) == (rows - 2, rows - 1):
-            weight = head.weight[:-2]  # a view: the common case, meta tokens appended last
-            bias = None if head.bias is None else head.bias[:-2]
-        else:
-            keep = self._keep_index(rows, head.weight.device)
-            weight = head.weight.index_select(0, keep)
-            bias = None if head.bias is None else head.bias.index_select(0, keep)
+        weight, bias = self._thought_head()
         cap = getattr(self.base_model.config, "final_logit_softcapping", None)
         if bias is None and cap is None:
             return nn.functional.linear(
@@ -239,10 +233,29 @@ class QuietStar(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits / temperature if temperature != 1.0 else logits
 
-    def _keep_index(self, rows: int, device) -> torch.Tensor:
+    def _thought_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight and bias without the meta rows (a view when they are last)."""
+        head = self.base_model.get_output_embeddings()
+        rows = head.weight.shape[0]
+        if (self.start_id, self.end_id) == (rows - 2, rows - 1):
+            return head.weight[:-2], None if head.bias is None else head.bias[:-2]
+        cached = getattr(self, "_head_cache", None)
+        key = (head.weight.data_ptr(), head.weight._version)
+        grad = torch.is_grad_enabled()
+        if (
+            not grad and cached is not None and cached[0] == key
+        ):  # sampling: one copy, not one per depth
+            return cached[1]
         keep = torch.ones(rows, dtype=torch.bool)
         keep[[self.start_id, self.end_id]] = False
-        return keep.nonzero().squeeze(1).to(device)
+        keep = keep.nonzero().squeeze(1).to(head.weight.device)
+        value = (
+            head.weight.index_select(0, keep),
+            None if head.bias is None else head.bias.index_select(0, keep),
+        )
+        if not grad:
+            self._head_cache = (key, value)
+        return value
 
     def to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
         """Index in the meta-free vocabulary -> token id."""
@@ -429,6 +442,98 @@ class QuietStar(nn.Module):
         logits, _ = self._mixer(raw_w, h_base, h_end, self.lm_logits)
         return (logits, thoughts) if return_thoughts else logits
 
+    @torch.no_grad()
+    def base_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(B, L) -> (B, L, V)``: the base model's logits (no thinking), through the same embedding."""
+        out = self.backbone(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask)
+        return self.lm_logits(out.last_hidden_state)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        think: bool = True,
+        greedy_thoughts: bool = True,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """KV-cached batch generation that thinks before every emitted token.
+
+        ``input_ids`` may be left-padded (``attention_mask`` zeros first). Before each new token
+        the model decodes ``<start> c_1..c_t <end>`` after the last position on a scratch copy of
+        the cache (``t + 2`` single-token passes, then the cache is cut back), mixes the base and
+        post-thought predictions, and emits a token. ``stop(tokens (B, n)) -> (B,)`` bool marks
+        finished rows; generation ends when all are finished. Returns ``(B, n)`` new tokens.
+        """
+        B, P = input_ids.shape
+        device = input_ids.device
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.backbone(
+            inputs_embeds=self.embed(input_ids),
+            attention_mask=mask,
+            position_ids=pos,
+            cache=DynamicCache(),
+            use_cache=True,
+        )
+        cache, h_last, next_pos = out.cache, out.last_hidden_state[:, -1], pos[:, -1] + 1
+        ones = torch.ones((B, 1), dtype=mask.dtype, device=device)
+        emitted = torch.empty((B, 0), dtype=torch.long, device=device)
+        t = self.config.thought_len
+
+        def step(tokens: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            o = self.backbone(
+                inputs_embeds=self.embed(tokens[:, None]),
+                attention_mask=m,
+                position_ids=p[:, None],
+                cache=cache,
+                use_cache=True,
+            )
+            return o.last_hidden_state[:, -1]
+
+        for _ in range(max_new_tokens):
+            if think:
+                base_len = cache.get_seq_length()
+                tok = torch.full((B,), self.start_id, dtype=torch.long, device=device)
+                m = mask
+                for d in range(t + 2):  # <start>, c_1..c_t, <end>
+                    m = torch.cat([m, ones], dim=1)
+                    h = step(tok, m, next_pos + d)
+                    if d < t:
+                        u = (
+                            None
+                            if greedy_thoughts
+                            else think_mod.draw_uniforms((B,), generator, device)
+                        )
+                        idx = think_mod.sample_from_logits(
+                            self.thought_logits(h), u, self.config.thought_temperature
+                        )
+                        tok = self.to_vocab(idx)
+                    else:
+                        tok = torch.full((B,), self.end_id, dtype=torch.long, device=device)
+                _crop_cache(cache, base_len)
+                logits, _ = self._mixer(self.mixing_head(h_last, h), h_last, h, self.lm_logits)
+            else:
+                logits = self.lm_logits(h_last)
+            if do_sample:
+                u = think_mod.draw_uniforms((B,), generator, device)
+                nxt = think_mod.sample_from_logits(logits, u, temperature)
+            else:
+                nxt = logits.argmax(-1)
+            emitted = torch.cat([emitted, nxt[:, None]], dim=1)
+            if stop is not None and bool(stop(emitted).all()):
+                break
+            mask = torch.cat([mask, ones], dim=1)
+            h_last = step(nxt, mask, next_pos)
+            next_pos = next_pos + 1
+        return emitted
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -530,6 +635,13 @@ class QuietStar(nn.Module):
             "meta": [self.meta_embeddings],
             "mixing_head": list(self.mixing_head.parameters()),
         }
+
+
+def _crop_cache(cache: DynamicCache, length: int) -> None:
+    """Cut every layer of ``cache`` back to its first ``length`` positions."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[..., :length, :]
+        layer.values = layer.values[..., :length, :]
 
 
 def _token_id(tokenizer, token: str) -> int:

@@ -106,6 +106,31 @@ def heldout_nll(
     return out
 
 
+def task_metrics(qs: QuietStar, cfg: RunConfig, think: bool) -> dict[str, float]:
+    """lm-eval ``eval.tasks`` on the live model: ``{"eval/TASK/METRIC": value}``."""
+    from . import evaluation
+
+    was_training = qs.training
+    qs.eval()
+    try:
+        lm = evaluation.QStarLM(model=qs, think=think, batch_size=cfg.eval.batch_size)
+        results = evaluation.evaluate(
+            lm,
+            cfg.eval.tasks,
+            cfg.eval.limit,
+            cfg.eval.include_paths,
+            data_dir=cfg.data.data_dir,
+            seed=cfg.train.seed,
+        )
+    finally:
+        qs.train(was_training)
+    return {
+        f"eval/{task}/{metric}": value
+        for task, metrics in evaluation.metric_table(results).items()
+        for metric, value in metrics.items()
+    }
+
+
 def prepare_data(cfg: RunConfig, tokenizer) -> tuple[WindowStream, list[list[int]], dict[str, Any]]:
     d = cfg.data
     common = dict(
@@ -270,10 +295,14 @@ def train(
     )
 
     def evaluate(step: int) -> dict[str, float] | None:
-        if not val_windows:
-            return None
+        row: dict[str, float] = {}
         with autocast:
-            row = heldout_nll(qs, val_windows, cfg.eval.batch_size, device, think=think)
+            if val_windows:
+                row.update(heldout_nll(qs, val_windows, cfg.eval.batch_size, device, think=think))
+            if cfg.eval.tasks:
+                row.update(task_metrics(qs, cfg, think))
+        if not row:
+            return None
         logger.log({"kind": "eval", "step": step, **row})
         return row
 

@@ -1,0 +1,486 @@
+"""lm-evaluation-harness adapter: the ``qstar`` model backend, task lookup, and runs.
+
+Every lm-eval call of the project goes through this module (lm-eval's API moves between
+releases). The backend scores with thoughts at every token (``QuietStar.mixed_logits``) or,
+with ``think=False``, the base model through the same code path; ``generate_until`` thinks
+before every emitted token (``QuietStar.generate``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import functools
+import json
+import os
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+TASK_DIR = Path(__file__).parent / "tasks"
+# Stock lm-eval tasks, unchanged except that their data come from local files.
+LOCAL_STOCK = {
+    "gsm8k_local": ("gsm8k", "load_gsm8k_local"),
+    "commonsense_qa_local": ("commonsense_qa", "load_csqa_local"),
+}
+
+
+class TaskError(ValueError):
+    """An unknown task or a broken task file; the message names the task/file and the fix."""
+
+
+# ---------------------------------------------------------------------------- the model backend
+def _register(name: str):
+    """``register_model`` that tolerates re-import of this module (notebooks, reloads)."""
+    from lm_eval.api.registry import model_registry
+
+    def wrap(cls):
+        try:
+            return register_model(name)(cls)
+        except (ValueError, AssertionError):
+            if hasattr(model_registry, "_objs"):
+                model_registry._objs[name] = cls  # type: ignore[attr-defined]
+            return cls
+
+    return wrap
+
+
+@_register("qstar")
+class QStarLM(TemplateLM):
+    """lm-eval model ``qstar``: ``pretrained`` (hub id, directory, GGUF, run dir, QuietStar dir),
+    ``think`` (default true), ``thought_len`` (inference override), ``greedy_thoughts`` (default
+    true), ``seed``, ``batch_size``, ``max_length``, ``device``, ``dtype``."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        model=None,
+        think: bool = True,
+        thought_len: int | None = None,
+        greedy_thoughts: bool = True,
+        seed: int = 0,
+        batch_size: int | str = 4,
+        max_length: int | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        max_gen_toks: int = 256,
+        **kwargs,
+    ):
+        super().__init__()
+        from .model import QuietStar
+
+        if model is None:
+            if pretrained is None:
+                raise ValueError("qstar backend: pass pretrained=PATH_OR_ID")
+            torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[str(dtype)]
+            model = QuietStar.from_pretrained(
+                resolve_model_path(str(pretrained)), dtype=torch_dtype
+            )
+            model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.qs = model
+        if thought_len is not None and int(thought_len) != model.config.thought_len:
+            self.qs.config = model.config.replace(thought_len=int(thought_len))
+        self.think = bool(think)
+        self.greedy = bool(greedy_thoughts)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 4
+        self.max_gen_toks = int(max_gen_toks)
+        self.tokenizer = model.tokenizer
+        cfg = model.base_model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or 2048
+        self._max_length = int(max_length or min(2048, limit - model.config.thought_block - 1))
+
+    # -- TemplateLM plumbing
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        return int(eos if eos is not None else self.qs.fill_id)
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def device(self):
+        return self.qs.meta_embeddings.device
+
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs
+    ) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _generator(self) -> torch.Generator | None:
+        return None if self.greedy else torch.Generator().manual_seed(self.seed)
+
+    @torch.no_grad()
+    def _logprobs(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        """Log-probabilities ``(len(row), V)`` of the next token at every position of each row."""
+        width = max(len(r) for r in rows)
+        pad = self.qs.fill_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        if self.think:
+            logits = self.qs.mixed_logits(
+                ids, mask, greedy=self.greedy, generator=self._generator()
+            )
+        else:
+            logits = self.qs.base_logits(ids, mask)
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        return [lp[i, : len(r)] for i, r in enumerate(rows)]
+
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
+        """Score continuations; inputs that are prefixes of another input share its forward.
+
+        Thoughts at position ``i`` depend on ``x_0..x_i`` only, so the logits of a prefix are
+        the first rows of the longer input's logits (exactly so for greedy thoughts).
+        """
+        inputs = []
+        for _, ctx, cont in requests:
+            whole = (ctx + cont)[-(self.max_length + 1) :]
+            inputs.append((tuple(whole[:-1]), cont))
+        unique = sorted({inp for inp, _ in inputs})
+        cover = {}
+        longest = None
+        for inp in reversed(unique):  # a prefix of anything is a prefix of its successor
+            shareable = self.greedy or not self.think  # sampled thoughts depend on the batch layout
+            if longest is None or not (shareable and longest[: len(inp)] == inp):
+                longest = inp
+            cover[inp] = longest
+        roots = sorted(set(cover.values()), key=len, reverse=True)
+        computed = {}
+        for i in range(0, len(roots), self.batch_size):
+            chunk = roots[i : i + self.batch_size]
+            for root, lp in zip(chunk, self._logprobs([list(r) for r in chunk]), strict=True):
+                computed[root] = lp
+        out = []
+        for inp, cont in inputs:
+            lp = computed[cover[inp]][len(inp) - len(cont) : len(inp)]  # (len(cont), V)
+            target = torch.tensor(cont)
+            ll = float(lp.gather(-1, target[:, None]).sum())
+            greedy = bool((lp.argmax(-1) == target).all())
+            out.append((ll, greedy))
+            self.cache_hook.add_partial("loglikelihood", None, (ll, greedy))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        results = []
+        for req in requests:
+            (text,) = req.args
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+            scored = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
+            results.append(sum(ll for ll, _ in scored))
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results = []
+        for i in range(0, len(requests), self.batch_size):
+            chunk = requests[i : i + self.batch_size]
+            contexts = [r.args[0] for r in chunk]
+            kwargs = dict(chunk[0].args[1] or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            eos_text = self.tokenizer.decode([self.eot_token_id])
+            stops = [s for s in until + [eos_text] if s]
+            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            results += self._generate(
+                contexts,
+                stops,
+                max_new,
+                bool(kwargs.get("do_sample", False)),
+                float(kwargs.get("temperature", 1.0) or 1.0),
+            )
+        return results
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        contexts: list[str],
+        stops: list[str],
+        max_new: int,
+        do_sample: bool,
+        temperature: float,
+    ):
+        encoded = [
+            self.tok_encode(c)[-(self.max_length - max_new) :] or [self.eot_token_id]
+            for c in contexts
+        ]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), self.qs.fill_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):  # left padding for generation
+            ids[i, width - len(e) :] = torch.tensor(e)
+            mask[i, width - len(e) :] = 1
+
+        def stop(tokens: torch.Tensor) -> torch.Tensor:
+            texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=False)
+            return torch.tensor([any(s in t for s in stops) for t in texts])
+
+        new = self.qs.generate(
+            ids.to(self.device),
+            mask.to(self.device),
+            max_new_tokens=max_new,
+            think=self.think,
+            greedy_thoughts=self.greedy,
+            do_sample=do_sample,
+            temperature=temperature,
+            generator=self._generator(),
+            stop=stop,
+        )
+        out = []
+        for row in new.tolist():
+            text = self.tokenizer.decode(row, skip_special_tokens=False)
+            cut = min([text.index(s) for s in stops if s in text], default=len(text))
+            out.append(text[:cut])
+        return out
+
+
+def resolve_model_path(name: str) -> str:
+    """A run directory means its ``final/`` model; anything else is passed on."""
+    path = Path(name).expanduser()
+    if (path / "final" / "qstar_config.json").is_file():
+        return str(path / "final")
+    return name
+
+
+# ---------------------------------------------------------------------------- tasks
+def task_manager(include_paths: list[str] | None = None, data_dir: str | None = None):
+    """A TaskManager over qstar's tasks, ``include_paths`` and ``$QSTAR_TASK_PATH`` (cached)."""
+    extra = [p for p in os.environ.get("QSTAR_TASK_PATH", "").split(os.pathsep) if p]
+    paths = [str(TASK_DIR), *[str(Path(p).expanduser()) for p in [*(include_paths or []), *extra]]]
+    for p in paths[1:]:
+        if not Path(p).is_dir():
+            raise TaskError(f"--include-path {p} is not a directory")
+    return _task_manager(tuple(paths), data_dir), paths
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(paths: tuple[str, ...], data_dir: str | None):
+    from lm_eval.tasks import TaskManager  # indexing every lm-eval task takes seconds: cache it
+
+    return TaskManager(
+        include_path=list(paths), metadata={"data_dir": data_dir} if data_dir else None
+    )
+
+
+def check_task_file(path: Path) -> None:
+    """Load a task YAML and check its keys; raise :class:`TaskError` naming the file and key."""
+    from lm_eval.api.task import TaskConfig
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        cfg = load_yaml(path)
+    except Exception as exc:
+        raise TaskError(
+            f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise TaskError(f"{path}: a task file must be a mapping")
+    if "task" not in cfg and "group" not in cfg:
+        raise TaskError(f"{path}: missing key 'task' (the task's name)")
+    known = {f.name for f in fields(TaskConfig)} | {
+        "include",
+        "group",
+        "tag",
+        "task_alias",
+        "group_alias",
+    }
+    for key in cfg:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise TaskError(
+                f"{path}: unknown task key {key!r}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+
+
+def resolve_tasks(
+    names: list[str], include_paths: list[str] | None = None, data_dir: str | None = None
+):
+    """``(task specs for simple_evaluate, TaskManager)``; unknown names list close matches."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    tm, searched = task_manager(include_paths, data_dir)
+    known = set(tm.all_tasks) | set(LOCAL_STOCK)
+    specs: list[Any] = []
+    for name in names:
+        if name in LOCAL_STOCK:
+            stock, loader = LOCAL_STOCK[name]
+            entry = tm.task_index[stock]
+            cfg = dict(
+                load_yaml(entry["yaml_path"] if isinstance(entry, dict) else entry.yaml_path)
+            )
+            from .tasks import qstar_task_utils
+
+            cfg.update(task=name, custom_dataset=getattr(qstar_task_utils, loader))
+            cfg.pop("dataset_path", None)
+            cfg.pop("dataset_name", None)
+            cfg["metadata"] = {
+                **(cfg.get("metadata") or {}),
+                **({"data_dir": data_dir} if data_dir else {}),
+            }
+            specs.append(cfg)
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.5)
+            raise TaskError(
+                f"unknown task {name!r}"
+                + (f"; close matches: {', '.join(close)}" if close else "")
+                + f"; include paths searched: {', '.join(searched)}"
+            )
+        entry = tm.task_index.get(name)
+        yaml_path = (
+            entry.get("yaml_path") if isinstance(entry, dict) else getattr(entry, "yaml_path", None)
+        )
+        if isinstance(yaml_path, str | Path) and any(
+            Path(yaml_path).resolve().is_relative_to(Path(p).resolve()) for p in searched
+        ):
+            check_task_file(Path(yaml_path))  # ours and the user's; lm-eval's own are trusted
+        specs.append(name)
+    return specs, tm
+
+
+# ---------------------------------------------------------------------------- runs
+def evaluate(
+    lm: QStarLM,
+    tasks: list[str],
+    limit: int | None = None,
+    include_paths: list[str] | None = None,
+    data_dir: str | None = None,
+    seed: int = 0,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Run lm-eval tasks on a backend; returns lm-eval's results dict plus ``"timing"``."""
+    import logging
+
+    import lm_eval
+
+    for name in ("lm_eval", "lm-eval"):  # its per-task notices drown the results on stderr
+        logging.getLogger(name).setLevel(logging.ERROR)
+    data_dir = data_dir or os.environ.get("QSTAR_DATA_DIR")
+    specs, tm = resolve_tasks(tasks, include_paths, data_dir)
+    t0 = time.perf_counter()
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=specs,
+            task_manager=tm,
+            limit=limit,
+            log_samples=log_samples,
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except FileNotFoundError as exc:
+        raise TaskError(str(exc).splitlines()[0]) from None
+    elapsed = time.perf_counter() - t0
+    n = sum(v.get("effective", 0) for v in (results.get("n-samples") or {}).values())
+    results["timing"] = {
+        "seconds": elapsed,
+        "examples": n,
+        "examples_per_s": n / elapsed if elapsed else None,
+    }
+    return results
+
+
+def metric_table(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` from lm-eval's results (stderr entries dropped)."""
+    table = {}
+    for task, values in (results.get("results") or {}).items():
+        table[task] = {
+            k.replace(",none", ""): float(v)
+            for k, v in values.items()
+            if isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and "_stderr" not in k
+            and k != "sample_len"
+        }
+    return table
+
+
+def provenance_block(
+    model: str, lm: QStarLM, tasks: list[str], results: dict[str, Any]
+) -> dict[str, Any]:
+    from .tracking import provenance
+
+    return provenance(
+        {
+            "model": model,
+            "think": lm.think,
+            "quiet_star": lm.qs.config.to_dict(),
+            "greedy_thoughts": lm.greedy,
+            "seed": lm.seed,
+            "tasks": tasks,
+            "task_versions": results.get("versions"),
+            "lm_eval_version": _lm_eval_version(),
+        }
+    )
+
+
+def _lm_eval_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("lm_eval")
+    except Exception:
+        return None
+
+
+def write_results(output: Path, payload: dict[str, Any]) -> Path:
+    output.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = output / f"results_{stamp}.json"
+    i = 1
+    while path.exists():  # never overwrite earlier results
+        path = output / f"results_{stamp}_{i}.json"
+        i += 1
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
+    """``runs``: ``{"think": table, "no-think": table}`` -> a text table with the difference."""
+    labels = list(runs)
+    tasks = sorted({t for table in runs.values() for t in table})
+    head = f"{'task':32} {'metric':14} " + " ".join(f"{lab:>10}" for lab in labels)
+    if len(labels) == 2:
+        head += f" {'delta':>10}"
+    lines = [head, "-" * len(head)]
+    for task in tasks:
+        metrics = sorted({m for table in runs.values() for m in table.get(task, {})})
+        for metric in metrics:
+            vals = [runs[lab].get(task, {}).get(metric) for lab in labels]
+            row = f"{task:32} {metric:14} " + " ".join(
+                f"{v:10.4f}" if v is not None else f"{'-':>10}" for v in vals
+            )
+            if len(labels) == 2 and None not in vals:
+                row += f" {vals[0] - vals[1]:+10.4f}"
+            lines.append(row)
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""Task functions for the paper-protocol tasks (Zelikman et al. 2024, Sec. 5 / Appendix).
+
+Protocol: zero-shot, no exemplars, no chain of thought. GSM8K ``Q: {question}\\nA: {number}\\n``,
+CommonsenseQA ``Q: {stem}\\n(A) ...\\n(E) ...\\nA: {letter}\\n``. Metrics per example:
+
+* ``soft_score`` (the authors' score): for each answer character (the newline included) the
+  probability of the gold character renormalised over a small set -- digits and newline for
+  GSM8K, the five letters and newline for CommonsenseQA -- multiplied over the answer;
+  the task value is the mean over examples.
+* ``acc``: every answer character is the argmax of its renormalised set.
+* ``exact_match``: the whole answer is the model's greedy continuation over the full vocabulary.
+
+One lm-eval document per example: the choices are ``answer[:j] + s`` for every position ``j``
+and every ``s`` of the set, all after the same prompt. Renormalising within position ``j`` cancels
+the common prefix ``answer[:j]``, so the choice log-likelihoods give exactly the renormalised
+next-character probabilities, and ``--limit N`` means N examples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+DIGITS = [str(d) for d in range(10)] + ["\n"]
+LETTERS = ["A", "B", "C", "D", "E", "\n"]
+
+
+# ---------------------------------------------------------------------------- prompts
+def gsm8k_number(doc: dict) -> str:
+    """The final number after ``####``, without thousands separators."""
+    answer = doc["answer"].split("####")[-1].strip()
+    return answer.replace(",", "").replace("$", "")
+
+
+def gsm8k_prompt(doc: dict) -> str:
+    return f"Q: {doc['question'].strip()}\nA: "
+
+
+def gsm8k_answer(doc: dict) -> str:
+    return gsm8k_number(doc) + "\n"
+
+
+def csqa_prompt(doc: dict) -> str:
+    labels, texts = doc["choices"]["label"], doc["choices"]["text"]
+    options = "\n".join(f"({label}) {text}" for label, text in zip(labels, texts, strict=True))
+    return f"Q: {doc['question'].strip()}\n{options}\nA: "
+
+
+def csqa_answer(doc: dict) -> str:
+    return doc["answerKey"].strip() + "\n"
+
+
+# ---------------------------------------------------------------------------- choices and scoring
+def _positions(answer: str, charset: list[str]) -> list[tuple[list[str], int]]:
+    """For each answer character: (choice strings, index of the gold one)."""
+    out = []
+    for j, gold in enumerate(answer):
+        chars = charset if gold in charset else [*charset, gold]  # rare: '-' or '.' in GSM8K
+        out.append(([answer[:j] + c for c in chars], chars.index(gold)))
+    return out
+
+
+def _choices(answer: str, charset: list[str]) -> list[str]:
+    return [c for choices, _ in _positions(answer, charset) for c in choices]
+
+
+def gsm8k_choices(doc: dict) -> list[str]:
+    return _choices(gsm8k_answer(doc), DIGITS)
+
+
+def csqa_choices(doc: dict) -> list[str]:
+    return _choices(csqa_answer(doc), LETTERS)
+
+
+def gsm8k_target(doc: dict) -> int:
+    """Index of the full gold answer among the choices (for logging)."""
+    return _gold_full_index(gsm8k_answer(doc), DIGITS)
+
+
+def csqa_target(doc: dict) -> int:
+    return _gold_full_index(csqa_answer(doc), LETTERS)
+
+
+def _gold_full_index(answer: str, charset: list[str]) -> int:
+    positions = _positions(answer, charset)
+    return sum(len(choices) for choices, _ in positions[:-1]) + positions[-1][1]
+
+
+def score(answer: str, charset: list[str], results: list) -> dict:
+    """``results``: ``(loglikelihood, is_greedy)`` per choice, in choice order."""
+    positions = _positions(answer, charset)
+    lls = [float(r[0]) for r in results]
+    soft, acc, start = 1.0, 1, 0
+    for choices, gold in positions:
+        group = lls[start : start + len(choices)]
+        top = max(group)
+        norm = top + math.log(sum(math.exp(x - top) for x in group))
+        soft *= math.exp(group[gold] - norm)
+        acc &= int(group.index(top) == gold)
+        start += len(choices)
+    full = start - len(positions[-1][0]) + positions[-1][1]
+    return {"soft_score": soft, "acc": acc, "exact_match": int(bool(results[full][1]))}
+
+
+def gsm8k_process_results(doc: dict, results: list) -> dict:
+    return score(gsm8k_answer(doc), DIGITS, results)
+
+
+def csqa_process_results(doc: dict, results: list) -> dict:
+    return score(csqa_answer(doc), LETTERS, results)
+
+
+# ---------------------------------------------------------------------------- local data
+def data_dir(**kwargs) -> Path:
+    value = kwargs.get("data_dir") or os.environ.get("QSTAR_DATA_DIR")
+    if not value:
+        raise FileNotFoundError(
+            "the local task variants read files from a data directory: pass --data-dir DIR "
+            "(or set QSTAR_DATA_DIR) to a folder holding gsm8k/ and csqa/"
+        )
+    return Path(value).expanduser()
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: set --data-dir / QSTAR_DATA_DIR to the folder holding it"
+        )
+    return path
+
+
+def _jsonl(path: Path) -> list[dict]:
+    rows = []
+    with _require(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
+def load_gsm8k_local(**kwargs):
+    """GSM8K train/test from ``DATA_DIR/gsm8k/{train,test}.jsonl`` (the hub's field names)."""
+    import datasets
+
+    root = data_dir(**kwargs) / "gsm8k"
+    splits = {}
+    for split in ("test", "train"):  # test is required; train (few-shot examples) if present
+        path = root / f"{split}.jsonl"
+        if split == "test" or path.is_file():
+            rows = _jsonl(path)
+            splits[split] = datasets.Dataset.from_list(
+                [{"question": r["question"], "answer": r["answer"]} for r in rows]
+            )
+    return datasets.DatasetDict(splits)
+
+
+def _csqa_row(row: dict) -> dict:
+    """Official CommonsenseQA jsonl -> the hub's (tau/commonsense_qa) layout."""
+    q = row["question"]
+    return {
+        "id": row.get("id", ""),
+        "question": q["stem"],
+        "question_concept": q.get("question_concept", ""),
+        "choices": {
+            "label": [c["label"] for c in q["choices"]],
+            "text": [c["text"] for c in q["choices"]],
+        },
+        "answerKey": row.get("answerKey", ""),
+    }
+
+
+def load_csqa_local(**kwargs):
+    """CommonsenseQA train/validation from ``DATA_DIR/csqa/{train,dev}_rand_split.jsonl``."""
+    import datasets
+
+    root = data_dir(**kwargs) / "csqa"
+    files = {"validation": "dev_rand_split.jsonl", "train": "train_rand_split.jsonl"}
+    return datasets.DatasetDict(
+        {  # validation is required; train if present
+            split: datasets.Dataset.from_list([_csqa_row(r) for r in _jsonl(root / name)])
+            for split, name in files.items()
+            if split == "validation" or (root / name).is_file()
+        }
+    )

@@ -1,0 +1,246 @@
+"""The lm-eval backend, the paper-protocol metrics, task lookup and the eval CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qstar import QuietStar, QuietStarConfig
+from qstar.evaluation import QStarLM, TaskError, check_task_file, evaluate, resolve_tasks
+from qstar.tasks import qstar_task_utils as tu
+from qstar.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model, tok = tiny_model("llama")
+    qs = QuietStar.from_base(model, tok, QuietStarConfig(thought_len=2, n_true=1))
+    torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.5)  # thoughts change predictions
+    return QStarLM(model=qs, batch_size=3, max_gen_toks=6)
+
+
+class Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_loglikelihood_matches_mixed_logits_and_prefix_sharing(lm):
+    reqs = [
+        Req("Q: What is 12 times 7?\nA:", " 84"),
+        Req("Q: What is 12 times 7?\nA:", " 8"),
+        Req("The quick brown", " fox jumps"),
+    ]
+    got = lm.loglikelihood(reqs)
+    for req, (ll, greedy) in zip(reqs, got, strict=True):
+        ctx, cont = lm._encode_pair(*req.args)
+        ids = torch.tensor([ctx + cont])
+        lp = torch.log_softmax(lm.qs.mixed_logits(ids)[0], -1)
+        ref = sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+        assert ll == pytest.approx(ref, abs=1e-4)
+        assert greedy == all(int(lp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont))
+    lm.think = False
+    try:
+        base = lm.loglikelihood(reqs[:1])[0][0]
+        ctx, cont = lm._encode_pair(*reqs[0].args)
+        lp = torch.log_softmax(lm.qs.base_model(input_ids=torch.tensor([ctx + cont])).logits[0], -1)
+        assert base == pytest.approx(
+            sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)), abs=1e-4
+        )
+        assert base != pytest.approx(got[0][0], abs=1e-4)  # thinking changes the score
+    finally:
+        lm.think = True
+
+
+def test_generate_until_stops_and_equals_greedy_mixed_decoding(lm):
+    out = lm.generate_until([Req("The quick brown", {"until": ["zzz"], "max_gen_toks": 3})])[0]
+    ids = lm.qs.tokenizer("The quick brown", return_tensors="pt").input_ids
+    expect = []
+    for _ in range(3):
+        nxt = int(lm.qs.mixed_logits(ids)[0, -1].argmax())
+        expect.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    assert out == lm.qs.tokenizer.decode(expect)
+    stop_at = out[1:3] if len(out) > 2 else out
+    cut = lm.generate_until([Req("The quick brown", {"until": [stop_at], "max_gen_toks": 3})])[0]
+    assert stop_at not in cut
+
+
+def test_rolling_loglikelihood_is_the_sum_over_tokens(lm):
+    text = "Language models can teach themselves to think."
+    got = lm.loglikelihood_rolling([Req(text)])[0]
+    ids = [lm.eot_token_id] + lm.tok_encode(text)
+    lp = torch.log_softmax(lm.qs.mixed_logits(torch.tensor([ids[:-1]]))[0], -1)
+    assert got == pytest.approx(sum(float(lp[i, t]) for i, t in enumerate(ids[1:])), abs=1e-3)
+
+
+def test_paper_soft_score_by_hand():
+    doc = {"question": "1+1?", "answer": "so #### 12"}
+    assert tu.gsm8k_answer(doc) == "12\n"
+    choices = tu.gsm8k_choices(doc)
+    assert (
+        len(choices) == 33
+        and choices[1] == "1"
+        and choices[11 + 2] == "12"
+        and choices[22 + 10] == "12\n"
+    )
+    lls = [math.log(0.01)] * 33
+    lls[1], lls[11 + 2], lls[22 + 10] = math.log(0.5), math.log(0.2), math.log(0.9)  # gold chars
+    results = [(x, i == 32) for i, x in enumerate(lls)]
+    got = tu.score("12\n", tu.DIGITS, results)
+    p = [0.5 / (0.5 + 10 * 0.01), 0.2 / (0.2 + 10 * 0.01), 0.9 / (0.9 + 10 * 0.01)]
+    assert got["soft_score"] == pytest.approx(p[0] * p[1] * p[2])
+    assert got["acc"] == 1 and got["exact_match"] == 1
+    lls[11 + 3] = math.log(0.3)  # a wrong digit beats the gold "2"
+    assert tu.score("12\n", tu.DIGITS, [(x, False) for x in lls])["acc"] == 0
+
+
+def test_csqa_prompt_follows_the_paper():
+    doc = {
+        "question": "Where is a plate kept?",
+        "answerKey": "B",
+        "choices": {"label": list("ABCDE"), "text": ["car", "cupboard", "sky", "sea", "shoe"]},
+    }
+    assert (
+        tu.csqa_prompt(doc)
+        == "Q: Where is a plate kept?\n(A) car\n(B) cupboard\n(C) sky\n(D) sea\n(E) shoe\nA: "
+    )
+    assert tu.csqa_choices(doc)[:6] == ["A", "B", "C", "D", "E", "\n"] and tu.csqa_target(doc) == 11
+
+
+def test_unknown_task_lists_close_matches_and_paths(tmp_path):
+    with pytest.raises(
+        TaskError, match=r"close matches: .*qstar_gsm8k_paper.*include paths searched: .*tasks"
+    ):
+        resolve_tasks(["qstar_gsm8k_papr"])
+    with pytest.raises(TaskError, match="not a directory"):
+        resolve_tasks(["gsm8k"], [str(tmp_path / "missing")])
+
+
+def test_task_yaml_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: my_bad\ndataset_path: json\ndoc_to_txt: x\n")
+    with pytest.raises(
+        TaskError,
+        match=r"bad\.yaml: unknown task key 'doc_to_txt' \(did you mean 'doc_to_text'\?\)",
+    ):
+        check_task_file(bad)
+    with pytest.raises(TaskError, match="bad.yaml: unknown task key"):
+        resolve_tasks(["my_bad"], [str(tmp_path)])
+
+
+def test_local_task_without_data_names_the_option(lm, tmp_path, monkeypatch):
+    monkeypatch.delenv("QSTAR_DATA_DIR", raising=False)
+    with pytest.raises(TaskError, match=r"gsm8k/test.jsonl is missing: set --data-dir"):
+        evaluate(lm, ["qstar_gsm8k_paper_local"], limit=1, data_dir=str(tmp_path))
+
+
+def _custom_task(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"q": f"{a} plus {a}?", "choices": [str(2 * a), str(a)], "label": 0})
+            for a in range(1, 6)
+        )
+        + "\n"
+    )
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    (task_dir / "my_addition.yaml").write_text(
+        "task: my_addition\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Q: {{q}}\\nA:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n"
+    )
+    return task_dir
+
+
+def test_custom_task_by_include_path_through_the_cli(tmp_path):
+    task_dir = _custom_task(tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qstar.cli",
+            "eval",
+            "--model",
+            "tiny:llama",
+            "--tasks",
+            "my_addition",
+            "--include-path",
+            str(task_dir),
+            "--limit",
+            "3",
+            "--both",
+            "--output",
+            str(tmp_path / "res"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert "my_addition" in out.stdout and "delta" in out.stdout
+    (result,) = (tmp_path / "res").glob("results_*.json")
+    payload = json.loads(result.read_text())
+    assert set(payload["runs"]) == {"think", "no-think"}
+    assert payload["runs"]["think"]["n-samples"]["my_addition"]["effective"] == 3
+    prov = payload["provenance"]
+    assert (
+        prov["task_versions"]["my_addition"] == 1.0 and "quiet_star" in prov and "git_sha" in prov
+    )
+
+
+def test_eval_cli_bad_task_is_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "qstar.cli", "eval", "--model", "tiny:llama", "--tasks", "gsm8kk"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "unknown task 'gsm8kk'" in out.stderr and "gsm8k" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_paper_and_stock_local_tasks_run(lm, shared_data):
+    results = evaluate(
+        lm,
+        [
+            "qstar_gsm8k_paper_local",
+            "qstar_csqa_paper_local",
+            "commonsense_qa_local",
+            "gsm8k_local",
+        ],
+        limit=2,
+        data_dir=str(shared_data),
+    )
+    table = results["results"]
+    assert 0.0 <= table["qstar_gsm8k_paper_local"]["soft_score,none"] <= 1.0
+    assert 0.0 <= table["qstar_csqa_paper_local"]["acc,none"] <= 1.0
+    assert "acc,none" in table["commonsense_qa_local"]
+    assert "exact_match,strict-match" in table["gsm8k_local"]
+    assert results["n-samples"]["gsm8k_local"]["effective"] == 2
+
+
+def test_training_hook_logs_task_metrics(tmp_path, tiny_run_config):
+    from qstar.tracking import read_metrics
+    from qstar.train import train
+
+    task_dir = _custom_task(tmp_path)
+    cfg = tiny_run_config(
+        "train.steps=2",
+        "eval.every=2",
+        "eval.tasks=my_addition",
+        "eval.limit=2",
+        f"eval.include_paths=[{task_dir}]",
+    )
+    train(cfg, tmp_path / "run")
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in rows] == [0, 2]
+    assert 0.0 <= rows[-1]["eval/my_addition/acc"] <= 1.0
