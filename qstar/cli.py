@@ -106,6 +106,40 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import describe, load_sweep
+
+    sweep = load_sweep(args.file, smoke=args.smoke)
+    if args.name:
+        sweep.name = args.name
+    if args.dry_run:
+        print(describe(sweep))
+        return 0
+    from . import tune_adapter
+
+    storage = Path(args.storage)
+    print(f"qstar sweep: {len(sweep.trials)} trials -> {storage / sweep.name}", file=sys.stderr)
+    try:
+        tune_adapter.run_sweep(
+            sweep,
+            storage,
+            address=args.address,
+            resume=args.resume,
+            retry_failed=args.retry_failed,
+            verbose=args.verbose,
+        )
+    finally:
+        exp_dir = storage / sweep.name
+        if (exp_dir / "trials.json").is_file():
+            summary = tune_adapter.write_summary(exp_dir)
+            print(summary.read_text())
+            print(
+                f"experiment: {exp_dir}  (resume: qstar sweep {args.file}"
+                f"{' --smoke' if args.smoke else ''} --resume{' --name ' + args.name if args.name else ''})"
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qstar",
@@ -203,6 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-samples", action="store_true", help="keep per-example outputs in the results file"
     )
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run an ablation sweep of training runs on Ray Tune",
+        description="Expand a sweep file (a base config plus a search space) into trials and run each as a "
+        "`qstar train` run on Ray Tune: locally (an embedded Ray instance) or on a cluster (--address). "
+        "Interrupt with Ctrl-C at any time; --resume continues unfinished trials from their checkpoints.",
+    )
+    p.add_argument("file", help="sweep YAML (e.g. sweeps/smoke.yaml)")
+    p.add_argument(
+        "--smoke", action="store_true", help="apply the file's smoke: section (a small, fast form)"
+    )
+    p.add_argument("--name", help="experiment name (default: the sweep's name)")
+    p.add_argument(
+        "--storage", default="experiments", help="where experiments live (default: experiments)"
+    )
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument(
+        "--retry-failed", action="store_true", help="with --resume, also rerun failed trials"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the expanded trials and exit")
+    p.add_argument("--verbose", type=int, default=1, help="Ray Tune verbosity 0-3 (default: 1)")
+    p.set_defaults(func=_sweep)
 
     from . import bench
 

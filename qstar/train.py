@@ -19,6 +19,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,9 +223,13 @@ def train(
     run_dir: str | Path,
     resume: bool = False,
     stop_after: int | None = None,
+    on_eval: Callable[[int, dict[str, Any], Path | None], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the summary. ``stop_after`` ends the process's
-    work after that step (tests use it to simulate an interruption)."""
+    """Run (or resume) a training run; returns the summary.
+
+    ``stop_after`` ends the work after that step (tests use it to simulate an interruption).
+    ``on_eval(step, metrics, checkpoint)`` is called after every evaluation, once the step's
+    checkpoint is written (sweeps report to Ray Tune through it)."""
     run_dir = Path(run_dir)
     ckpt = check_run_dir(run_dir, cfg, resume)
     if resume and ckpt is None:
@@ -307,6 +312,8 @@ def train(
         return row
 
     first_eval = evaluate(0) if start == 0 else None
+    if first_eval is not None and on_eval is not None:
+        on_eval(0, {"kind": "eval", "step": 0, **first_eval}, None)
     last_eval = first_eval
     progress = _progress(cfg, start)
     accum, micro = cfg.accumulation, cfg.train.micro_batch_size
@@ -353,14 +360,20 @@ def train(
             }
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 logger.log(last_row)
+            row = None
             if cfg.eval.every and (step % cfg.eval.every == 0) or step == cfg.train.steps:
-                last_eval = evaluate(step) or last_eval
+                row = evaluate(step)
+                last_eval = row or last_eval
+            saved = None
             if (
                 (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
                 or step == cfg.train.steps
                 or step == stop_after
+                or (
+                    row is not None and on_eval is not None
+                )  # a sweep resumes from what it reported
             ):
-                checkpoint.save(
+                saved = checkpoint.save(
                     run_dir,
                     step,
                     qs,
@@ -370,6 +383,8 @@ def train(
                     {"data": stream.state(), "metrics_lines": logger.line_count()},
                     cfg.train.keep_checkpoints,
                 )
+            if row is not None and on_eval is not None:
+                on_eval(step, {**last_row, **row}, saved)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(

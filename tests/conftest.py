@@ -38,3 +38,13 @@ def tiny_run_config():
         return load_run_config(resolve_config("debug_tiny"), ["logging.progress=false", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the in-process sweep tests (Ray 2.60 has no local mode)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -187,3 +187,26 @@ def load_csqa_local(**kwargs):
             if split == "validation" or (root / name).is_file()
         }
     )
+
+
+def _local_available(relative: str, **kwargs) -> bool:
+    value = kwargs.get("data_dir") or os.environ.get("QSTAR_DATA_DIR")
+    return bool(value) and (Path(value).expanduser() / relative).is_file()
+
+
+def load_gsm8k(**kwargs):
+    """Local files when the data directory has them, else the hub's ``openai/gsm8k``."""
+    if _local_available("gsm8k/test.jsonl", **kwargs):
+        return load_gsm8k_local(**kwargs)
+    import datasets
+
+    return datasets.load_dataset("openai/gsm8k", "main")
+
+
+def load_csqa(**kwargs):
+    """Local files when the data directory has them, else the hub's ``tau/commonsense_qa``."""
+    if _local_available("csqa/dev_rand_split.jsonl", **kwargs):
+        return load_csqa_local(**kwargs)
+    import datasets
+
+    return datasets.load_dataset("tau/commonsense_qa")

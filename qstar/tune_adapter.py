@@ -1,0 +1,269 @@
+"""Ray Tune adapter: every Ray call of the project lives here.
+
+Experiment directory (one per sweep, ``STORAGE/NAME``)::
+
+    sweep.yaml          the sweep file as given
+    trials.json         the expanded trial list (id, overrides, varying params)
+    trials/TRIAL_ID/    each trial's qstar run directory (config.yaml, metrics.jsonl, checkpoints/,
+                        final/, summary.json; error.txt when the trial failed)
+    tune/               Ray Tune's experiment state (what --resume restores)
+    summary.csv         one row per trial: status, params, last metrics; rewritten as trials report
+
+Each trial is one ``qstar train`` run. Its evaluations are reported to Tune with a small
+checkpoint that points at the run's own checkpoint, so ASHA can stop it and a restarted sweep
+resumes it from its last checkpoint (``qstar train --resume`` semantics) without copying weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .sweep import Sweep
+
+STATUS_DONE, STATUS_ERROR, STATUS_PENDING, STATUS_STOPPED = "done", "error", "pending", "stopped"
+
+
+def check_resources(sweep: Sweep, address: str | None) -> None:
+    """Fail before Ray starts when no single machine here could run one trial."""
+    if address:
+        return  # a cluster's resources are the cluster's to judge
+    cpus = os.cpu_count() or 1
+    if sweep.resources["cpu"] > cpus:
+        raise ValueError(
+            f"resources.cpu={sweep.resources['cpu']:g} per trial, but this machine has {cpus} CPUs; "
+            "lower it or pass --address of a Ray cluster"
+        )
+    if sweep.resources["gpu"] > 0:
+        import torch
+
+        have = torch.cuda.device_count()
+        if sweep.resources["gpu"] > have:
+            raise ValueError(
+                f"resources.gpu={sweep.resources['gpu']:g} per trial, but this machine has {have} GPUs; "
+                "set resources.gpu=0 or pass --address of a Ray cluster with GPUs"
+            )
+
+
+def _trial_status(run_dir: Path) -> str:
+    if (run_dir / "summary.json").is_file():
+        return STATUS_DONE
+    if (run_dir / "error.txt").is_file():
+        return STATUS_ERROR
+    if (run_dir / "config.yaml").is_file():
+        return STATUS_STOPPED
+    return STATUS_PENDING
+
+
+def write_summary(exp_dir: Path) -> Path:
+    """Rewrite ``summary.csv`` from the trials' run directories (atomic)."""
+    trials = json.loads((exp_dir / "trials.json").read_text())["trials"]
+    rows, columns = [], ["trial_id", "status"]
+    for t in trials:
+        run_dir = exp_dir / "trials" / t["trial_id"]
+        row: dict[str, Any] = {"trial_id": t["trial_id"], "status": _trial_status(run_dir)}
+        row.update(t["params"])
+        last_train, last_eval = {}, {}
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a killed trial's last partial line
+                (last_eval if r.get("kind") == "eval" else last_train).update(r)
+        row["step"] = last_train.get("step", 0)
+        for key in ("base_nll", "mixed_nll", "policy_loss", "reward_mean", "mixing_weight_mean"):
+            if key in last_train:
+                row[key] = last_train[key]
+        row.update({k: v for k, v in last_eval.items() if k.startswith("eval/")})
+        if row["status"] == STATUS_ERROR:
+            row["error"] = (run_dir / "error.txt").read_text().strip().splitlines()[-1][:200]
+        row["run_dir"] = str(run_dir)
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+        rows.append(row)
+    path = exp_dir / "summary.csv"
+    fd, tmp = tempfile.mkstemp(dir=exp_dir, prefix=".summary.")
+    with os.fdopen(fd, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def _make_trainable(sweep: Sweep, exp_dir: Path):
+    """The function Ray runs for one trial (runs in a Ray worker process)."""
+    base, sweep_overrides, cpus = sweep.base, list(sweep.overrides), sweep.resources["cpu"]
+
+    def run_trial(config: dict[str, Any]) -> None:
+        import torch
+        from ray import tune
+
+        from .config import load_run_config
+        from .train import train
+
+        torch.set_num_threads(max(1, int(cpus)))
+        trial = config["trial"]
+        run_dir = exp_dir / "trials" / trial["trial_id"]
+        cfg = load_run_config(
+            base, [*sweep_overrides, *trial["overrides"], "logging.progress=false"]
+        )
+
+        def report(step: int, metrics: dict[str, Any], ckpt: Path | None) -> None:
+            numbers = {
+                k: v
+                for k, v in metrics.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            numbers["step"] = step
+            if ckpt is None:
+                tune.report(numbers)
+                return
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "pointer.json").write_text(
+                    json.dumps({"run_dir": str(run_dir), "checkpoint": str(ckpt), "step": step})
+                )
+                tune.report(numbers, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+        resume = (run_dir / "config.yaml").is_file()
+        (run_dir / "error.txt").unlink(missing_ok=True)
+        try:
+            train(cfg, run_dir, resume=resume, on_eval=report)
+        except BaseException as exc:
+            if not isinstance(exc, KeyboardInterrupt | SystemExit):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(traceback.format_exc())
+            raise
+
+    return run_trial
+
+
+def _summary_callback(exp_dir: Path):
+    from ray.tune import Callback
+
+    class SummaryCallback(Callback):
+        """Keep ``summary.csv`` current as trials report, finish or fail."""
+
+        def _write(self) -> None:
+            try:
+                write_summary(exp_dir)
+            except OSError as exc:  # never let bookkeeping kill the sweep
+                print(f"qstar: could not update summary.csv: {exc}", file=sys.stderr)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._write()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._write()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._write()
+
+    return SummaryCallback()
+
+
+def run_sweep(
+    sweep: Sweep,
+    storage: Path,
+    address: str | None = None,
+    resume: bool = False,
+    retry_failed: bool = False,
+    verbose: int = 1,
+):
+    """Run (or resume) ``sweep`` under ``storage/sweep.name``; returns Tune's ResultGrid."""
+    import ray
+    from ray import tune
+
+    check_resources(sweep, address)
+    exp_dir = (storage / sweep.name).resolve()
+    tune_dir = exp_dir / "tune"
+    trials_file = exp_dir / "trials.json"
+    expanded = {
+        "name": sweep.name,
+        "base": sweep.base,
+        "overrides": sweep.overrides,
+        "trials": [t.to_dict() for t in sweep.trials],
+    }
+    if resume:
+        if not trials_file.is_file():
+            raise ValueError(f"nothing to resume in {exp_dir}; run without --resume first")
+        saved = json.loads(trials_file.read_text())
+        if saved["trials"] != expanded["trials"] or saved["overrides"] != expanded["overrides"]:
+            raise ValueError(
+                f"{sweep.path} no longer expands to the trials of {exp_dir}; resume with the same sweep "
+                "file and flags, or choose another --name"
+            )
+    elif trials_file.exists():
+        raise ValueError(
+            f"experiment {exp_dir} exists; pass --resume to continue it, or choose another --name"
+        )
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.copyfile(sweep.path, exp_dir / "sweep.yaml")
+        trials_file.write_text(json.dumps(expanded, indent=2) + "\n")
+    write_summary(exp_dir)
+
+    os.environ.setdefault(
+        "RAY_CHDIR_TO_TRIAL_DIR", "0"
+    )  # trials see the driver's working directory
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "ignore_reinit_error": True,
+            "log_to_driver": verbose > 1,
+        }
+        if address:
+            kwargs["address"] = address
+        ray.init(**kwargs)
+    trainable = tune.with_resources(_make_trainable(sweep, exp_dir), sweep.resources)
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        tuner = tune.Tuner.restore(
+            str(tune_dir),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=retry_failed,
+            restart_errored=False,
+        )
+        return tuner.fit()
+    scheduler = None
+    if sweep.scheduler:
+        from ray.tune.schedulers import ASHAScheduler
+
+        steps = max(sweep.run_config(t).train.steps for t in sweep.trials)
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=int(sweep.scheduler.get("max_t", steps)),
+            grace_period=int(sweep.scheduler.get("grace_period", 1)),
+            reduction_factor=float(sweep.scheduler.get("reduction_factor", 2)),
+        )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([t.to_dict() for t in sweep.trials])},
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            scheduler=scheduler,
+            max_concurrent_trials=sweep.max_concurrent,
+            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(exp_dir),
+            callbacks=[_summary_callback(exp_dir)],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=verbose,
+        ),
+    )
+    return tuner.fit()

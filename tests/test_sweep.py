@@ -1,0 +1,187 @@
+"""Sweep files expand and validate before Ray; sweeps survive failed trials and interruption."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qstar.sweep import load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "sweeps").glob("*.yaml"))
+
+
+def test_sweeps_are_shipped():
+    assert {p.stem for p in SHIPPED} >= {
+        "thought_length",
+        "lookahead",
+        "n_thoughts",
+        "mixing",
+        "smoke",
+    }
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("smoke", [False, True])
+def test_every_shipped_sweep_expands(path, smoke):
+    sweep = load_sweep(path, smoke=smoke)
+    assert sweep.trials and len({t.trial_id for t in sweep.trials}) == len(sweep.trials)
+    for trial in sweep.trials:
+        sweep.run_config(trial)  # each trial is a valid run config
+
+
+def test_figure2_grid_pairs_thought_length_with_lookahead():
+    sweep = load_sweep(ROOT / "sweeps" / "thought_length.yaml")
+    pairs = [
+        (t.params.get("quiet_star.thought_len"), t.params.get("quiet_star.n_true"))
+        for t in sweep.trials
+    ]
+    assert pairs == [(5, 4), (7, 4), (9, 4), (13, 8), (21, 12), (None, None)]
+    assert sweep.trials[-1].params == {"train.objective": "lm", "train.seed": 0}
+    cfg = sweep.run_config(sweep.trials[2])
+    assert cfg.model.name == "mistralai/Mistral-7B-v0.1" and cfg.eval.tasks == [
+        "qstar_gsm8k_paper",
+        "qstar_csqa_paper",
+    ]
+
+
+def test_random_search_is_reproducible(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(
+        "base: debug_tiny\nrandom:\n  optim.lr: {loguniform: [1.0e-5, 1.0e-3]}\nnum_samples: 3\n"
+    )
+    a, b = load_sweep(f), load_sweep(f)
+    assert [t.params for t in a.trials] == [t.params for t in b.trials]
+    assert len({t.params["optim.lr"] for t in a.trials}) == 3
+    assert all(1e-5 <= t.params["optim.lr"] <= 1e-3 for t in a.trials)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            "grid:\n  quiet_star.thougth_len: [1, 2]\n",
+            r"quiet_star.thougth_len.*did you mean 'thought_len'",
+        ),
+        ("grid:\n  quiet_star.thought_len: []\n", r"grid.quiet_star.thought_len is empty"),
+        (
+            "grid:\n  quiet_star.thought_len: [0]\n",
+            r"quiet_star.thought_len must be an integer in \[1, 256\]",
+        ),
+        (
+            "gird:\n  quiet_star.thought_len: [1]\n",
+            r"unknown sweep key 'gird' \(did you mean 'grid'\?\)",
+        ),
+        ("random:\n  optim.lr: {normal: [0, 1]}\n", r"random.optim.lr must be one of"),
+        ("scheduler: {type: pbt}\n", r"scheduler.type must be one of"),
+    ],
+)
+def test_bad_sweep_files_name_the_key(tmp_path, body, message):
+    f = tmp_path / "bad.yaml"
+    f.write_text("base: debug_tiny\n" + body)
+    with pytest.raises(ValueError, match=message):
+        load_sweep(f)
+
+
+def test_impossible_resources_fail_before_ray_starts(tmp_path):
+    f = tmp_path / "big.yaml"
+    f.write_text("base: debug_tiny\nresources: {cpu: 4096}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "qstar.cli", "sweep", str(f), "--storage", str(tmp_path / "e")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "resources.cpu=4096" in out.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def _rows(exp: Path) -> dict[str, dict]:
+    with (exp / "summary.csv").open() as fh:
+        return {r["trial_id"]: r for r in csv.DictReader(fh)}
+
+
+def test_failed_trial_is_kept_and_the_sweep_continues(tmp_path, ray_session):
+    from qstar import tune_adapter
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one good row with words"}\n{"text": oops}\n')
+    f = tmp_path / "faults.yaml"
+    f.write_text(
+        f"base: debug_tiny\noverrides: [train.steps=2, eval.every=1]\n"
+        f"grid:\n  data.source: [builtin:sample, {bad}]\nmetric: eval/nll_base\n"
+    )
+    sweep = load_sweep(f)
+    tune_adapter.run_sweep(sweep, tmp_path / "exp", verbose=0)
+    exp = tmp_path / "exp" / sweep.name
+    rows = _rows(exp)
+    good, failed = sweep.trials[0].trial_id, sweep.trials[1].trial_id
+    assert rows[good]["status"] == "done" and float(rows[good]["eval/nll_base"]) > 0
+    assert (
+        rows[failed]["status"] == "error" and "bad.jsonl:2: invalid JSON" in rows[failed]["error"]
+    )
+    assert "DataError" in (exp / "trials" / failed / "error.txt").read_text()
+    with pytest.raises(ValueError, match="--resume"):
+        tune_adapter.run_sweep(sweep, tmp_path / "exp", verbose=0)
+
+
+def test_interrupted_sweep_resumes_and_keeps_finished_trials(tmp_path):
+    f = tmp_path / "long.yaml"
+    f.write_text(
+        "name: long\nbase: debug_tiny\noverrides: [train.steps=24, eval.every=4, train.checkpoint_every=4]\n"
+        "grid:\n  quiet_star.thought_len: [1, 2]\nresources: {cpu: 2}\nmetric: eval/nll_base\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "qstar.cli",
+        "sweep",
+        str(f),
+        "--storage",
+        str(tmp_path / "exp"),
+        "--verbose",
+        "0",
+    ]
+    exp = tmp_path / "exp" / "long"
+    second = exp / "trials" / "t001-thought_len=2"
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ)
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not (second / "checkpoints" / "latest").exists():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"sweep ended before the interruption: {proc.stderr.read().decode()[-800:]}"
+            )
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    proc.wait(timeout=120)
+    rows = _rows(exp)
+    assert rows["t000-thought_len=1"]["status"] == "done"
+    assert rows["t001-thought_len=2"]["status"] in ("stopped", "done")
+    finished = (exp / "trials" / "t000-thought_len=1" / "metrics.jsonl").read_text()
+    started = (second / "run.json").read_text()
+
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert {r["status"] for r in _rows(exp).values()} == {"done"}
+    assert (
+        exp / "trials" / "t000-thought_len=1" / "metrics.jsonl"
+    ).read_text() == finished  # not rerun
+    assert (
+        second / "run.json"
+    ).read_text() == started  # resumed from its checkpoint, not restarted
+    steps = [
+        json.loads(line)["step"]
+        for line in (second / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
+    assert steps == list(range(1, 25))
