@@ -7,12 +7,18 @@ VENV := .venv/bin
 export QSTAR_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup run test test-all bench lint format
+.PHONY: setup run train test test-all bench lint format
 
 setup:
 	@bash scripts/setup.sh
 
+# The main job: the smoke sweep on the default model (Ray Tune, ~10 min on 2 CPU cores), then its report.
 run: setup
+	@name=smoke-$$(date +%Y%m%d-%H%M%S); \
+	$(VENV)/qstar sweep sweeps/smoke.yaml --name $$name && \
+	$(VENV)/qstar report experiments/$$name --out reports/$$name
+
+train: setup
 	$(VENV)/qstar train smollm2_math
 
 test: setup

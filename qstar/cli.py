@@ -140,6 +140,16 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .analysis import write_report
+
+    exp = Path(args.experiment)
+    out = Path(args.out) if args.out else Path("reports") / exp.resolve().name
+    report = write_report(exp, out, analyse_model=not args.no_model)
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qstar",
@@ -261,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the expanded trials and exit")
     p.add_argument("--verbose", type=int, default=1, help="Ray Tune verbosity 0-3 (default: 1)")
     p.set_defaults(func=_sweep)
+
+    p = sub.add_parser(
+        "report",
+        help="write report.md and the paper's figures for an experiment or run directory",
+        description="Turn a sweep experiment (or one run directory) into report.md with figures (PNG and SVG), "
+        "a results table and provenance. Re-running on the same directory reproduces the same files.",
+    )
+    p.add_argument(
+        "experiment", help="experiment directory (qstar sweep) or run directory (qstar train)"
+    )
+    p.add_argument("--out", help="output directory (default: reports/EXPERIMENT_NAME)")
+    p.add_argument(
+        "--no-model",
+        action="store_true",
+        help="skip the analyses that load a trained model (where thinking helps, top thoughts)",
+    )
+    p.set_defaults(func=_report)
 
     from . import bench
 
