@@ -363,8 +363,14 @@ def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, 
     from .train import collate
 
     qs = QuietStar.from_pretrained(run_dir / "final").eval()
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    windows = heldout_windows(cfg, qs.tokenizer, n_windows)
+    saved = run_dir / "heldout.json"
+    if saved.is_file():  # written by qstar train: no data access needed
+        windows = json.loads(saved.read_text())["windows"][:n_windows]
+    else:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        windows = heldout_windows(cfg, qs.tokenizer, n_windows)
+    if not windows:
+        raise ValueError(f"{run_dir} has no held-out windows to analyse")
     ids, mask = collate(windows, qs.fill_id)
     loss_rows, thought_rows = [], []
     with torch.no_grad():
@@ -404,6 +410,17 @@ def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, 
 
 
 # ---------------------------------------------------------------------------- the report
+_INT_COLUMNS = {
+    "steps",
+    "thought_len",
+    "seed",
+    "quiet_star.thought_len",
+    "quiet_star.n_true",
+    "quiet_star.n_thoughts",
+    "train.seed",
+}
+
+
 def _md_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
     if frame.empty:
         return "(none)\n"
@@ -414,7 +431,13 @@ def _md_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
         for c in cols:
             v = row[c]
             if isinstance(v, float):
-                cells.append("" if math.isnan(v) else format(v, floatfmt))
+                cells.append(
+                    ""
+                    if math.isnan(v)
+                    else str(int(v))
+                    if c in _INT_COLUMNS
+                    else format(v, floatfmt)
+                )
             else:
                 cells.append(str(v).replace("|", "\\|").replace("\n", "⏎"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -467,14 +490,18 @@ def write_report(exp_dir: str | Path, out: str | Path, analyse_model: bool = Tru
         if not candidates.empty:
             best = candidates.sort_values("thought_len").iloc[-1]
             run_dir = {t: d for t, d, _ in _trial_dirs(exp.path)}[best.trial_id]
-            losses, thoughts = token_losses_and_thoughts(run_dir)
-            figures.append(
-                (
-                    "where_thinking_helps",
-                    f"Where thinking helps ({best.label}, held-out windows)",
-                    fig_where_thinking_helps(losses),
+            try:
+                losses, thoughts = token_losses_and_thoughts(run_dir)
+                figures.append(
+                    (
+                        "where_thinking_helps",
+                        f"Where thinking helps ({best.label}, held-out windows)",
+                        fig_where_thinking_helps(losses),
+                    )
                 )
-            )
+            except (ValueError, OSError) as exc:  # e.g. a run whose data source is unreachable here
+                exp.notes.append(f"model analyses skipped: {str(exc).splitlines()[0]}")
+                warnings.warn(exp.notes[-1], stacklevel=2)
     for name, title, fig in figures:
         if fig is None:
             continue

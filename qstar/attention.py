@@ -35,6 +35,9 @@ class ThoughtLayout:
     """How the keys of a thought forward are laid out: ``n_prefix`` base tokens, then blocks."""
 
     n_prefix: int
+    kernel: str = (
+        "auto"  # "auto": FlexAttention on CUDA, the einsum kernel elsewhere; or "flex" / "einsum"
+    )
 
 
 _LAYOUT: contextvars.ContextVar[ThoughtLayout | None] = contextvars.ContextVar(
@@ -122,6 +125,86 @@ def sparse_thought_attention(
     return out.reshape(B, H, Q, D).transpose(1, 2)  # (B, nq*L, H, D)
 
 
+_BLOCK_MASKS: dict = {}
+_FLEX = None
+
+
+def _flex():
+    """``flex_attention``, compiled on CUDA (the eager version is a slow reference)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = (
+            torch.compile(flex_attention, dynamic=False)
+            if torch.cuda.is_available()
+            else flex_attention
+        )
+    return _FLEX
+
+
+def thought_block_mask(n_prefix: int, m: int, nq: int, sliding_window: int | None, device):
+    """The thought layout as a FlexAttention ``BlockMask`` (cached): causal prefix blocks plus one
+    diagonal block per earlier depth, so compute is O(L^2 + L m) per depth block."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (n_prefix, m, nq, sliding_window, str(device))
+    if key in _BLOCK_MASKS:
+        return _BLOCK_MASKS[key]
+    L, first = n_prefix, m - nq
+    window = sliding_window if sliding_window is not None else 1 << 30
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qi, g = q_idx % L, q_idx // L + first  # position and 0-based depth of the query
+        in_prefix = kv_idx < L
+        ki, kg = (kv_idx - L) % L, (kv_idx - L) // L
+        prefix_ok = in_prefix & (kv_idx <= qi) & (qi + g + 1 - kv_idx < window)
+        diag_ok = (~in_prefix) & (ki == qi) & (kg <= g) & (g - kg < window)
+        return prefix_ok | diag_ok
+
+    mask = create_block_mask(
+        mask_mod, B=None, H=None, Q_LEN=nq * L, KV_LEN=(m + 1) * L, device=device
+    )
+    if len(_BLOCK_MASKS) > 64:
+        _BLOCK_MASKS.clear()
+    _BLOCK_MASKS[key] = mask
+    return mask
+
+
+def flex_thought_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    n_prefix: int,
+    scaling: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The same as :func:`sparse_thought_attention` through FlexAttention (fused on CUDA).
+
+    Shapes as there: ``(B, H, nq*L, D)`` queries -> ``(B, nq*L, H, D)``.
+    """
+    L = n_prefix
+    nq, m = query.shape[2] // L, (key.shape[2] - L) // L
+    block_mask = thought_block_mask(L, m, nq, sliding_window, query.device)
+    score_mod = None
+    if softcap is not None:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / softcap) * softcap
+
+    out = _flex()(
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2)
+
+
 def dense_thought_mask(
     n_prefix: int,
     m: int,
@@ -158,6 +241,17 @@ def _hf_sparse_attention(
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if layout.kernel == "flex" or (layout.kernel == "auto" and query.is_cuda and dropout == 0.0):
+        out = flex_thought_attention(
+            query,
+            key,
+            value,
+            layout.n_prefix,
+            scaling,
+            kwargs.get("sliding_window"),
+            kwargs.get("softcap"),
+        )
+        return out, None
     out = sparse_thought_attention(
         query,
         key,
@@ -190,15 +284,18 @@ def register() -> None:
 def thought_attention(model, n_prefix: int, implementation: str) -> Iterator[None]:
     """Within this block, ``model``'s attention follows the thought layout.
 
-    ``implementation`` is ``"sparse"`` (our kernel, no mask is built) or ``"dense"`` (the model's
-    eager attention; the caller passes :func:`dense_thought_mask` as ``attention_mask``).
+    ``implementation`` is ``"sparse"`` (no mask is built; FlexAttention with a block mask on CUDA,
+    the einsum kernel elsewhere), ``"flex"`` (FlexAttention everywhere), ``"einsum"`` (the einsum
+    kernel everywhere) or ``"dense"`` (the model's eager attention; the caller passes
+    :func:`dense_thought_mask` as ``attention_mask``).
     The model's previous attention implementation is restored on exit.
     """
     register()
     config = model.config
     previous = config._attn_implementation
-    config._attn_implementation = ATTN_NAME if implementation == "sparse" else "eager"
-    token = _LAYOUT.set(ThoughtLayout(n_prefix=n_prefix))
+    config._attn_implementation = "eager" if implementation == "dense" else ATTN_NAME
+    kernel = {"sparse": "auto", "flex": "flex"}.get(implementation, "einsum")
+    token = _LAYOUT.set(ThoughtLayout(n_prefix=n_prefix, kernel=kernel))
     try:
         yield
     finally:

@@ -47,6 +47,7 @@ def save(
     generator: torch.Generator,
     state: dict[str, Any],
     keep: int,
+    rank_generators: list[torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep``."""
     from safetensors.torch import save_model
@@ -62,6 +63,10 @@ def save(
             tmp / "optimizer.pt",
         )
         rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+        if rank_generators is not None and len(rank_generators) > 1:
+            rng["rank_generators"] = list(
+                rank_generators
+            )  # one thought-sampling generator per process
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
@@ -94,8 +99,10 @@ def load(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     generator: torch.Generator,
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore everything ``save`` wrote; return ``state.json``. Tensors load with ``weights_only``."""
+    """Restore everything ``save`` wrote; return ``state.json``. Tensors load with ``weights_only``.
+    Process ``rank`` of a data-parallel run gets its own sampling generator back."""
     from safetensors.torch import load_model
 
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
@@ -109,7 +116,8 @@ def load(
     scheduler.load_state_dict(opt["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
     torch.set_rng_state(rng["torch"])
-    generator.set_state(rng["generator"])
+    per_rank = rng.get("rank_generators")
+    generator.set_state(per_rank[rank] if per_rank and rank < len(per_rank) else rng["generator"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     state = json.loads((path / "state.json").read_text())

@@ -51,9 +51,11 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or str(
         Path("runs") / f"{Path(path).stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     )
-    print(f"qstar: run directory {run_dir}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"qstar: run directory {run_dir}", file=sys.stderr)
     summary = train(cfg, run_dir, resume=args.resume)
-    print(format_summary(summary))
+    if summary:  # the main process of a data-parallel run
+        print(format_summary(summary))
     return 0
 
 

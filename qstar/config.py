@@ -19,7 +19,7 @@ from typing import Any
 
 MIXING_CHOICES = ("hidden", "logprob")
 POLICY_LOGPROB_CHOICES = ("per_token", "per_thought")
-ATTENTION_CHOICES = ("sparse", "dense")
+ATTENTION_CHOICES = ("sparse", "flex", "einsum", "dense")
 
 
 @dataclass
@@ -48,8 +48,10 @@ class QuietStarConfig:
         meta_scale: the meta-token embeddings are stored divided by this factor and multiplied
             back on use; under Adam this multiplies their effective learning rate by it (100).
         attention: ``"sparse"`` computes thought attention as a causal prefix part plus a
-            per-position diagonal part (no dense mask); ``"dense"`` is the plain reference that
-            materialises the authors' additive mask and runs the model's eager attention.
+            per-position diagonal part without a dense mask (FlexAttention with a block mask on
+            CUDA, an einsum kernel elsewhere; ``"flex"`` / ``"einsum"`` force one); ``"dense"``
+            is the plain reference that materialises the authors' additive mask and runs the
+            model's eager attention.
         start_token / end_token: the two meta tokens added to the tokenizer.
         meta_init_text: text whose first token's embedding initialises both meta tokens.
     """

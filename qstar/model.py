@@ -540,12 +540,37 @@ class QuietStar(nn.Module):
         attention_mask: torch.Tensor | None = None,
         greedy: bool = False,
         generator: torch.Generator | None = None,
+        objective: str = "quiet_star",
     ) -> QuietStarOutput:
-        """One Quiet-STaR training forward: loss and its parts (see the module docstring)."""
+        """One Quiet-STaR training forward: loss and its parts (see the module docstring).
+
+        ``objective="lm"`` is the no-thought baseline: the base model's NLL alone, through the
+        same module (so data-parallel wrappers see it)."""
         cfg = self.config
         valid = self._check_inputs(input_ids, attention_mask)
         B, L = input_ids.shape
         k, t, n = cfg.n_thoughts, cfg.thought_len, cfg.n_true
+        if objective == "lm":
+            h = self.backbone(
+                inputs_embeds=self.embed(input_ids), attention_mask=attention_mask
+            ).last_hidden_state
+            nll = learn.base_nll(self.lm_logits(h), input_ids, valid)
+            empty = torch.zeros((B, 0, L), device=input_ids.device)
+            return QuietStarOutput(
+                loss=nll,
+                base_nll=nll.detach(),
+                mixed_nll=nll.detach() * float("nan"),
+                policy_loss=nll.detach() * 0,
+                rewards=empty,
+                mixing_weight=empty[..., None],
+                thoughts=empty[..., None].long(),
+                target_valid=empty[..., None].bool(),
+            )
+        if cfg.attention == "flex" and torch.is_grad_enabled() and not input_ids.is_cuda:
+            raise ValueError(
+                "quiet_star.attention=flex has no backward on CPU (a FlexAttention limit); "
+                "use attention=sparse, which picks FlexAttention on CUDA by itself"
+            )
 
         # 1. base pass, once per sequence
         h_base, cache = self._base_pass(input_ids, attention_mask)  # (B, L, H)

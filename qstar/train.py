@@ -3,6 +3,7 @@
 Run directory (written before step 0, read by sweeps and reports):
     config.yaml            the resolved configuration
     run.json               provenance: git sha, versions, model and data sources, command
+    heldout.json           the validation windows (token ids) behind eval/nll_*
     metrics.jsonl          one JSON row per step (kind "train") and per evaluation (kind "eval")
     tb/                    TensorBoard events
     checkpoints/step_N/    see :mod:`qstar.checkpoint`; checkpoints/latest names the newest
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, learn
+from . import checkpoint, distributed, learn
 from .config import RunConfig, load_run_config
 from .data import DataError, WindowStream, collate, fixed_windows, load_documents, tokenize
 from .model import QuietStar
@@ -167,7 +168,9 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[WindowStream, list[list[int
         train_docs, d.window, d.windowing, cfg.train.seed, pad_id=_pad_id(tokenizer), eos_id=eos
     )
     windows = (
-        fixed_windows(val_docs, d.window, cfg.eval.windows, cfg.train.seed) if val_docs else []
+        fixed_windows(val_docs, d.window, cfg.eval.windows, cfg.train.seed)
+        if val_docs and cfg.eval.windows
+        else []
     )
     info = {
         "data_source": docs.source,
@@ -225,47 +228,63 @@ def train(
     stop_after: int | None = None,
     on_eval: Callable[[int, dict[str, Any], Path | None], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the summary.
+    """Run (or resume) a training run; returns the summary (on the main process).
 
     ``stop_after`` ends the work after that step (tests use it to simulate an interruption).
     ``on_eval(step, metrics, checkpoint)`` is called after every evaluation, once the step's
-    checkpoint is written (sweeps report to Ray Tune through it)."""
-    run_dir = Path(run_dir)
-    ckpt = check_run_dir(run_dir, cfg, resume)
-    if resume and ckpt is None:
-        print(f"qstar: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
-        for stale in ("metrics.jsonl",):
-            (run_dir / stale).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    checkpoint is written (sweeps report to Ray Tune through it). Under ``torchrun`` each
+    process trains on its share of every batch (see :mod:`qstar.distributed`)."""
+    ctx = distributed.init()
+    try:
+        return _train(cfg, Path(run_dir), resume, stop_after, on_eval, ctx)
+    finally:
+        distributed.shutdown(ctx)
 
-    device = pick_device(cfg.train.device)
+
+def _train(
+    cfg, run_dir: Path, resume, stop_after, on_eval, ctx: distributed.Context
+) -> dict[str, Any]:
+    micro = cfg.train.micro_batch_size
+    if cfg.train.batch_size % (micro * ctx.world):
+        raise ValueError(
+            f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+            f"micro_batch_size x processes ({micro} x {ctx.world})"
+        )
+    accum = cfg.train.batch_size // (micro * ctx.world)
+    ckpt = check_run_dir(run_dir, cfg, resume)  # every process checks before any writes
+    distributed.barrier(ctx)
+    if ctx.main:
+        if resume and ckpt is None:
+            print(f"qstar: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    device = distributed.device_for(ctx, pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     qs = build_model(cfg, device)
     stream, val_windows, data_info = prepare_data(cfg, qs.tokenizer)
-    if ckpt is None:
-        (run_dir / "run.json").write_text(
-            json.dumps(
-                provenance(
-                    {
-                        "model": cfg.model.name,
-                        "model_class": type(qs.base_model).__name__,
-                        "device": str(device),
-                        **data_info,
-                    }
-                ),
-                indent=2,
-            )
-            + "\n"
-        )
-    if data_info["skipped_rows"]:
+    if ctx.main and ckpt is None:
+        info = {
+            "model": cfg.model.name,
+            "model_class": type(qs.base_model).__name__,
+            "device": str(device),
+            "processes": ctx.world,
+            **data_info,
+        }
+        (run_dir / "run.json").write_text(json.dumps(provenance(info), indent=2) + "\n")
+        # the held-out windows as token ids, so reports can analyse the run without its data source
+        (run_dir / "heldout.json").write_text(json.dumps({"windows": val_windows}) + "\n")
+    if ctx.main and data_info["skipped_rows"]:
         print(
             f"qstar: skipped {data_info['skipped_rows']} bad rows, e.g. {data_info['skipped_examples'][0]}",
             file=sys.stderr,
         )
 
+    think = cfg.train.objective == "quiet_star"
     qs.train()
+    model = distributed.wrap(qs, ctx, find_unused=not think)
     params = [p for p in qs.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -275,24 +294,26 @@ def train(
         weight_decay=cfg.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    generator = torch.Generator().manual_seed(cfg.train.seed + ctx.rank)
 
     start, keep_lines = 0, None
     if ckpt is not None:
-        state = checkpoint.load(ckpt, qs, optimizer, scheduler, generator)
+        state = checkpoint.load(ckpt, qs, optimizer, scheduler, generator, rank=ctx.rank)
         start, keep_lines = int(state["step"]), int(state["metrics_lines"])
         stream.load_state(state["data"])
-        print(f"qstar: resumed from {ckpt} (step {start})", file=sys.stderr)
-    logger = MetricsLogger(
-        run_dir,
-        cfg.logging.tensorboard,
-        cfg.logging.mlflow,
-        cfg.logging.mlflow_tracking_uri,
-        cfg.logging.experiment,
-        params=cfg.to_dict(),
-        keep_lines=keep_lines or 0,
-    )
-    think = cfg.train.objective == "quiet_star"
+        if ctx.main:
+            print(f"qstar: resumed from {ckpt} (step {start})", file=sys.stderr)
+    logger = None
+    if ctx.main:
+        logger = MetricsLogger(
+            run_dir,
+            cfg.logging.tensorboard,
+            cfg.logging.mlflow,
+            cfg.logging.mlflow_tracking_uri,
+            cfg.logging.experiment,
+            params=cfg.to_dict(),
+            keep_lines=keep_lines or 0,
+        )
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if cfg.train.precision == "bf16-autocast"
@@ -300,6 +321,7 @@ def train(
     )
 
     def evaluate(step: int) -> dict[str, float] | None:
+        """On the main process (the others wait at the next collective)."""
         row: dict[str, float] = {}
         with autocast:
             if val_windows:
@@ -311,12 +333,11 @@ def train(
         logger.log({"kind": "eval", "step": step, **row})
         return row
 
-    first_eval = evaluate(0) if start == 0 else None
+    first_eval = evaluate(0) if start == 0 and ctx.main else None
     if first_eval is not None and on_eval is not None:
         on_eval(0, {"kind": "eval", "step": 0, **first_eval}, None)
     last_eval = first_eval
-    progress = _progress(cfg, start)
-    accum, micro = cfg.accumulation, cfg.train.micro_batch_size
+    progress = _progress(cfg, start) if ctx.main else None
     tokens_total = 0
     t_start = time.perf_counter()
     last_row: dict[str, Any] = {}
@@ -326,18 +347,21 @@ def train(
             parts: dict[str, float] = {}
             tokens = 0
             for _ in range(accum):
-                ids, mask = stream.next_batch(micro)
-                ids, mask = ids.to(device), mask.to(device)
+                batches = [
+                    stream.next_batch(micro) for _ in range(ctx.world)
+                ]  # the same order everywhere
+                ids, mask = (t.to(device) for t in batches[ctx.rank])
                 tokens += int(mask.sum())
                 with autocast:
-                    if think:
-                        out = qs(ids, attention_mask=mask, generator=generator)
-                        loss, stats = out.loss, out.stats()
-                    else:
-                        logits = qs.base_model(input_ids=ids, attention_mask=mask).logits
-                        loss = learn.base_nll(logits, ids, mask.bool())
-                        stats = {"loss": float(loss.detach()), "base_nll": float(loss.detach())}
-                (loss / accum).backward()
+                    out = model(
+                        ids, attention_mask=mask, generator=generator, objective=cfg.train.objective
+                    )
+                (out.loss / accum).backward()
+                stats = (
+                    out.stats()
+                    if think
+                    else {"loss": float(out.loss.detach()), "base_nll": float(out.base_nll)}
+                )
                 for key, value in stats.items():
                     parts[key] = parts.get(key, 0.0) + value / accum
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
@@ -345,6 +369,8 @@ def train(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            parts = distributed.mean(parts, ctx)
+            tokens = distributed.total(tokens, ctx)
             dt = time.perf_counter() - t0
             tokens_total += tokens
             last_row = {
@@ -358,31 +384,36 @@ def train(
                 "step_s": dt,
                 "peak_mem_mb": peak_memory_mb(device),
             }
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if ctx.main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
                 logger.log(last_row)
             row = None
-            if cfg.eval.every and (step % cfg.eval.every == 0) or step == cfg.train.steps:
+            if ctx.main and (
+                cfg.eval.every and step % cfg.eval.every == 0 or step == cfg.train.steps
+            ):
                 row = evaluate(step)
                 last_eval = row or last_eval
-            saved = None
-            if (
+            due = (
                 (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
                 or step == cfg.train.steps
                 or step == stop_after
-                or (
-                    row is not None and on_eval is not None
-                )  # a sweep resumes from what it reported
-            ):
-                saved = checkpoint.save(
-                    run_dir,
-                    step,
-                    qs,
-                    optimizer,
-                    scheduler,
-                    generator,
-                    {"data": stream.state(), "metrics_lines": logger.line_count()},
-                    cfg.train.keep_checkpoints,
-                )
+                or (on_eval is not None and (cfg.eval.every and step % cfg.eval.every == 0))
+            )
+            saved = None
+            if due:  # every process takes part: their sampling generators are saved too
+                states = distributed.gather(generator.get_state(), ctx)
+                if ctx.main:
+                    saved = checkpoint.save(
+                        run_dir,
+                        step,
+                        qs,
+                        optimizer,
+                        scheduler,
+                        generator,
+                        {"data": stream.state(), "metrics_lines": logger.line_count()},
+                        cfg.train.keep_checkpoints,
+                        rank_generators=states,
+                    )
+                distributed.barrier(ctx)
             if row is not None and on_eval is not None:
                 on_eval(step, {**last_row, **row}, saved)
             if progress is not None:
@@ -398,14 +429,19 @@ def train(
     finally:
         if progress is not None:
             progress.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
 
+    if not ctx.main:
+        distributed.barrier(ctx)
+        return {}
     final_dir = qs.save_pretrained(run_dir / "final")
     elapsed = time.perf_counter() - t_start
     summary = {
         "run_dir": str(run_dir),
         "steps": cfg.train.steps,
         "resumed_from": start or None,
+        "processes": ctx.world,
         "seconds": elapsed,
         "tokens_per_s": tokens_total / elapsed if elapsed else None,
         "peak_mem_mb": peak_memory_mb(device),
@@ -415,6 +451,7 @@ def train(
         "final_model": str(final_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    distributed.barrier(ctx)
     return summary
 
 

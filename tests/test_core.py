@@ -249,3 +249,21 @@ def test_left_padding_and_overlong_inputs_are_rejected():
         qs(ids, attention_mask=mask)
     with pytest.raises(ValueError, match="positions"):
         qs(torch.zeros((1, 255), dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_flex_attention_kernel_equals_einsum_kernel(arch):
+    """FlexAttention with the thought block mask (the CUDA path) gives the same logits."""
+    import warnings
+
+    out = {}
+    for mode in ("einsum", "flex"):
+        qs = build(arch, randomize_head=True, attention=mode, thought_len=3)
+        ids = torch.cat([ids_of(qs, max_len=10), ids_of(qs, "The quick brown fox", max_len=10)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # uncompiled flex_attention warns on CPU
+            out[mode] = qs.mixed_logits(ids)
+    torch.testing.assert_close(out["flex"], out["einsum"], atol=1e-5, rtol=1e-5)
+    qs = build(arch, attention="flex")
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        qs(ids_of(qs))
