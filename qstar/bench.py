@@ -110,6 +110,7 @@ def run(
             ids_k = ids.repeat_interleave(k, 0)
             for t, n in configs:
                 qcfg = QuietStarConfig(thought_len=t, n_true=n, n_thoughts=k)
+                passes = qcfg.passes
                 qs = _wrap(model, tok, qcfg).to(dev)
                 gen = torch.Generator().manual_seed(0)
                 steps = {
@@ -136,8 +137,18 @@ def run(
                         res[name]["times"].append(_time(fn, dev))
                         qs.zero_grad(set_to_none=True)
                 med = {name: statistics.median(v["times"]) for name, v in res.items()}
-                passes = qcfg.passes
+                n_params = sum(p.numel() for p in model.parameters())
+                token_passes = (
+                    batch * k * L * passes
+                )  # every thought and true token: forward + backward
+                peak = peak_flops(dev, torch_dtype)
                 row = {
+                    "params_m": n_params / 1e6,
+                    "fast_tokens_per_s": batch * L / med["fast"],
+                    "fast_mfu": 6 * n_params * token_passes / med["fast"] / peak if peak else None,
+                    "plain_mfu": 6 * n_params * batch * k * L / med["plain"] / peak
+                    if peak
+                    else None,
                     "model": size,
                     "L": L,
                     "thought_len": t,
@@ -175,6 +186,25 @@ def run(
     return rows
 
 
+# dense bf16 peak TFLOP/s by device name (datasheet figures, without sparsity)
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The accelerator's peak FLOP/s for MFU (CUDA, bf16 only); ``$QSTAR_PEAK_TFLOPS`` overrides."""
+    import os
+
+    if os.environ.get("QSTAR_PEAK_TFLOPS"):
+        return float(os.environ["QSTAR_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
 def _wrap(model, tok, qcfg):
     """Wrap ``model`` again for each config without re-adding tokens (they are already there)."""
     from .model import QuietStar
@@ -205,6 +235,11 @@ def _fmt(x, spec):
 
 
 def _print_row(r: dict) -> None:
+    if r.get("fast_mfu") is not None:
+        print(
+            f"   params {r['params_m']:.0f}M  fast {r['fast_tokens_per_s']:.0f} tokens/s  MFU fast "
+            f"{r['fast_mfu']:.1%}  plain {r['plain_mfu']:.1%}  CUDA peak MB {r['cuda_peak_mb']}"
+        )
     print(
         f"{r['model']:6} {r['L']:>4} {str(r['thought_len']) + ',' + str(r['n_true']):>6} {r['passes']:>6} "
         f"{r['plain_s']:8.3f} {r['fast_s']:8.3f} {r['fast_over_passes_plain']:14.2f} "
@@ -237,6 +272,21 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
             f"{_fmt(r['dense_s'], '.3f')} | {_fmt(r['dense_over_fast'], '.2f')} | "
             f"{r['act_mb_plain']:.0f} | {r['act_mb_fast']:.0f} | {_fmt(r['act_mb_dense'], '.0f')} |"
         )
+    gpu = [r for r in rows if r.get("fast_mfu") is not None]
+    if gpu:
+        lines += [
+            "",
+            "| model | L | t,n | params (M) | fast tokens/s | MFU fast | MFU plain | CUDA peak MB (plain/fast/dense) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in gpu:
+            peaks = "/".join(
+                f"{r['cuda_peak_mb'].get(k, 0):.0f}" for k in ("plain", "fast", "dense")
+            )
+            lines.append(
+                f"| {r['model']} | {r['L']} | {r['thought_len']},{r['n_true']} | {r['params_m']:.0f} | "
+                f"{r['fast_tokens_per_s']:.0f} | {r['fast_mfu']:.1%} | {r['plain_mfu']:.1%} | {peaks} |"
+            )
     return "\n".join(lines) + "\n"
 
 

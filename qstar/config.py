@@ -253,7 +253,8 @@ class OptimSection:
 class TrainSection:
     """``batch_size`` sequences per optimiser step, ``micro_batch_size`` per forward (the rest is
     gradient accumulation). ``objective: lm`` trains the plain LM on the same data (the paper's
-    no-thought baseline)."""
+    no-thought baseline). ``compile`` compiles each decoder layer with ``torch.compile`` (worth it
+    on GPUs; on CPUs the first step spends minutes compiling)."""
 
     steps: int = 100
     batch_size: int = 8
@@ -265,6 +266,7 @@ class TrainSection:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     log_every: int = 1
+    compile: bool = False
 
     def validate(self) -> None:
         _int_in("steps", self.steps, 1, 1 << 30)

@@ -109,6 +109,24 @@ def tiny_model(
     return model.eval(), tokenizer
 
 
+def qwen2_05b(dtype=torch.bfloat16):
+    """A random model shaped like Qwen2-0.5B (~494M parameters): the GPU benchmark's model."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+
+
 def mistral_shaped(size: str, dtype=torch.float32):
     """The benchmark's random Mistral models: ``"tiny"`` or ``"small"`` (vocab 32002)."""
     from transformers import AutoModelForCausalLM, MistralConfig
@@ -129,8 +147,10 @@ def mistral_shaped(size: str, dtype=torch.float32):
             intermediate_size=1376,
         ),
     }
+    if size == "qwen2-0.5b":
+        return qwen2_05b(dtype)
     if size not in dims:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(dims)}")
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(dims) + ['qwen2-0.5b']}")
     cfg = MistralConfig(
         vocab_size=32002, max_position_embeddings=4096, sliding_window=None, **dims[size]
     )

@@ -53,6 +53,17 @@ def build_model(cfg: RunConfig, device: torch.device) -> QuietStar:
     return qs.to(device)
 
 
+def compile_layers(qs: QuietStar) -> int:
+    """``torch.compile`` each decoder layer in place (regional compilation, dynamic shapes: the
+    thought passes change the key length at every depth). Returns the number of layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in qs.backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def lr_lambda(cfg: RunConfig):
     warmup, total, kind = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.schedule
 
@@ -284,6 +295,8 @@ def _train(
 
     think = cfg.train.objective == "quiet_star"
     qs.train()
+    if cfg.train.compile:
+        compile_layers(qs)
     model = distributed.wrap(qs, ctx, find_unused=not think)
     params = [p for p in qs.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

@@ -159,3 +159,19 @@ def test_cli_help_and_bad_config(tmp_path):
     assert "quiet_star.thougth_len" in bad.stderr and "did you mean 'thought_len'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) <= 2  # no traceback
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_losses(tiny_run_config):
+    """torch.compile of the decoder layers (slow on CPU: minutes of compilation)."""
+    from qstar.cli import resolve_config  # noqa: F401
+    from qstar.train import build_model, compile_layers
+
+    cfg = tiny_run_config()
+    qs = build_model(cfg, torch.device("cpu"))
+    ids = torch.randint(0, 300, (2, 12))
+    ref = qs(ids, generator=torch.Generator().manual_seed(0))
+    assert compile_layers(qs) == 2
+    out = qs(ids, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.base_nll, ref.base_nll, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.mixed_nll, ref.mixed_nll, atol=1e-4, rtol=1e-4)
