@@ -264,18 +264,17 @@ def _train(
     accum = cfg.train.batch_size // (micro * ctx.world)
     ckpt = check_run_dir(run_dir, cfg, resume)  # every process checks before any writes
     distributed.barrier(ctx)
+    device = distributed.device_for(ctx, pick_device(cfg.train.device))
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    qs = build_model(cfg, device)  # a bad model or data source fails here, before anything is written
+    stream, val_windows, data_info = prepare_data(cfg, qs.tokenizer)
     if ctx.main:
         if resume and ckpt is None:
             print(f"qstar: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-
-    device = distributed.device_for(ctx, pick_device(cfg.train.device))
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    qs = build_model(cfg, device)
-    stream, val_windows, data_info = prepare_data(cfg, qs.tokenizer)
     if ctx.main and ckpt is None:
         info = {
             "model": cfg.model.name,
