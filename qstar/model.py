@@ -25,10 +25,10 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from . import learn, think
-from . import think as think_mod
 from .attention import dense_thought_mask, thought_attention
 from .config import QuietStarConfig
 from .talk import MixingHead, get_mixer
+from .think import draw_uniforms, sample_from_logits
 
 CONFIG_FILE = "qstar_config.json"
 HEADS_FILE = "qstar_heads.safetensors"
@@ -506,12 +506,8 @@ class QuietStar(nn.Module):
                     m = torch.cat([m, ones], dim=1)
                     h = step(tok, m, next_pos + d)
                     if d < t:
-                        u = (
-                            None
-                            if greedy_thoughts
-                            else think_mod.draw_uniforms((B,), generator, device)
-                        )
-                        idx = think_mod.sample_from_logits(
+                        u = None if greedy_thoughts else draw_uniforms((B,), generator, device)
+                        idx = sample_from_logits(
                             self.thought_logits(h), u, self.config.thought_temperature
                         )
                         tok = self.to_vocab(idx)
@@ -522,8 +518,8 @@ class QuietStar(nn.Module):
             else:
                 logits = self.lm_logits(h_last)
             if do_sample:
-                u = think_mod.draw_uniforms((B,), generator, device)
-                nxt = think_mod.sample_from_logits(logits, u, temperature)
+                u = draw_uniforms((B,), generator, device)
+                nxt = sample_from_logits(logits, u, temperature)
             else:
                 nxt = logits.argmax(-1)
             emitted = torch.cat([emitted, nxt[:, None]], dim=1)

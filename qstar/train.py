@@ -267,7 +267,9 @@ def _train(
     device = distributed.device_for(ctx, pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    qs = build_model(cfg, device)  # a bad model or data source fails here, before anything is written
+    qs = build_model(
+        cfg, device
+    )  # a bad model or data source fails here, before anything is written
     stream, val_windows, data_info = prepare_data(cfg, qs.tokenizer)
     if ctx.main:
         if resume and ckpt is None:

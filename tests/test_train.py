@@ -143,7 +143,9 @@ def test_bad_data_row_names_file_and_line(tmp_path, tiny_run_config):
     data.write_text('{"text": "fine row with words"}\n{"text": broken}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
         train(tiny_run_config(f"data.source={data}"), tmp_path / "run")
-    assert not (tmp_path / "run").exists()  # nothing written: fixing the data and rerunning just works
+    assert not (
+        tmp_path / "run"
+    ).exists()  # nothing written: fixing the data and rerunning just works
     from qstar.loading import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="not found"):
