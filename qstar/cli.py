@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from pathlib import Path
@@ -121,6 +122,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     storage = Path(args.storage)
     print(f"qstar sweep: {len(sweep.trials)} trials -> {storage / sweep.name}", file=sys.stderr)
+    unfinished = []
     try:
         tune_adapter.run_sweep(
             sweep,
@@ -135,10 +137,24 @@ def _sweep(args: argparse.Namespace) -> int:
         if (exp_dir / "trials.json").is_file():
             summary = tune_adapter.write_summary(exp_dir)
             print(summary.read_text())
+            with summary.open() as fh:
+                unfinished = [
+                    r["trial_id"]
+                    for r in csv.DictReader(fh)
+                    if r["status"] in (tune_adapter.STATUS_PENDING, tune_adapter.STATUS_STOPPED)
+                ]
             print(
                 f"experiment: {exp_dir}  (resume: qstar sweep {args.file}"
                 f"{' --smoke' if args.smoke else ''} --resume{' --name ' + args.name if args.name else ''})"
             )
+    if (
+        unfinished and sweep.scheduler is None
+    ):  # with ASHA, stopped trials are the scheduler's doing
+        print(
+            f"qstar sweep: interrupted with {len(unfinished)} unfinished trial(s); continue with --resume",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
