@@ -22,6 +22,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from .tracking import flatten, run_status
+
 HELDOUT = "heldout"
 TRAIN_CURVES = ("base_nll", "mixed_nll", "policy_loss", "reward_mean", "mixing_weight_mean")
 CURVE_LABELS = {
@@ -42,18 +44,6 @@ class Experiment:
     configs: dict[str, dict[str, Any]]
     provenance: dict[str, dict[str, Any]]
     notes: list[str] = field(default_factory=list)
-
-
-def _flatten(tree: dict, prefix: str) -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = (
-                value if not isinstance(value, list) else ",".join(map(str, value))
-            )
-    return out
 
 
 def read_jsonl(path: Path, allow_partial_last: bool = True) -> tuple[list[dict], str | None]:
@@ -114,15 +104,7 @@ def load_experiment(path: str | Path) -> Experiment:
         configs[trial_id] = cfg
         if (run_dir / "run.json").is_file():
             provenance[trial_id] = json.loads((run_dir / "run.json").read_text())
-        status = (
-            "done"
-            if (run_dir / "summary.json").is_file()
-            else "error"
-            if (run_dir / "error.txt").is_file()
-            else "stopped"
-            if cfg
-            else "pending"
-        )
+        status = run_status(run_dir)
         baseline = cfg.get("train", {}).get("objective") == "lm"
         thought_len = 0 if baseline else cfg.get("quiet_star", {}).get("thought_len")
         trial_rows.append(
@@ -142,7 +124,10 @@ def load_experiment(path: str | Path) -> Experiment:
         rows, note = read_jsonl(metrics)
         if note:
             notes.append(note)
-        flat_cfg = _flatten(cfg, "cfg.")
+        flat_cfg = {
+            k: ",".join(map(str, v)) if isinstance(v, list) else v
+            for k, v in flatten(cfg, "cfg.").items()
+        }
         for row in rows:
             if row.get("kind") == "eval":
                 for key, value in row.items():

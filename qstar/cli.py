@@ -111,6 +111,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import describe, load_sweep
+    from .tracking import STATUS_PENDING, STATUS_STOPPED
 
     sweep = load_sweep(args.file, smoke=args.smoke)
     if args.name:
@@ -141,7 +142,7 @@ def _sweep(args: argparse.Namespace) -> int:
                 unfinished = [
                     r["trial_id"]
                     for r in csv.DictReader(fh)
-                    if r["status"] in (tune_adapter.STATUS_PENDING, tune_adapter.STATUS_STOPPED)
+                    if r["status"] in (STATUS_PENDING, STATUS_STOPPED)
                 ]
             print(
                 f"experiment: {exp_dir}  (resume: qstar sweep {args.file}"

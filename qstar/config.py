@@ -370,7 +370,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def _close(name: str, options) -> str:
+def did_you_mean(name: str, options) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``options``, or ``""``."""
     import difflib
 
     match = difflib.get_close_matches(name, list(options), n=1)
@@ -385,7 +386,7 @@ def merge_into(tree: dict[str, Any], path: list[str], value: Any, where: str = "
         if not isinstance(node, dict) or key not in node:
             options = sorted(node) if isinstance(node, dict) else []
             raise ValueError(
-                f"unknown config key {dotted!r}{where}{_close(key, options)}; "
+                f"unknown config key {dotted!r}{where}{did_you_mean(key, options)}; "
                 f"valid keys here: {', '.join(options)}"
             )
         if depth == len(path) - 1:

@@ -22,6 +22,9 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from .config import did_you_mean
+from .data import collate
+
 TASK_DIR = Path(__file__).parent / "tasks"
 # Stock lm-eval tasks, unchanged except that their data come from local files.
 LOCAL_STOCK = {
@@ -123,13 +126,7 @@ class QStarLM(TemplateLM):
     @torch.no_grad()
     def _logprobs(self, rows: list[list[int]]) -> list[torch.Tensor]:
         """Log-probabilities ``(len(row), V)`` of the next token at every position of each row."""
-        width = max(len(r) for r in rows)
-        pad = self.qs.fill_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = collate(rows, self.qs.fill_id)  # right-padded
         ids, mask = ids.to(self.device), mask.to(self.device)
         if self.think:
             logits = self.qs.mixed_logits(
@@ -310,11 +307,7 @@ def check_task_file(path: Path) -> None:
     }
     for key in cfg:
         if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            raise TaskError(
-                f"{path}: unknown task key {key!r}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            )
+            raise TaskError(f"{path}: unknown task key {key!r}{did_you_mean(key, known)}")
 
 
 def resolve_tasks(

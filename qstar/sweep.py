@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from .config import RunConfig, load_run_config
+from .config import RunConfig, did_you_mean, load_run_config
 
 SWEEP_KEYS = {
     "name",
@@ -184,14 +184,10 @@ def load_sweep(path: str | Path, smoke: bool = False) -> Sweep:
         data.update(smoke_part)
     for key in data:
         if key not in SWEEP_KEYS:
-            import difflib
-
-            hint = difflib.get_close_matches(key, SWEEP_KEYS, n=1)
             raise _fail(
                 path,
-                f"unknown sweep key {key!r}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; valid: {', '.join(sorted(SWEEP_KEYS))}",
+                f"unknown sweep key {key!r}{did_you_mean(key, SWEEP_KEYS)}"
+                f"; valid: {', '.join(sorted(SWEEP_KEYS))}",
             )
     base = _resolve_base(path, data.get("base"))
     overrides = _as_overrides(path, data.get("overrides"))

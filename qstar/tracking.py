@@ -97,7 +97,7 @@ class MetricsLogger:
             _mlflow.set_experiment(experiment)
             _mlflow.start_run(run_name=run_dir.name)
             if params:
-                _mlflow.log_params({k: str(v)[:250] for k, v in _flatten(params).items()})
+                _mlflow.log_params({k: str(v)[:250] for k, v in flatten(params).items()})
             self._mlflow = _mlflow
 
     def log(self, row: dict[str, Any]) -> None:
@@ -131,6 +131,20 @@ class MetricsLogger:
             self._mlflow.end_run()
 
 
+STATUS_DONE, STATUS_ERROR, STATUS_PENDING, STATUS_STOPPED = "done", "error", "pending", "stopped"
+
+
+def run_status(run_dir: Path) -> str:
+    """``done`` (summary.json), ``error`` (error.txt), ``stopped`` (started, unfinished) or ``pending``."""
+    if (run_dir / "summary.json").is_file():
+        return STATUS_DONE
+    if (run_dir / "error.txt").is_file():
+        return STATUS_ERROR
+    if (run_dir / "config.yaml").is_file():
+        return STATUS_STOPPED
+    return STATUS_PENDING
+
+
 def truncate_lines(path: Path, keep: int) -> None:
     """Keep the first ``keep`` lines of ``path`` (rows written after the resumed checkpoint)."""
     if not path.exists():
@@ -146,11 +160,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a.b": value}`` (with ``prefix`` before every key)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

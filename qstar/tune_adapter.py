@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .sweep import Sweep
-
-STATUS_DONE, STATUS_ERROR, STATUS_PENDING, STATUS_STOPPED = "done", "error", "pending", "stopped"
+from .tracking import STATUS_ERROR, run_status
 
 
 def check_resources(sweep: Sweep, address: str | None) -> None:
@@ -52,23 +51,13 @@ def check_resources(sweep: Sweep, address: str | None) -> None:
             )
 
 
-def _trial_status(run_dir: Path) -> str:
-    if (run_dir / "summary.json").is_file():
-        return STATUS_DONE
-    if (run_dir / "error.txt").is_file():
-        return STATUS_ERROR
-    if (run_dir / "config.yaml").is_file():
-        return STATUS_STOPPED
-    return STATUS_PENDING
-
-
 def write_summary(exp_dir: Path) -> Path:
     """Rewrite ``summary.csv`` from the trials' run directories (atomic)."""
     trials = json.loads((exp_dir / "trials.json").read_text())["trials"]
     rows, columns = [], ["trial_id", "status"]
     for t in trials:
         run_dir = exp_dir / "trials" / t["trial_id"]
-        row: dict[str, Any] = {"trial_id": t["trial_id"], "status": _trial_status(run_dir)}
+        row: dict[str, Any] = {"trial_id": t["trial_id"], "status": run_status(run_dir)}
         row.update(t["params"])
         last_train, last_eval = {}, {}
         metrics = run_dir / "metrics.jsonl"
