@@ -48,20 +48,31 @@ def save(
     state: dict[str, Any],
     keep: int,
     rank_generators: list[torch.Tensor] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep``."""
-    from safetensors.torch import save_model
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep``.
+
+    ``model_state``/``optimizer_state``: whole tensors gathered from a sharded (FSDP) model, written
+    in place of ``model``'s and ``optimizer``'s own state (the optimiser's keyed by parameter name).
+    """
+    from safetensors.torch import save_file, save_model
 
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=root))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-            tmp / "optimizer.pt",
-        )
+        if model_state is None:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file(model_state, str(tmp / "model.safetensors"))
+        opt = {"scheduler": scheduler.state_dict()}
+        if optimizer_state is None:
+            opt["optimizer"] = optimizer.state_dict()
+        else:
+            opt["optimizer_by_name"] = optimizer_state
+        torch.save(opt, tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
         if rank_generators is not None and len(rank_generators) > 1:
             rng["rank_generators"] = list(
@@ -84,6 +95,23 @@ def save(
     return final
 
 
+def _by_name(state: dict[str, Any], names: list[str] | None) -> dict[str, Any]:
+    """``optimizer.state_dict()`` (parameters by index) -> the layout keyed by parameter name."""
+    if names is None:
+        raise ValueError("converting an optimiser state needs the parameter names")
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def _by_index(state: dict[str, Any], names: list[str] | None) -> dict[str, Any]:
+    """The layout keyed by parameter name -> ``optimizer.state_dict()``."""
+    if names is None:
+        raise ValueError("converting an optimiser state needs the parameter names")
+    index = {n: i for i, n in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
+
+
 def latest(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of ``run_dir``, or ``None``."""
     pointer = run_dir / "checkpoints" / LATEST
@@ -93,16 +121,8 @@ def latest(run_dir: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    generator: torch.Generator,
-    rank: int = 0,
-) -> dict[str, Any]:
-    """Restore everything ``save`` wrote; return ``state.json``. Tensors load with ``weights_only``.
-    Process ``rank`` of a data-parallel run gets its own sampling generator back."""
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Checkpoint ``path``'s weights into an unsharded ``model``."""
     from safetensors.torch import load_model
 
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
@@ -111,8 +131,34 @@ def load(
             f"checkpoint {path} does not match the model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); resume with the run's own config"
         )
+
+
+def load(
+    path: Path,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+    rank: int = 0,
+    load_named_optimizer: Any = None,
+    param_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Restore everything ``save`` wrote; return ``state.json``. Tensors load with ``weights_only``.
+    Process ``rank`` of a data-parallel run gets its own sampling generator back.
+
+    ``model=None``: the weights were loaded already (:func:`load_weights`, before sharding).
+    ``load_named_optimizer(state)`` restores an optimiser state keyed by parameter name (FSDP).
+    ``param_names``: the names of the optimiser's parameters in order, to convert between the two
+    layouts (a run checkpointed on one process resumes sharded, and the other way round)."""
+    if model is not None:
+        load_weights(path, model)
     opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(opt["optimizer"])
+    if load_named_optimizer is not None:
+        named = opt.get("optimizer_by_name") or _by_name(opt["optimizer"], param_names)
+        load_named_optimizer(named)
+    else:
+        plain = opt.get("optimizer") or _by_index(opt["optimizer_by_name"], param_names)
+        optimizer.load_state_dict(plain)
     scheduler.load_state_dict(opt["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
     torch.set_rng_state(rng["torch"])

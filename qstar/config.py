@@ -169,6 +169,7 @@ BAD_ROW_POLICIES = ("error", "skip")
 SCHEDULES = ("constant", "linear", "cosine")
 OBJECTIVES = ("quiet_star", "lm")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -254,7 +255,10 @@ class TrainSection:
     """``batch_size`` sequences per optimiser step, ``micro_batch_size`` per forward (the rest is
     gradient accumulation). ``objective: lm`` trains the plain LM on the same data (the paper's
     no-thought baseline). ``compile`` compiles each decoder layer with ``torch.compile`` (worth it
-    on GPUs; on CPUs the first step spends minutes compiling)."""
+    on GPUs; on CPUs the first step spends minutes compiling). ``parallel`` says how several
+    processes (``torchrun``, or ``resources.workers`` in a sweep) share the work: ``ddp``
+    replicates the model, ``fsdp`` shards parameters, gradients and optimiser state (FSDP2,
+    one unit per decoder layer) for models that do not fit one device."""
 
     steps: int = 100
     batch_size: int = 8
@@ -267,6 +271,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 1
     compile: bool = False
+    parallel: str = "ddp"
 
     def validate(self) -> None:
         _int_in("steps", self.steps, 1, 1 << 30)
@@ -283,6 +288,7 @@ class TrainSection:
         _int_in("checkpoint_every", self.checkpoint_every, 0, 1 << 30)
         _int_in("keep_checkpoints", self.keep_checkpoints, 1, 1000)
         _int_in("log_every", self.log_every, 1, 1 << 30)
+        _choice("parallel", self.parallel, PARALLEL)
 
 
 @dataclass
@@ -472,7 +478,13 @@ def build_run_config(tree: dict[str, Any]) -> RunConfig:
         except ValueError as exc:
             raise ValueError(f"{name}.{exc}") from None
         sections[name] = section
-    return RunConfig(**sections)
+    cfg = RunConfig(**sections)
+    if cfg.train.parallel == "fsdp" and cfg.eval.tasks:
+        raise ValueError(
+            "eval.tasks during training needs the whole model in one process, which "
+            "train.parallel=fsdp does not keep; evaluate the final model with `qstar eval` instead"
+        )
+    return cfg
 
 
 def load_run_config(

@@ -1,5 +1,13 @@
-"""Data parallelism for training runs: ``torchrun`` (or Ray Train) sets the environment, qstar
-joins the process group and wraps the model. One process per device; gloo on CPU, NCCL on CUDA.
+"""Several processes per training run: ``torchrun`` (or Ray Train, inside a sweep trial) sets
+the environment, qstar joins the process group and wraps the model. One process per device;
+gloo on CPU, NCCL on CUDA.
+
+``train.parallel=ddp`` replicates the model (DistributedDataParallel); ``train.parallel=fsdp``
+shards parameters, gradients and optimiser state over the processes (FSDP2 ``fully_shard``, one
+unit per decoder layer plus the root for embeddings, LM head, meta tokens and mixing head), for
+models that do not fit one device. Under FSDP every process takes part in evaluation (which
+runs through QuietStar's registered entry points) and in gathering full weights for checkpoints; checkpoints are written as whole (unsharded) tensors, so
+a run resumes on any number of processes and its ``final/`` loads like any other.
 
 Launch outside a sweep: ``torchrun --nproc_per_node=N -m qstar.cli train CONFIG ...``.
 ``train.batch_size`` stays the global batch: each optimiser step takes ``batch_size``
@@ -36,7 +44,7 @@ class Context:
 def init() -> Context:
     """Join the process group that ``torchrun``/Ray Train describe in the environment, if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
         return Context()
     owns = False
     if not dist.is_initialized():
@@ -52,18 +60,100 @@ def init() -> Context:
 
 def device_for(ctx: Context, preferred: torch.device) -> torch.device:
     if ctx.active and preferred.type == "cuda":
-        return torch.device("cuda", ctx.local_rank)
+        # torchrun shows every GPU; Ray Train may show only this worker's
+        return torch.device("cuda", ctx.local_rank % max(1, torch.cuda.device_count()))
     return preferred
 
 
-def wrap(model: torch.nn.Module, ctx: Context, find_unused: bool) -> torch.nn.Module:
-    """DistributedDataParallel around ``model`` when there are several processes."""
+def sharded(ctx: Context, strategy: str) -> bool:
+    return ctx.active and strategy == "fsdp"
+
+
+def wrap(
+    model: torch.nn.Module, ctx: Context, find_unused: bool, strategy: str = "ddp"
+) -> torch.nn.Module:
+    """The module to call for training steps: ``model`` itself (one process, or sharded in place
+    under FSDP) or a DistributedDataParallel around it. Build the optimiser afterwards."""
     if not ctx.active:
+        return model
+    if strategy == "fsdp":
+        shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face model (its ``_no_split_modules`` classes)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = getattr(model, "base_model", model)
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    return layers or [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def shard(qs: torch.nn.Module) -> None:
+    """FSDP2 in place: each decoder layer is a unit, the root holds the rest (embeddings, LM head,
+    meta tokens, mixing head: what QuietStar reads outside the layers)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    layers = decoder_layers(qs)
+    if not layers:
+        raise ValueError(
+            f"{type(qs.base_model).__name__}: found no decoder layers to shard; use train.parallel=ddp"
+        )
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(qs)
+    # QuietStar's inference entry points gather the root's parameters as forward does
+    for method in ("mixed_logits", "base_logits", "sample_thoughts", "generate"):
+        if hasattr(qs, method):
+            register_fsdp_forward_method(qs, method)
+
+
+def full_model_state(model: torch.nn.Module, ctx: Context, strategy: str) -> dict | None:
+    """Whole tensors on CPU on the main process (``None`` elsewhere); a collective under FSDP.
+    Tied parameters appear once (the first name), as ``safetensors.save_model`` writes them."""
+    if not sharded(ctx, strategy):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not ctx.main:
+        return None
+    seen: set[int] = set()
+    out = {}
+    for name, param in model.state_dict(keep_vars=True).items():
+        if id(param) in seen or name not in full:
+            continue
+        seen.add(id(param))
+        out[name] = full[name].contiguous()
+    return out
+
+
+def full_optimizer_state(model, optimizer, ctx: Context, strategy: str) -> dict | None:
+    """The optimiser state keyed by parameter name, whole, on the main process (FSDP only)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    return state if ctx.main else None
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # strict=False: parameters that never had a gradient (the mixing head under objective=lm) have
+    # no Adam state, in the checkpoint as in the optimiser that wrote it
+    set_optimizer_state_dict(
+        model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
 
 
 def mean(values: dict[str, float], ctx: Context) -> dict[str, float]:
@@ -91,6 +181,15 @@ def gather(obj: Any, ctx: Context) -> list[Any]:
     out: list[Any] = [None] * ctx.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast(obj: Any, ctx: Context) -> Any:
+    """The main process's ``obj``, on every process."""
+    if not ctx.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(ctx: Context) -> None:

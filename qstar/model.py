@@ -134,18 +134,30 @@ class QuietStar(nn.Module):
         model, tokenizer = load_model(str(path_or_id), **load_kwargs)
         return cls.from_base(model, tokenizer, config)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the HF model and tokenizer, ``qstar_config.json`` and ``qstar_heads.safetensors``."""
+    def save_pretrained(
+        self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Write the HF model and tokenizer, ``qstar_config.json`` and ``qstar_heads.safetensors``.
+
+        ``state_dict``: this module's weights as whole tensors, to write in place of its own
+        parameters (a sharded model gathers them first, see :mod:`qstar.distributed`)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.base_model.save_pretrained(directory)
+        if state_dict is None:
+            state_dict = {k: v.detach() for k, v in self.state_dict().items()}
+            base = None  # the model's own save_pretrained handles tied weights
+        else:
+            prefix = "base_model."
+            base = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        self.base_model.save_pretrained(directory, state_dict=base)
         self.tokenizer.save_pretrained(directory)
-        heads = {"meta_embeddings": self.meta_embeddings.detach()}
-        heads.update(
-            {f"mixing_head.{k}": v.detach() for k, v in self.mixing_head.state_dict().items()}
-        )
+        heads = {
+            k: v
+            for k, v in state_dict.items()
+            if k == "meta_embeddings" or k.startswith("mixing_head.")
+        }
         save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(directory / HEADS_FILE))
         (directory / CONFIG_FILE).write_text(self.config.to_json() + "\n")
         return directory
@@ -382,6 +394,9 @@ class QuietStar(nn.Module):
         """
         L, t = n_prefix, self.config.thought_len
         device = self.meta_embeddings.device
+        self._head_cache = (
+            None  # one meta-free head per sampling (sharded weights move between calls)
+        )
         if not greedy and uniforms is None:
             uniforms = think.draw_uniforms((batch, t, L), generator, device)
         tok = torch.full((batch, 1, L), self.start_id, dtype=torch.long, device=device)

@@ -101,7 +101,7 @@ def heldout_nll(
             valid = (mask[:, 1:] & mask[:, :-1]).bool()
             targets = ids[:, 1:]
             count += int(valid.sum())
-            base = qs.base_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            base = qs.base_logits(ids, mask)[:, :-1].float()
             sums["base"] += float(
                 learn.token_nll(torch.log_softmax(base, -1), targets)[valid].sum()
             )
@@ -295,11 +295,16 @@ def _train(
         )
 
     think = cfg.train.objective == "quiet_star"
+    strategy = cfg.train.parallel
+    fsdp = distributed.sharded(ctx, strategy)
+    if ckpt is not None and fsdp:
+        checkpoint.load_weights(ckpt, qs)  # whole tensors, before sharding
     qs.train()
     if cfg.train.compile:
         compile_layers(qs)
-    model = distributed.wrap(qs, ctx, find_unused=not think)
-    params = [p for p in qs.parameters() if p.requires_grad]
+    model = distributed.wrap(qs, ctx, find_unused=not think, strategy=strategy)
+    named = [(n, p) for n, p in qs.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(
         params,
         lr=cfg.optim.lr,
@@ -312,7 +317,20 @@ def _train(
 
     start, keep_lines = 0, None
     if ckpt is not None:
-        state = checkpoint.load(ckpt, qs, optimizer, scheduler, generator, rank=ctx.rank)
+        state = checkpoint.load(
+            ckpt,
+            None if fsdp else qs,
+            optimizer,
+            scheduler,
+            generator,
+            rank=ctx.rank,
+            load_named_optimizer=(
+                (lambda st: distributed.load_full_optimizer_state(qs, optimizer, st))
+                if fsdp
+                else None
+            ),
+            param_names=[n for n, _ in named],
+        )
         start, keep_lines = int(state["step"]), int(state["metrics_lines"])
         stream.load_state(state["data"])
         if ctx.main:
@@ -335,19 +353,24 @@ def _train(
     )
 
     def evaluate(step: int) -> dict[str, float] | None:
-        """On the main process (the others wait at the next collective)."""
+        """Called on every process. The main process evaluates and logs (under FSDP all of them
+        compute, since each holds a shard); every process gets the result (Ray Train reports it
+        from all workers)."""
         row: dict[str, float] = {}
-        with autocast:
-            if val_windows:
-                row.update(heldout_nll(qs, val_windows, cfg.eval.batch_size, device, think=think))
-            if cfg.eval.tasks:
-                row.update(task_metrics(qs, cfg, think))
-        if not row:
-            return None
-        logger.log({"kind": "eval", "step": step, **row})
-        return row
+        if ctx.main or fsdp:
+            with autocast:
+                if val_windows:
+                    row.update(
+                        heldout_nll(qs, val_windows, cfg.eval.batch_size, device, think=think)
+                    )
+                if cfg.eval.tasks:
+                    row.update(task_metrics(qs, cfg, think))
+            if row and ctx.main:
+                logger.log({"kind": "eval", "step": step, **row})
+        row = distributed.broadcast(row, ctx)
+        return row or None
 
-    first_eval = evaluate(0) if start == 0 and ctx.main else None
+    first_eval = evaluate(0) if start == 0 else None
     if first_eval is not None and on_eval is not None:
         on_eval(0, {"kind": "eval", "step": 0, **first_eval}, None)
     last_eval = first_eval
@@ -379,6 +402,8 @@ def _train(
                 for key, value in stats.items():
                     parts[key] = parts.get(key, 0.0) + value / accum
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -401,9 +426,7 @@ def _train(
             if ctx.main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
                 logger.log(last_row)
             row = None
-            if ctx.main and (
-                cfg.eval.every and step % cfg.eval.every == 0 or step == cfg.train.steps
-            ):
+            if cfg.eval.every and step % cfg.eval.every == 0 or step == cfg.train.steps:
                 row = evaluate(step)
                 last_eval = row or last_eval
             due = (
@@ -415,6 +438,10 @@ def _train(
             saved = None
             if due:  # every process takes part: their sampling generators are saved too
                 states = distributed.gather(generator.get_state(), ctx)
+                model_state = distributed.full_model_state(qs, ctx, strategy)
+                optimizer_state = (
+                    distributed.full_optimizer_state(qs, optimizer, ctx, strategy) if fsdp else None
+                )
                 if ctx.main:
                     saved = checkpoint.save(
                         run_dir,
@@ -426,6 +453,8 @@ def _train(
                         {"data": stream.state(), "metrics_lines": logger.line_count()},
                         cfg.train.keep_checkpoints,
                         rank_generators=states,
+                        model_state=model_state,
+                        optimizer_state=optimizer_state,
                     )
                 distributed.barrier(ctx)
             if row is not None and on_eval is not None:
@@ -446,10 +475,11 @@ def _train(
         if logger is not None:
             logger.close()
 
+    final_state = distributed.full_model_state(qs, ctx, strategy)
     if not ctx.main:
         distributed.barrier(ctx)
         return {}
-    final_dir = qs.save_pretrained(run_dir / "final")
+    final_dir = qs.save_pretrained(run_dir / "final", state_dict=final_state)
     elapsed = time.perf_counter() - t_start
     summary = {
         "run_dir": str(run_dir),

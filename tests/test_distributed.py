@@ -1,8 +1,10 @@
-"""Data parallelism on CPU: two gloo processes launched by torchrun."""
+"""Several processes on CPU: two gloo processes launched by torchrun, replicated (DDP) or sharded
+(FSDP)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +13,20 @@ import torch
 from safetensors.torch import load_file
 
 from qstar.tracking import read_metrics
+
+
+def _weights(run_dir, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+def _rows(run_dir, kind: str = "train") -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == kind]
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
 
 
 def _train(run_dir, nproc: int, *overrides: str):
@@ -105,3 +121,78 @@ def test_quiet_star_data_parallel_run(tmp_path):
         timeout=300,
     )
     assert bad.returncode != 0 and "micro_batch_size x processes" in bad.stderr
+
+
+LM_COMMON = [
+    "train.objective=lm",
+    "data.windowing=pack",
+    "train.steps=4",
+    "train.batch_size=4",
+    "train.micro_batch_size=2",
+    "train.checkpoint_every=2",
+    "eval.every=0",
+    "eval.windows=0",
+]
+
+
+def _cut_at(run_dir, to, step: int) -> None:
+    """A copy of ``run_dir`` as if it had been killed right after checkpoint ``step``."""
+    shutil.copytree(run_dir, to)
+    for later in (to / "checkpoints").glob("step_*"):
+        if int(later.name.split("_")[1]) > step:
+            shutil.rmtree(later)
+    (to / "checkpoints" / "latest").write_text(f"step_{step:06d}\n")
+    shutil.rmtree(to / "final")
+    (to / "summary.json").unlink()
+
+
+def test_fsdp_equals_one_process_and_resumes_on_any_process_count(tmp_path):
+    """Sharded training of the plain-LM objective equals one process; its checkpoints are whole
+    tensors, so an interrupted sharded run resumes sharded or on one process to the same weights."""
+    fsdp = [*LM_COMMON, "train.parallel=fsdp"]
+    _train(tmp_path / "one", 1, *fsdp)  # one process: fsdp has nothing to shard
+    _train(tmp_path / "two", 2, *fsdp)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    reference = _weights(tmp_path / "one", 4)
+    _assert_same_weights(reference, _weights(tmp_path / "two", 4))
+    assert [r["loss"] for r in _rows(tmp_path / "one")] == pytest.approx(
+        [r["loss"] for r in _rows(tmp_path / "two")], rel=1e-5
+    )
+    # the gathered final model loads like any other
+    from qstar.model import QuietStar
+
+    one = QuietStar.from_pretrained(tmp_path / "one" / "final")
+    two = QuietStar.from_pretrained(tmp_path / "two" / "final")
+    _assert_same_weights(one.state_dict(), two.state_dict())
+
+    for name, nproc in (("resumed_two", 2), ("resumed_one", 1)):
+        _cut_at(tmp_path / "two", tmp_path / name, 2)
+        _train(tmp_path / name, nproc, *fsdp, "--resume")
+        _assert_same_weights(reference, _weights(tmp_path / name, 4))
+        assert [r["step"] for r in _rows(tmp_path / name)] == [1, 2, 3, 4]
+
+
+def test_fsdp_quiet_star_step_matches_ddp(tmp_path):
+    """One Quiet-STaR step (sampled thoughts, REINFORCE, mixing head) and the held-out evaluation
+    with thoughts give the same numbers sharded as replicated."""
+    common = ["train.steps=1", "train.batch_size=4", "train.micro_batch_size=2", "eval.every=1"]
+    _train(tmp_path / "ddp", 2, *common)
+    _train(tmp_path / "fsdp", 2, *common, "train.parallel=fsdp")
+    _assert_same_weights(_weights(tmp_path / "ddp", 1), _weights(tmp_path / "fsdp", 1))
+    for kind in ("train", "eval"):
+        a, b = _rows(tmp_path / "ddp", kind), _rows(tmp_path / "fsdp", kind)
+        assert len(a) == len(b) > 0
+        for ra, rb in zip(a, b, strict=True):
+            for key, value in ra.items():
+                if key.startswith(("eval/", "loss", "base_nll", "mixed_nll", "policy", "reward")):
+                    assert rb[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert "eval/nll_thought" in _rows(tmp_path / "fsdp", "eval")[-1]
+
+
+def test_fsdp_refuses_in_training_task_eval():
+    from qstar.config import load_run_config
+
+    with pytest.raises(ValueError, match="qstar eval"):
+        load_run_config(None, ["train.parallel=fsdp", "eval.tasks=[gsm8k]"])
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        load_run_config(None, ["train.parallel=zero3"])
