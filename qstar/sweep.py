@@ -16,7 +16,8 @@ A sweep file (YAML, strict keys)::
     metric: eval/nll_thought
     mode: min
     scheduler: {type: asha, grace_period: 10, reduction_factor: 2}
-    resources: {cpu: 2, gpu: 0}
+    resources: {cpu: 2, gpu: 0}            # per trial; with workers: N, per worker of a Ray Train
+                                          # run of N processes (train.parallel: ddp or fsdp)
     max_concurrent: null
     tasks: [qstar_gsm8k_paper_local]      # -> eval.tasks of every trial
     limit: 50                             # -> eval.limit
@@ -88,6 +89,7 @@ class Sweep:
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
     max_concurrent: int | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1  # processes per trial: >1 runs each trial as a Ray Train job
 
     def run_config(self, trial: Trial, extra: list[str] = ()) -> RunConfig:
         return load_run_config(self.base, [*self.overrides, *trial.overrides, *extra])
@@ -248,11 +250,22 @@ def load_sweep(path: str | Path, smoke: bool = False) -> Sweep:
     if sweep.mode not in ("min", "max"):
         raise _fail(path, f"mode must be min or max, got {sweep.mode!r}")
     res = data.get("resources") or {}
-    if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
-        raise _fail(path, "resources must be a mapping with cpu and/or gpu")
-    sweep.resources = {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))}
-    if sweep.resources["cpu"] <= 0 or sweep.resources["gpu"] < 0:
-        raise _fail(path, f"resources need cpu > 0 and gpu >= 0, got {sweep.resources}")
+    if not isinstance(res, dict) or set(res) - {"cpu", "gpu", "workers"}:
+        unknown = sorted(set(res) - {"cpu", "gpu", "workers"}) if isinstance(res, dict) else []
+        hint = did_you_mean(str(unknown[0]), ["cpu", "gpu", "workers"]) if unknown else ""
+        raise _fail(
+            path, f"resources must be a mapping with cpu, gpu and/or workers; got {res!r}{hint}"
+        )
+    try:
+        sweep.resources = {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))}
+        workers = res.get("workers", 1)
+        if isinstance(workers, bool) or int(workers) != workers:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise _fail(path, f"resources need numbers (workers a whole number), got {res!r}") from None
+    if sweep.resources["cpu"] <= 0 or sweep.resources["gpu"] < 0 or workers < 1:
+        raise _fail(path, f"resources need cpu > 0, gpu >= 0 and workers >= 1, got {res!r}")
+    sweep.workers = int(workers)
     if sweep.scheduler is not None:
         if not isinstance(sweep.scheduler, dict) or sweep.scheduler.get("type") not in SCHEDULERS:
             raise _fail(path, f"scheduler.type must be one of {list(SCHEDULERS)}")
@@ -264,9 +277,16 @@ def load_sweep(path: str | Path, smoke: bool = False) -> Sweep:
             )
     for trial in trials:  # every trial is a valid run config, or nothing runs
         try:
-            sweep.run_config(trial)
+            cfg = sweep.run_config(trial)
         except (ValueError, FileNotFoundError) as exc:
             raise _fail(path, f"trial {trial.trial_id}: {exc}") from None
+        per_step = cfg.train.micro_batch_size * sweep.workers
+        if cfg.train.batch_size % per_step:
+            raise _fail(
+                path,
+                f"trial {trial.trial_id}: train.batch_size ({cfg.train.batch_size}) must be a "
+                f"multiple of micro_batch_size x resources.workers ({per_step})",
+            )
     return sweep
 
 
@@ -275,7 +295,9 @@ def describe(sweep: Sweep) -> str:
     lines = [
         f"sweep {sweep.name}: {len(sweep.trials)} trials, base {sweep.base}",
         f"  overrides: {' '.join(sweep.overrides) or '-'}",
-        f"  metric {sweep.metric} ({sweep.mode}), resources {sweep.resources}, "
+        f"  metric {sweep.metric} ({sweep.mode}), resources {sweep.resources}"
+        + (f" x {sweep.workers} Ray Train workers" if sweep.workers > 1 else "")
+        + ", "
         f"scheduler {sweep.scheduler or 'none'}",
     ]
     for trial in sweep.trials:

@@ -7,11 +7,18 @@ Experiment directory (one per sweep, ``STORAGE/NAME``)::
     trials/TRIAL_ID/    each trial's qstar run directory (config.yaml, metrics.jsonl, checkpoints/,
                         final/, summary.json; error.txt when the trial failed)
     tune/               Ray Tune's experiment state (what --resume restores)
+    train/TRIAL_ID/     Ray Train's state, for trials of several workers
     summary.csv         one row per trial: status, params, last metrics; rewritten as trials report
 
 Each trial is one ``qstar train`` run. Its evaluations are reported to Tune with a small
 checkpoint that points at the run's own checkpoint, so ASHA can stop it and a restarted sweep
 resumes it from its last checkpoint (``qstar train --resume`` semantics) without copying weights.
+
+With ``resources.workers: N`` (N > 1) a trial is a Ray Train job: the trial function launches a
+``TorchTrainer`` of N workers (each with ``resources.cpu``/``gpu``), Ray Train joins them in one
+process group and every worker runs ``qstar.train.train`` as under ``torchrun``, replicated or
+sharded by ``train.parallel``. Workers report evaluations through Ray Train, which forwards
+them to Tune (``TuneReportCallback``); the run directory is the same as for one process.
 """
 
 from __future__ import annotations
@@ -35,18 +42,20 @@ def check_resources(sweep: Sweep, address: str | None) -> None:
     if address:
         return  # a cluster's resources are the cluster's to judge
     cpus = os.cpu_count() or 1
-    if sweep.resources["cpu"] > cpus:
+    n = sweep.workers
+    per = "per trial" if n == 1 else f"x {n} workers"
+    if sweep.resources["cpu"] * n > cpus:
         raise ValueError(
-            f"resources.cpu={sweep.resources['cpu']:g} per trial, but this machine has {cpus} CPUs; "
+            f"resources.cpu={sweep.resources['cpu']:g} {per}, but this machine has {cpus} CPUs; "
             "lower it or pass --address of a Ray cluster"
         )
     if sweep.resources["gpu"] > 0:
         import torch
 
         have = torch.cuda.device_count()
-        if sweep.resources["gpu"] > have:
+        if sweep.resources["gpu"] * n > have:
             raise ValueError(
-                f"resources.gpu={sweep.resources['gpu']:g} per trial, but this machine has {have} GPUs; "
+                f"resources.gpu={sweep.resources['gpu']:g} {per}, but this machine has {have} GPUs; "
                 "set resources.gpu=0 or pass --address of a Ray cluster with GPUs"
             )
 
@@ -90,9 +99,74 @@ def write_summary(exp_dir: Path) -> Path:
     return path
 
 
+def _numbers(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    out["step"] = step
+    return out
+
+
+def _write_error(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").write_text(traceback.format_exc())
+
+
+def _train_worker(job: dict[str, Any]) -> None:
+    """One Ray Train worker of a multi-worker trial: ``qstar train`` in the job's process group."""
+    import ray.train
+    import torch
+
+    from .config import load_run_config
+    from .train import train
+
+    torch.set_num_threads(max(1, int(job["cpus"])))
+    run_dir = Path(job["run_dir"])
+    cfg = load_run_config(job["base"], job["overrides"])
+    rank = ray.train.get_context().get_world_rank()
+
+    def report(step: int, metrics: dict[str, Any], ckpt: Path | None) -> None:
+        ray.train.report(_numbers(step, metrics))  # every worker, the same rows (a barrier)
+
+    try:
+        train(cfg, run_dir, resume=job["resume"], on_eval=report)
+    except BaseException as exc:
+        if rank == 0 and not isinstance(exc, KeyboardInterrupt | SystemExit):
+            _write_error(run_dir)
+        raise
+
+
 def _make_trainable(sweep: Sweep, exp_dir: Path):
     """The function Ray runs for one trial (runs in a Ray worker process)."""
     base, sweep_overrides, cpus = sweep.base, list(sweep.overrides), sweep.resources["cpu"]
+    gpus, workers = sweep.resources["gpu"], sweep.workers
+
+    def run_ray_train(trial: dict[str, Any], run_dir: Path, overrides: list[str]) -> None:
+        import ray.train
+        from ray.train.torch import TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={
+                "base": base,
+                "overrides": overrides,
+                "run_dir": str(run_dir),
+                "resume": (run_dir / "config.yaml").is_file(),
+                "cpus": cpus,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker
+            ),
+            run_config=ray.train.RunConfig(
+                name=trial["trial_id"],
+                storage_path=str(exp_dir / "train"),
+                callbacks=[TuneReportCallback()],
+                failure_config=ray.train.FailureConfig(max_failures=0),
+            ),
+        )
+        trainer.fit()
 
     def run_trial(config: dict[str, Any]) -> None:
         import torch
@@ -104,17 +178,22 @@ def _make_trainable(sweep: Sweep, exp_dir: Path):
         torch.set_num_threads(max(1, int(cpus)))
         trial = config["trial"]
         run_dir = exp_dir / "trials" / trial["trial_id"]
-        cfg = load_run_config(
-            base, [*sweep_overrides, *trial["overrides"], "logging.progress=false"]
-        )
+        overrides = [*sweep_overrides, *trial["overrides"], "logging.progress=false"]
+        (run_dir / "error.txt").unlink(missing_ok=True)
+        if workers > 1:
+            try:
+                run_ray_train(trial, run_dir, overrides)
+            except BaseException as exc:
+                if not isinstance(exc, KeyboardInterrupt | SystemExit) and not (
+                    run_dir / "error.txt"
+                ).is_file():
+                    _write_error(run_dir)  # failed before a worker could say why
+                raise
+            return
+        cfg = load_run_config(base, overrides)
 
         def report(step: int, metrics: dict[str, Any], ckpt: Path | None) -> None:
-            numbers = {
-                k: v
-                for k, v in metrics.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-            numbers["step"] = step
+            numbers = _numbers(step, metrics)
             if ckpt is None:
                 tune.report(numbers)
                 return
@@ -125,13 +204,11 @@ def _make_trainable(sweep: Sweep, exp_dir: Path):
                 tune.report(numbers, checkpoint=tune.Checkpoint.from_directory(tmp))
 
         resume = (run_dir / "config.yaml").is_file()
-        (run_dir / "error.txt").unlink(missing_ok=True)
         try:
             train(cfg, run_dir, resume=resume, on_eval=report)
         except BaseException as exc:
             if not isinstance(exc, KeyboardInterrupt | SystemExit):
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "error.txt").write_text(traceback.format_exc())
+                _write_error(run_dir)
             raise
 
     return run_trial
@@ -214,7 +291,10 @@ def run_sweep(
         if address:
             kwargs["address"] = address
         ray.init(**kwargs)
-    trainable = tune.with_resources(_make_trainable(sweep, exp_dir), sweep.resources)
+    # a multi-worker trial's own process only drives Ray Train: its workers hold the resources
+    # (Tune needs some resource per trial: a token MiB of memory, not a CPU the workers need)
+    trial_resources = sweep.resources if sweep.workers == 1 else {"cpu": 0, "memory": 2**20}
+    trainable = tune.with_resources(_make_trainable(sweep, exp_dir), trial_resources)
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         tuner = tune.Tuner.restore(
             str(tune_dir),

@@ -82,6 +82,12 @@ def test_random_search_is_reproducible(tmp_path):
         ),
         ("random:\n  optim.lr: {normal: [0, 1]}\n", r"random.optim.lr must be one of"),
         ("scheduler: {type: pbt}\n", r"scheduler.type must be one of"),
+        ("resources: {cpu: 1, wrkers: 2}\n", r"did you mean 'workers'"),
+        ("resources: {workers: 1.5}\n", r"workers a whole number"),
+        (
+            "resources: {workers: 2}\noverrides: [train.batch_size=2, train.micro_batch_size=2]\n",
+            r"multiple of micro_batch_size x resources.workers \(4\)",
+        ),
     ],
 )
 def test_bad_sweep_files_name_the_key(tmp_path, body, message):
@@ -185,3 +191,45 @@ def test_interrupted_sweep_resumes_and_keeps_finished_trials(tmp_path):
         if json.loads(line)["kind"] == "train"
     ]
     assert steps == list(range(1, 25))
+
+
+def test_trial_with_two_workers_runs_under_ray_train(tmp_path, ray_session):
+    """``resources.workers: 2``: each trial is a Ray Train job of two gloo workers (replicated or
+    sharded) whose evaluations reach Tune; the plain-LM objective then equals one process."""
+    from safetensors.torch import load_file
+
+    from qstar import tune_adapter
+    from qstar.cli import resolve_config
+    from qstar.config import load_run_config
+    from qstar.train import train
+
+    common = [
+        "train.objective=lm",
+        "data.windowing=pack",
+        "train.steps=4",
+        "train.batch_size=4",
+        "train.micro_batch_size=2",
+        "eval.every=2",
+    ]
+    f = tmp_path / "workers.yaml"
+    f.write_text(
+        f"base: debug_tiny\noverrides: {common}\ngrid:\n  train.parallel: [ddp, fsdp]\n"
+        "resources: {cpu: 1, workers: 2}\nmetric: eval/nll_base\n"
+    )
+    sweep = load_sweep(f)
+    results = tune_adapter.run_sweep(sweep, tmp_path / "exp", verbose=0)
+    assert not results.errors, results.errors
+    for result in results:
+        assert result.metrics["step"] == 4 and result.metrics["eval/nll_base"] > 0
+    exp = tmp_path / "exp" / sweep.name
+    assert {r["status"] for r in _rows(exp).values()} == {"done"}
+
+    cfg = load_run_config(resolve_config("debug_tiny"), [*common, "logging.progress=false"])
+    train(cfg, tmp_path / "one")
+    one = load_file(str(tmp_path / "one" / "checkpoints" / "step_000004" / "model.safetensors"))
+    for trial in sweep.trials:
+        run = exp / "trials" / trial.trial_id
+        assert json.loads((run / "summary.json").read_text())["processes"] == 2
+        two = load_file(str(run / "checkpoints" / "step_000004" / "model.safetensors"))
+        for key in one:
+            assert (one[key] - two[key]).abs().max() < 1e-5, (trial.trial_id, key)
