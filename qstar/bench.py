@@ -11,6 +11,10 @@ For each (model, L, thought_len, n_true) the three steps are timed interleaved i
 floor for a Quiet-STaR step. Activation memory is the bytes autograd saves for backward
 (distinct storages, via ``saved_tensors_hooks``), which works on every device; on CUDA the
 peak allocated memory is reported too.
+
+``--memory`` measures instead how activation memory grows with thought length at a fixed
+lookahead: the saved bytes of one forward of the fast and the dense path for thought lengths
+1..24, and the growth exponent of each (the slope of log bytes against log passes).
 """
 
 from __future__ import annotations
@@ -186,6 +190,142 @@ def run(
     return rows
 
 
+MEMORY_THOUGHT_LENS = (1, 2, 4, 8, 12, 16, 24)
+
+
+def memory_growth(
+    size: str = "tiny",
+    L: int = 128,
+    thought_lens=MEMORY_THOUGHT_LENS,
+    n_true: int = 4,
+    k: int = 2,
+    device: str | None = None,
+    dtype: str = "float32",
+    dense_limit_gb: float = 6.0,
+    out: Path | None = None,
+) -> list[dict]:
+    """Saved activation bytes of one training forward against thought length (n_true fixed)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tok = tiny_tokenizer()
+    model = mistral_shaped(size, dtype=torch_dtype).to(dev)
+    model.train()
+    mcfg = model.config
+    ids = torch.randint(0, 32000, (1, L), generator=torch.Generator().manual_seed(0)).to(dev)
+    rows = []
+    print(f"# memory growth: model={size} L={L} n_true={n_true} k={k} device={dev} dtype={dtype}")
+    print(f"{'t':>3} {'passes':>6} {'act MB fast':>11} {'act MB dense':>12} {'dense/fast':>10}")
+    for t in thought_lens:
+        qcfg = QuietStarConfig(thought_len=t, n_true=n_true, n_thoughts=k)
+        qs = _wrap(model, tok, qcfg).to(dev)
+        row = {"thought_len": t, "n_true": n_true, "passes": qcfg.passes, "L": L, "k": k}
+        for name in ("fast", "dense"):
+            if (
+                name == "dense"
+                and dense_attention_bytes(
+                    qcfg, L, mcfg.num_attention_heads, mcfg.num_hidden_layers, k
+                )
+                > dense_limit_gb * 2**30
+            ):
+                row["act_mb_dense"] = None
+                continue
+            qs.config.attention = "sparse" if name == "fast" else "dense"
+            with saved_activation_bytes() as acc:
+                loss = qs(ids, generator=torch.Generator().manual_seed(0)).loss
+            del loss  # the graph (and what it saved) goes with it
+            row[f"act_mb_{name}"] = acc["bytes"] / 2**20
+        qs.config.attention = "sparse"
+        rows.append(row)
+        dense = row["act_mb_dense"]
+        print(
+            f"{t:>3} {row['passes']:>6} {row['act_mb_fast']:11.0f} {_fmt(dense, '12.0f')} "
+            f"{_fmt(dense / row['act_mb_fast'] if dense else None, '10.2f')}",
+            flush=True,
+        )
+    slopes = {name: _loglog_slope(rows, f"act_mb_{name}") for name in ("fast", "dense")}
+    print(
+        f"# growth exponent (act MB ~ passes^e): fast {slopes['fast']:.2f}, dense {_fmt(slopes['dense'], '.2f')}"
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"torch": torch.__version__, "model": size, "device": str(dev), "dtype": dtype}
+        (out / "memory.json").write_text(
+            json.dumps({"meta": meta, "rows": rows, "growth_exponent": slopes}, indent=2) + "\n"
+        )
+        (out / "memory.md").write_text(memory_markdown(rows, slopes, meta, " ".join(sys.argv)))
+        _memory_figure(rows, out / "memory.png")
+        print(f"# wrote {out / 'memory.md'}, memory.json and memory.png")
+    return rows
+
+
+def _loglog_slope(rows: list[dict], key: str) -> float | None:
+    """Least-squares slope of log(value) against log(passes) over the rows that have a value."""
+    import math
+
+    pts = [(math.log(r["passes"]), math.log(r[key])) for r in rows if r.get(key)]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
+def memory_markdown(rows: list[dict], slopes: dict, meta: dict, command: str) -> str:
+    lines = [
+        "# Activation memory against thought length",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Environment: {json.dumps(meta)}",
+        "",
+        f"One training forward, L={rows[0]['L']}, n_true={rows[0]['n_true']}, "
+        f"k={rows[0]['k']}; activation MB = bytes autograd saves for backward. `passes = "
+        "thought_len + 2 + n_true`. Growth exponent e: act MB ~ passes^e (least squares over the "
+        "rows; 1 = linear, 2 = quadratic). A `-`: the dense path was skipped (its eager attention "
+        "would keep more than the limit).",
+        "",
+        "| thought_len | passes | act MB fast | MB per pass fast | act MB dense | MB per pass dense | dense/fast |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fast, dense, p = r["act_mb_fast"], r["act_mb_dense"], r["passes"]
+        lines.append(
+            f"| {r['thought_len']} | {p} | {fast:.0f} | {fast / p:.1f} | {_fmt(dense, '.0f')} | "
+            f"{_fmt(dense / p if dense else None, '.1f')} | {_fmt(dense / fast if dense else None, '.2f')} |"
+        )
+    lines += [
+        "",
+        f"Growth exponent: fast **{slopes['fast']:.2f}**, dense **{_fmt(slopes['dense'], '.2f')}**.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _memory_figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    t = [r["thought_len"] for r in rows]
+    ax.plot(
+        t,
+        [r["act_mb_fast"] for r in rows],
+        "o-",
+        label="qstar (sampled without grad, one recompute)",
+    )
+    dense = [(r["thought_len"], r["act_mb_dense"]) for r in rows if r["act_mb_dense"]]
+    if dense:
+        ax.plot(*zip(*dense, strict=True), "s--", label="dense masks, one depth per call")
+    ax.set_xlabel("thought tokens")
+    ax.set_ylabel("activation MB saved for backward")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # dense bf16 peak TFLOP/s by device name (datasheet figures, without sparsity)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
@@ -315,6 +455,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="skip the dense path where its attention would keep more than this (default: 6)",
     )
     p.add_argument("--out", type=Path, default=None, help="write bench.json and bench.md here")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead: activation memory against thought length (1..24, n_true 4) on the first "
+        "of --sizes and --lengths; writes memory.md/json/png to --out",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -327,6 +473,17 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.memory:
+        memory_growth(
+            size=args.sizes.split(",")[0],
+            L=lengths[0],
+            k=args.k,
+            device=args.device,
+            dtype=args.dtype,
+            dense_limit_gb=args.dense_limit_gb,
+            out=args.out,
+        )
+        return 0
     run(
         sizes=tuple(args.sizes.split(",")),
         lengths=lengths,

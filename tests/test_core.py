@@ -267,3 +267,27 @@ def test_flex_attention_kernel_equals_einsum_kernel(arch):
     qs = build(arch, attention="flex")
     with pytest.raises(ValueError, match="no backward on CPU"):
         qs(ids_of(qs))
+
+
+def test_activation_memory_grows_linearly_with_thought_length():
+    """Thoughts are sampled without gradient and recomputed in one pass: the bytes saved for
+    backward grow by a nearly constant amount per extra thought token (only the small
+    per-position diagonal scores are quadratic in depth), while the dense-mask path's increment
+    grows fast (its masked scores over all earlier depths are quadratic in depth)."""
+    from qstar.bench import saved_activation_bytes
+
+    ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(0))
+    saved = {"sparse": [], "dense": []}
+    lengths = (2, 6, 10, 14)
+    for t in lengths:
+        qs = QuietStar.from_base(*tiny_model("llama"), QuietStarConfig(thought_len=t, n_true=2))
+        for attention in saved:
+            qs.config.attention = attention
+            with saved_activation_bytes() as acc:
+                qs(ids, generator=torch.Generator().manual_seed(0))
+            saved[attention].append(acc["bytes"])
+    steps = {a: [b - a_ for a_, b in zip(v, v[1:], strict=False)] for a, v in saved.items()}
+    fast, dense = steps["sparse"], steps["dense"]
+    assert fast[-1] / fast[0] < 1.1, fast  # nearly linear: nearly equal increments
+    assert dense[-1] / dense[0] > 1.3, dense  # the dense masks' quadratic term
+    assert saved["dense"][-1] > 1.5 * saved["sparse"][-1]
