@@ -184,9 +184,10 @@ def _make_trainable(sweep: Sweep, exp_dir: Path):
             try:
                 run_ray_train(trial, run_dir, overrides)
             except BaseException as exc:
-                if not isinstance(exc, KeyboardInterrupt | SystemExit) and not (
-                    run_dir / "error.txt"
-                ).is_file():
+                if (
+                    not isinstance(exc, KeyboardInterrupt | SystemExit)
+                    and not (run_dir / "error.txt").is_file()
+                ):
                     _write_error(run_dir)  # failed before a worker could say why
                 raise
             return
