@@ -5,9 +5,10 @@ gloo on CPU, NCCL on CUDA.
 ``train.parallel=ddp`` replicates the model (DistributedDataParallel); ``train.parallel=fsdp``
 shards parameters, gradients and optimiser state over the processes (FSDP2 ``fully_shard``, one
 unit per decoder layer plus the root for embeddings, LM head, meta tokens and mixing head), for
-models that do not fit one device. Under FSDP every process takes part in evaluation (which
-runs through QuietStar's registered entry points) and in gathering full weights for checkpoints; checkpoints are written as whole (unsharded) tensors, so
-a run resumes on any number of processes and its ``final/`` loads like any other.
+models that do not fit one device. Under FSDP the model is built in host memory and each
+layer moves to the device as it is sharded; every process takes part in evaluation (through
+QuietStar's registered entry points) and in gathering whole weights for checkpoints, which
+therefore resume on any number of processes; ``final/`` loads like any other model.
 
 Launch outside a sweep: ``torchrun --nproc_per_node=N -m qstar.cli train CONFIG ...``.
 ``train.batch_size`` stays the global batch: each optimiser step takes ``batch_size``
@@ -47,15 +48,14 @@ def init() -> Context:
     if world <= 1 and not (dist.is_available() and dist.is_initialized()):
         return Context()
     owns = False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():  # this process's GPU, for NCCL and FSDP's default mesh
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=30))
         owns = True
-    return Context(
-        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns
-    )
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank, owns)
 
 
 def device_for(ctx: Context, preferred: torch.device) -> torch.device:

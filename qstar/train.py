@@ -267,9 +267,12 @@ def _train(
     device = distributed.device_for(ctx, pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    qs = build_model(
-        cfg, device
-    )  # a bad model or data source fails here, before anything is written
+    strategy = cfg.train.parallel
+    fsdp = distributed.sharded(ctx, strategy)
+    # a bad model or data source fails here, before anything is written. Under FSDP the whole
+    # model is built in host memory and each layer moves to the device as it is sharded, so no
+    # device ever holds all of it.
+    qs = build_model(cfg, torch.device("cpu") if fsdp else device)
     stream, val_windows, data_info = prepare_data(cfg, qs.tokenizer)
     if ctx.main:
         if resume and ckpt is None:
@@ -295,8 +298,6 @@ def _train(
         )
 
     think = cfg.train.objective == "quiet_star"
-    strategy = cfg.train.parallel
-    fsdp = distributed.sharded(ctx, strategy)
     if ckpt is not None and fsdp:
         checkpoint.load_weights(ckpt, qs)  # whole tensors, before sharding
     qs.train()
