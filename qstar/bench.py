@@ -473,28 +473,23 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    common = dict(
+        k=args.k,
+        device=args.device,
+        dtype=args.dtype,
+        dense_limit_gb=args.dense_limit_gb,
+        out=args.out,
+    )
     if args.memory:
-        memory_growth(
-            size=args.sizes.split(",")[0],
-            L=lengths[0],
-            k=args.k,
-            device=args.device,
-            dtype=args.dtype,
-            dense_limit_gb=args.dense_limit_gb,
-            out=args.out,
-        )
+        memory_growth(size=args.sizes.split(",")[0], L=lengths[0], **common)
         return 0
     run(
         sizes=tuple(args.sizes.split(",")),
         lengths=lengths,
         configs=configs,
-        k=args.k,
         batch=args.batch,
         repeats=args.repeats,
-        device=args.device,
-        dtype=args.dtype,
-        dense_limit_gb=args.dense_limit_gb,
         skip_dense=args.skip_dense,
-        out=args.out,
+        **common,
     )
     return 0
