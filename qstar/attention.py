@@ -15,6 +15,9 @@ The authors materialise this as a dense additive ``(L, (m+1)L)`` mask per depth
 (:func:`dense_thought_mask`, our reference path). :func:`sparse_thought_attention` computes the
 same thing as a causal ``L x L`` prefix part plus a per-position ``m``-wide diagonal part, joined in
 one softmax over ``L + m`` scores: O(L^2 + L m) per block instead of O(L^2 m).
+:func:`fused_thought_attention` (the CPU default) runs the prefix part in PyTorch's fused flash
+kernel and joins the parts through their log-sum-exps, so no ``L x L`` scores are kept;
+:func:`flex_thought_attention` (the CUDA default) uses FlexAttention with a block mask.
 """
 
 from __future__ import annotations
@@ -123,6 +126,125 @@ def sparse_thought_attention(
     out = torch.matmul(p_pre.reshape(B, Hkv, G * nq * L, L), v_pre).view(B, Hkv, G, nq, L, D)
     out = out + torch.einsum("bkgnim,bkmid->bkgnid", p_blk, v_blk)
     return out.reshape(B, H, Q, D).transpose(1, 2)  # (B, nq*L, H, D)
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32, for the small parts computed outside the fused kernel."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _fold(query, key, value, L):
+    """Queries ``(B, H, nq*L, D)`` -> ``(B, H*nq, L, D)``; prefix keys/values repeated to match."""
+    B, H, Q, D = query.shape
+    Hkv = key.shape[1]
+    nq, G = Q // L, H // Hkv
+    qf = query.reshape(B, H * nq, L, D)
+
+    def rep(t):
+        return t[:, :, None, :L].expand(B, Hkv, G * nq, L, D).reshape(B, H * nq, L, D)
+
+    return qf, rep(key), rep(value)
+
+
+def _diag_scores(query, key, L, scaling):
+    """``(B, Hkv, G, nq, L, m)`` fp32 scores of each query against its own position's blocks."""
+    B, H, Q, D = query.shape
+    Hkv = key.shape[1]
+    nq, m, G = Q // L, (key.shape[2] - L) // L, H // Hkv
+    qd = query.reshape(B, Hkv, G, nq, L, D)
+    k_blk = key[:, :, L:].reshape(B, Hkv, m, L, D)
+    s = torch.einsum("bkgnid,bkmid->bkgnim", _up(qd), _up(k_blk)) * scaling
+    _, diag_ok = thought_allowed(L, m, nq, device=query.device)
+    return s.masked_fill(~diag_ok[:, None, :], float("-inf")), qd, k_blk
+
+
+class _FusedThoughtAttention(torch.autograd.Function):
+    """Thought attention with the causal prefix part in PyTorch's fused (flash) CPU kernel.
+
+    Forward: the prefix part gives ``(out_p, lse_p)`` without materialising its ``L x L`` scores;
+    the ``m``-wide diagonal part is computed directly; the two are joined through their
+    log-sum-exps. Backward: the flash backward run with the *joined* output and log-sum-exp gives
+    exactly the prefix part's share of the gradient (its probabilities are
+    ``exp(s - lse)``); the diagonal share is the usual softmax backward on the small part. Saves
+    O(L D) per query instead of the ``L x (L + m)`` probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, L: int, scaling: float):
+        B, H, Q, D = query.shape
+        Hkv = key.shape[1]
+        nq, m, G = Q // L, (key.shape[2] - L) // L, H // Hkv
+        qf, kf, vf = _fold(query, key, value, L)
+        out_p, lse_p = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qf, kf, vf, 0.0, True, scale=scaling
+        )
+        s_d, _, _ = _diag_scores(query, key, L, scaling)
+        lse_p = lse_p.view(B, Hkv, G, nq, L)
+        lse = torch.logaddexp(lse_p, torch.logsumexp(s_d, dim=-1))
+        p_d = torch.exp(s_d - lse[..., None])
+        v_blk = _up(value[:, :, L:].reshape(B, Hkv, m, L, D))
+        out = torch.exp(lse_p - lse)[..., None] * _up(out_p.view(B, Hkv, G, nq, L, D))
+        out = (out + torch.einsum("bkgnim,bkmid->bkgnid", p_d, v_blk)).to(query.dtype)
+        out = out.reshape(B, H, Q, D)
+        ctx.save_for_backward(query, key, value, out, lse.reshape(B, H * nq, L))
+        ctx.L, ctx.scaling = L, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        L, scaling = ctx.L, ctx.scaling
+        B, H, Q, D = query.shape
+        Hkv = key.shape[1]
+        nq, m, G = Q // L, (key.shape[2] - L) // L, H // Hkv
+        grad_out = grad_out.contiguous()
+        qf, kf, vf = _fold(query, key, value, L)
+        dq, dk_f, dv_f = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.view(B, H * nq, L, D),
+            qf,
+            kf,
+            vf,
+            out.view(B, H * nq, L, D),
+            lse,
+            0.0,
+            True,
+            scale=scaling,
+        )
+        s_d, qd, k_blk = _diag_scores(query, key, L, scaling)
+        p_d = torch.exp(s_d - lse.view(B, Hkv, G, nq, L)[..., None])
+        do = _up(grad_out.view(B, Hkv, G, nq, L, D))
+        delta = (do * _up(out.view(B, Hkv, G, nq, L, D))).sum(-1, keepdim=True)
+        v_blk = _up(value[:, :, L:].reshape(B, Hkv, m, L, D))
+        dv_blk = torch.einsum("bkgnim,bkgnid->bkmid", p_d, do)
+        ds = p_d * (torch.einsum("bkgnid,bkmid->bkgnim", do, v_blk) - delta) * scaling
+        dq = _up(dq.view(B, Hkv, G, nq, L, D)) + torch.einsum(
+            "bkgnim,bkmid->bkgnid", ds, _up(k_blk)
+        )
+        dk_blk = torch.einsum("bkgnim,bkgnid->bkmid", ds, _up(qd))
+        dk_pre = dk_f.view(B, Hkv, G * nq, L, D).sum(2)
+        dv_pre = dv_f.view(B, Hkv, G * nq, L, D).sum(2)
+        dkey = torch.cat([_up(dk_pre), dk_blk.reshape(B, Hkv, m * L, D)], dim=2)
+        dvalue = torch.cat([_up(dv_pre), dv_blk.reshape(B, Hkv, m * L, D)], dim=2)
+        return (
+            dq.reshape(B, H, Q, D).to(query.dtype),
+            dkey.to(key.dtype),
+            dvalue.to(value.dtype),
+            None,
+            None,
+        )
+
+
+def fused_thought_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n_prefix: int, scaling: float
+) -> torch.Tensor:
+    """:func:`sparse_thought_attention` (no sliding window, softcap or dropout) with the prefix part
+    in the fused CPU flash kernel: ``(B, H, nq*L, D)`` queries -> ``(B, nq*L, H, D)``."""
+    L = n_prefix
+    Q, K = query.shape[2], key.shape[2]
+    if Q % L or (K - L) % L or Q // L > (K - L) // L:
+        raise ValueError(f"thought layout mismatch: L={L}, queries={Q}, keys={K}")
+    out = _FusedThoughtAttention.apply(query.contiguous(), key, value, n_prefix, scaling)
+    return out.transpose(1, 2)
 
 
 _BLOCK_MASKS: dict = {}
@@ -252,6 +374,15 @@ def _hf_sparse_attention(
             kwargs.get("softcap"),
         )
         return out, None
+    sliding_window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if (
+        layout.kernel == "auto"
+        and not query.is_cuda
+        and sliding_window is None
+        and softcap is None
+        and (dropout == 0.0 or not module.training)
+    ):
+        return fused_thought_attention(query, key, value, layout.n_prefix, scaling), None
     out = sparse_thought_attention(
         query,
         key,
@@ -285,7 +416,8 @@ def thought_attention(model, n_prefix: int, implementation: str) -> Iterator[Non
     """Within this block, ``model``'s attention follows the thought layout.
 
     ``implementation`` is ``"sparse"`` (no mask is built; FlexAttention with a block mask on CUDA,
-    the einsum kernel elsewhere), ``"flex"`` (FlexAttention everywhere), ``"einsum"`` (the einsum
+    elsewhere the fused kernel, or the einsum kernel for sliding windows, softcapping or
+    dropout), ``"flex"`` (FlexAttention everywhere), ``"einsum"`` (the einsum
     kernel everywhere) or ``"dense"`` (the model's eager attention; the caller passes
     :func:`dense_thought_mask` as ``attention_mask``).
     The model's previous attention implementation is restored on exit.

@@ -49,7 +49,9 @@ class QuietStarConfig:
             back on use; under Adam this multiplies their effective learning rate by it (100).
         attention: ``"sparse"`` computes thought attention as a causal prefix part plus a
             per-position diagonal part without a dense mask (FlexAttention with a block mask on
-            CUDA, an einsum kernel elsewhere; ``"flex"`` / ``"einsum"`` force one); ``"dense"``
+            CUDA; elsewhere the fused kernel: PyTorch's flash kernel for the prefix part, or the
+            einsum kernel under sliding windows, softcapping or dropout; ``"flex"`` /
+            ``"einsum"`` force one); ``"dense"``
             is the plain reference that materialises the authors' additive mask and runs the
             model's eager attention.
         start_token / end_token: the two meta tokens added to the tokenizer.

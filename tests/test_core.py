@@ -99,9 +99,10 @@ def test_training_loss_equals_plain_reference(arch, mixing):
     assert out.policy_loss.abs() > 0  # rewards are non-zero with a random head
 
 
-def test_sparse_attention_equals_dense_path_values_and_gradients():
+@pytest.mark.parametrize("kernel", ["sparse", "einsum"])  # on CPU, sparse = the fused kernel
+def test_sparse_attention_equals_dense_path_values_and_gradients(kernel):
     grads = {}
-    for mode in ("sparse", "dense"):
+    for mode in (kernel, "dense"):
         qs = build("qwen2", randomize_head=True, attention=mode, thought_len=5, n_true=3)
         ids = torch.cat([ids_of(qs, max_len=10), ids_of(qs, "The quick brown fox", max_len=10)])
         out = qs(ids, generator=torch.Generator().manual_seed(0))
@@ -110,13 +111,60 @@ def test_sparse_attention_equals_dense_path_values_and_gradients():
             out,
             {n: p.grad.clone() for n, p in qs.named_parameters() if p.grad is not None},
         )
-    (a, ga), (b, gb) = grads["sparse"], grads["dense"]
+    (a, ga), (b, gb) = grads[kernel], grads["dense"]
     assert torch.equal(a.thoughts, b.thoughts)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
     assert ga.keys() == gb.keys()
     for name in ga:  # the 1e6 policy weight scales gradients up: compare relative to their size
         scale = float(ga[name].abs().max())
         assert float((ga[name] - gb[name]).abs().max()) <= 5e-5 * scale + 1e-7, name
+
+
+@pytest.mark.parametrize(
+    "B, H, Hkv, L, nq, m, dtype, tol",
+    [
+        (2, 4, 2, 7, 3, 5, torch.float64, 1e-10),  # grouped-query heads, fewer query blocks
+        (1, 4, 4, 16, 4, 4, torch.float32, 1e-5),
+        (2, 6, 2, 9, 1, 3, torch.float32, 1e-5),
+    ],
+)
+def test_fused_kernel_equals_einsum_kernel(B, H, Hkv, L, nq, m, dtype, tol):
+    """The flash-prefix kernel joined through log-sum-exps, and its hand-written backward, against
+    the einsum kernel (which autograd differentiates), in values and in all three gradients."""
+    from qstar.attention import fused_thought_attention, sparse_thought_attention
+
+    D = 8
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(B, h, n, D, dtype=dtype, generator=gen).requires_grad_()
+        for h, n in ((H, nq * L), (Hkv, L + m * L), (Hkv, L + m * L))
+    )
+    grad = torch.randn(B, nq * L, H, D, dtype=dtype, generator=gen)
+    if dtype == torch.float64:  # the einsum kernel computes its softmax in fp32: compare in fp64
+        ref = _einsum_fp64(q, k, v, L, D**-0.5)
+    else:
+        ref = sparse_thought_attention(q, k, v, L, D**-0.5)
+    out = fused_thought_attention(q, k, v, L, D**-0.5)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for a, b in zip(
+        torch.autograd.grad(out, (q, k, v), grad),
+        torch.autograd.grad(ref, (q, k, v), grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def _einsum_fp64(q, k, v, L, scaling):
+    """The thought layout by brute force in fp64: one masked softmax over all keys."""
+    from qstar.attention import dense_thought_mask
+
+    B, H, Q, D = q.shape
+    m = (k.shape[2] - L) // L
+    G = H // k.shape[1]
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    mask = dense_thought_mask(L, m, Q // L, torch.float64)
+    probs = torch.softmax(q @ kk.transpose(-1, -2) * scaling + mask, dim=-1)
+    return (probs @ vv).transpose(1, 2)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
