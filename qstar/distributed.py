@@ -116,7 +116,8 @@ def shard(qs: torch.nn.Module) -> None:
 
 def full_model_state(model: torch.nn.Module, ctx: Context, strategy: str) -> dict | None:
     """Whole tensors on CPU on the main process (``None`` elsewhere); a collective under FSDP.
-    Tied parameters appear once (the first name), as ``safetensors.save_model`` writes them."""
+    Tied parameters appear once, under the alphabetically first of their names, as
+    ``safetensors.save_model`` writes them for an unsharded model (so both files read alike)."""
     if not sharded(ctx, strategy):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -126,14 +127,11 @@ def full_model_state(model: torch.nn.Module, ctx: Context, strategy: str) -> dic
     )
     if not ctx.main:
         return None
-    seen: set[int] = set()
-    out = {}
+    names: dict[int, list[str]] = {}
     for name, param in model.state_dict(keep_vars=True).items():
-        if id(param) in seen or name not in full:
-            continue
-        seen.add(id(param))
-        out[name] = full[name].contiguous()
-    return out
+        if name in full:
+            names.setdefault(id(param), []).append(name)
+    return {min(group): full[min(group)].contiguous() for group in names.values()}
 
 
 def full_optimizer_state(model, optimizer, ctx: Context, strategy: str) -> dict | None:
