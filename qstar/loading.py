@@ -177,10 +177,13 @@ def _from_pretrained(path: str, dtype, trust_remote_code: bool, attn: str, local
 def _converted_gguf(directory: Path, gguf: str) -> str:
     """Convert a GGUF file to a safetensors model directory once; return that directory."""
     src = directory / gguf
-    stat = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[
-        :16
-    ]
+    # keyed by content, not path: every new virtual environment holds its own copy of the
+    # wheel's file, and they should share one conversion (~0.5 GB)
+    digest = hashlib.sha256()
+    with src.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(chunk)
+    key = digest.hexdigest()[:16]
     target = cache_dir() / "models" / f"{src.stem}-{key}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return str(target)
