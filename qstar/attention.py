@@ -243,8 +243,18 @@ def fused_thought_attention(
     Q, K = query.shape[2], key.shape[2]
     if Q % L or (K - L) % L or Q // L > (K - L) // L:
         raise ValueError(f"thought layout mismatch: L={L}, queries={Q}, keys={K}")
-    out = _FusedThoughtAttention.apply(query.contiguous(), key, value, n_prefix, scaling)
-    return out.transpose(1, 2)
+    # The flash op takes one dtype and autocast does not reach inside the Function: under
+    # autocast use its dtype (as SDPA would), else the widest of the inputs'.
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    with torch.autocast(device, enabled=False):
+        out = _FusedThoughtAttention.apply(
+            query.to(dtype).contiguous(), key.to(dtype), value.to(dtype), n_prefix, scaling
+        )
+    return out.to(query.dtype).transpose(1, 2)
 
 
 _BLOCK_MASKS: dict = {}

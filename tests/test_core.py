@@ -154,6 +154,22 @@ def test_fused_kernel_equals_einsum_kernel(B, H, Hkv, L, nq, m, dtype, tol):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("kernel", ["sparse", "einsum"])
+def test_training_step_under_bf16_autocast(kernel):
+    """``train.precision=bf16-autocast`` (the default): mixed query/key dtypes reach the kernels."""
+    losses = {}
+    for mode in (kernel, "dense"):
+        qs = build("llama", randomize_head=True, attention=mode, thought_len=3, n_true=2)
+        ids = ids_of(qs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = qs(ids, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        grads = [p.grad for p in qs.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        losses[mode] = float(out.base_nll), float(out.mixed_nll)
+    assert losses[kernel] == pytest.approx(losses["dense"], rel=2e-2)
+
+
 def _einsum_fp64(q, k, v, L, scaling):
     """The thought layout by brute force in fp64: one masked softmax over all keys."""
     from qstar.attention import dense_thought_mask
