@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 setup:
 	@bash scripts/setup.sh
 
-# The main job: the smoke sweep on the default model (Ray Tune, ~10 min on 2 CPU cores), then its report.
+# The main job: the smoke sweep on the default model (Ray Tune, about 5 min on 2 CPU cores), then its report.
 run: setup
 	@name=smoke-$$(date +%Y%m%d-%H%M%S); \
 	$(VENV)/qstar sweep sweeps/smoke.yaml --name $$name && \
