@@ -335,9 +335,9 @@ def test_flex_attention_kernel_equals_einsum_kernel(arch):
 
 def test_activation_memory_grows_linearly_with_thought_length():
     """Thoughts are sampled without gradient and recomputed in one pass: the bytes saved for
-    backward grow by a nearly constant amount per extra thought token (only the small
-    per-position diagonal scores are quadratic in depth), while the dense-mask path's increment
-    grows fast (its masked scores over all earlier depths are quadratic in depth)."""
+    backward grow by the same amount per extra thought token (the fused CPU kernel keeps no
+    scores; measured: equal increments), while the dense-mask path's increment grows (its masked
+    scores over all earlier depths are quadratic in depth; measured: +67% from 2 to 14 tokens)."""
     from qstar.bench import saved_activation_bytes
 
     ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -352,6 +352,6 @@ def test_activation_memory_grows_linearly_with_thought_length():
             saved[attention].append(acc["bytes"])
     steps = {a: [b - a_ for a_, b in zip(v, v[1:], strict=False)] for a, v in saved.items()}
     fast, dense = steps["sparse"], steps["dense"]
-    assert fast[-1] / fast[0] < 1.1, fast  # nearly linear: nearly equal increments
+    assert fast[-1] / fast[0] < 1.02, fast  # linear: equal increments (the fused kernel)
     assert dense[-1] / dense[0] > 1.3, dense  # the dense masks' quadratic term
     assert saved["dense"][-1] > 1.5 * saved["sparse"][-1]
