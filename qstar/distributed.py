@@ -135,7 +135,10 @@ def full_model_state(model: torch.nn.Module, ctx: Context, strategy: str) -> dic
 
 
 def full_optimizer_state(model, optimizer, ctx: Context, strategy: str) -> dict | None:
-    """The optimiser state keyed by parameter name, whole, on the main process (FSDP only)."""
+    """The optimiser state keyed by parameter name, whole, on the main process (``None``
+    elsewhere, and without FSDP, where the optimiser's own state is whole); a collective."""
+    if not sharded(ctx, strategy):
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     state = get_optimizer_state_dict(

@@ -250,11 +250,13 @@ def load_sweep(path: str | Path, smoke: bool = False) -> Sweep:
     if sweep.mode not in ("min", "max"):
         raise _fail(path, f"mode must be min or max, got {sweep.mode!r}")
     res = data.get("resources") or {}
-    if not isinstance(res, dict) or set(res) - {"cpu", "gpu", "workers"}:
-        unknown = sorted(set(res) - {"cpu", "gpu", "workers"}) if isinstance(res, dict) else []
-        hint = did_you_mean(str(unknown[0]), ["cpu", "gpu", "workers"]) if unknown else ""
+    keys = ("cpu", "gpu", "workers")
+    unknown = sorted(map(str, set(res) - set(keys))) if isinstance(res, dict) else [""]
+    if unknown:
         raise _fail(
-            path, f"resources must be a mapping with cpu, gpu and/or workers; got {res!r}{hint}"
+            path,
+            f"resources must be a mapping with cpu, gpu and/or workers; got {res!r}"
+            + did_you_mean(unknown[0], keys),
         )
     try:
         sweep.resources = {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))}

@@ -100,18 +100,22 @@ def tiny_model(
     arch: str = "llama", seed: int = 0, dtype=torch.float32, tokenizer=None, **overrides
 ):
     """``(model, tokenizer)``: a random ``arch`` model in eval mode with a tiny tokenizer."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    model = _random_model(tiny_config(arch, len(tokenizer), **overrides), dtype, seed)
+    return model.eval(), tokenizer
+
+
+def _random_model(cfg, dtype, seed: int = 0):
+    """A causal LM with seeded random weights from ``cfg`` (SDPA attention)."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = tokenizer or tiny_tokenizer()
-    cfg = tiny_config(arch, len(tokenizer), **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    return model.eval(), tokenizer
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
 
 
 def qwen2_05b(dtype=torch.bfloat16):
     """A random model shaped like Qwen2-0.5B (~494M parameters): the GPU benchmark's model."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
     cfg = Qwen2Config(
         vocab_size=151936,
@@ -123,13 +127,12 @@ def qwen2_05b(dtype=torch.bfloat16):
         max_position_embeddings=4096,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return _random_model(cfg, dtype)
 
 
 def mistral_shaped(size: str, dtype=torch.float32):
     """The benchmark's random Mistral models: ``"tiny"`` or ``"small"`` (vocab 32002)."""
-    from transformers import AutoModelForCausalLM, MistralConfig
+    from transformers import MistralConfig
 
     dims = {
         "tiny": dict(
@@ -154,5 +157,4 @@ def mistral_shaped(size: str, dtype=torch.float32):
     cfg = MistralConfig(
         vocab_size=32002, max_position_embeddings=4096, sliding_window=None, **dims[size]
     )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return _random_model(cfg, dtype)

@@ -440,9 +440,7 @@ def _train(
             if due:  # every process takes part: their sampling generators are saved too
                 states = distributed.gather(generator.get_state(), ctx)
                 model_state = distributed.full_model_state(qs, ctx, strategy)
-                optimizer_state = (
-                    distributed.full_optimizer_state(qs, optimizer, ctx, strategy) if fsdp else None
-                )
+                optimizer_state = distributed.full_optimizer_state(qs, optimizer, ctx, strategy)
                 if ctx.main:
                     saved = checkpoint.save(
                         run_dir,

@@ -23,6 +23,7 @@ them to Tune (``TuneReportCallback``); the run directory is the same as for one 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -30,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +109,18 @@ def _numbers(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_error(run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "error.txt").write_text(traceback.format_exc())
+@contextlib.contextmanager
+def _error_kept(run_dir: Path, write: bool = True) -> Iterator[None]:
+    """A failure inside the block leaves its traceback in ``run_dir/error.txt`` (unless one is there
+    already: the first process to fail says why), then propagates. Interruptions leave none."""
+    try:
+        yield
+    except BaseException as exc:
+        error = run_dir / "error.txt"
+        if write and not isinstance(exc, KeyboardInterrupt | SystemExit) and not error.is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            error.write_text(traceback.format_exc())
+        raise
 
 
 def _train_worker(job: dict[str, Any]) -> None:
@@ -128,12 +139,8 @@ def _train_worker(job: dict[str, Any]) -> None:
     def report(step: int, metrics: dict[str, Any], ckpt: Path | None) -> None:
         ray.train.report(_numbers(step, metrics))  # every worker, the same rows (a barrier)
 
-    try:
+    with _error_kept(run_dir, write=rank == 0):
         train(cfg, run_dir, resume=job["resume"], on_eval=report)
-    except BaseException as exc:
-        if rank == 0 and not isinstance(exc, KeyboardInterrupt | SystemExit):
-            _write_error(run_dir)
-        raise
 
 
 def _make_trainable(sweep: Sweep, exp_dir: Path):
@@ -141,7 +148,9 @@ def _make_trainable(sweep: Sweep, exp_dir: Path):
     base, sweep_overrides, cpus = sweep.base, list(sweep.overrides), sweep.resources["cpu"]
     gpus, workers = sweep.resources["gpu"], sweep.workers
 
-    def run_ray_train(trial: dict[str, Any], run_dir: Path, overrides: list[str]) -> None:
+    def run_ray_train(
+        trial: dict[str, Any], run_dir: Path, overrides: list[str], resume: bool
+    ) -> None:
         import ray.train
         from ray.train.torch import TorchTrainer
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -153,7 +162,7 @@ def _make_trainable(sweep: Sweep, exp_dir: Path):
                 "base": base,
                 "overrides": overrides,
                 "run_dir": str(run_dir),
-                "resume": (run_dir / "config.yaml").is_file(),
+                "resume": resume,
                 "cpus": cpus,
             },
             scaling_config=ray.train.ScalingConfig(
@@ -179,17 +188,11 @@ def _make_trainable(sweep: Sweep, exp_dir: Path):
         trial = config["trial"]
         run_dir = exp_dir / "trials" / trial["trial_id"]
         overrides = [*sweep_overrides, *trial["overrides"], "logging.progress=false"]
+        resume = (run_dir / "config.yaml").is_file()
         (run_dir / "error.txt").unlink(missing_ok=True)
         if workers > 1:
-            try:
-                run_ray_train(trial, run_dir, overrides)
-            except BaseException as exc:
-                if (
-                    not isinstance(exc, KeyboardInterrupt | SystemExit)
-                    and not (run_dir / "error.txt").is_file()
-                ):
-                    _write_error(run_dir)  # failed before a worker could say why
-                raise
+            with _error_kept(run_dir):  # kept if it failed before a worker could say why
+                run_ray_train(trial, run_dir, overrides, resume)
             return
         cfg = load_run_config(base, overrides)
 
@@ -204,13 +207,8 @@ def _make_trainable(sweep: Sweep, exp_dir: Path):
                 )
                 tune.report(numbers, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-        resume = (run_dir / "config.yaml").is_file()
-        try:
+        with _error_kept(run_dir):
             train(cfg, run_dir, resume=resume, on_eval=report)
-        except BaseException as exc:
-            if not isinstance(exc, KeyboardInterrupt | SystemExit):
-                _write_error(run_dir)
-            raise
 
     return run_trial
 
