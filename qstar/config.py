@@ -172,6 +172,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 OBJECTIVES = ("quiet_star", "lm")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL = ("ddp", "fsdp")
+TRAINABLE = ("all", "heads")
 
 
 @dataclass
@@ -260,7 +261,9 @@ class TrainSection:
     on GPUs; on CPUs the first step spends minutes compiling). ``parallel`` says how several
     processes (``torchrun``, or ``resources.workers`` in a sweep) share the work: ``ddp``
     replicates the model, ``fsdp`` shards parameters, gradients and optimiser state (FSDP2,
-    one unit per decoder layer) for models that do not fit one device."""
+    one unit per decoder layer) for models that do not fit one device. ``trainable: heads``
+    freezes the language model (trunk, embeddings, LM head) and trains only the meta tokens and
+    the mixing head: thoughts can then be learned but the model's own predictions cannot change."""
 
     steps: int = 100
     batch_size: int = 8
@@ -274,6 +277,7 @@ class TrainSection:
     log_every: int = 1
     compile: bool = False
     parallel: str = "ddp"
+    trainable: str = "all"
 
     def validate(self) -> None:
         _int_in("steps", self.steps, 1, 1 << 30)
@@ -291,6 +295,7 @@ class TrainSection:
         _int_in("keep_checkpoints", self.keep_checkpoints, 1, 1000)
         _int_in("log_every", self.log_every, 1, 1 << 30)
         _choice("parallel", self.parallel, PARALLEL)
+        _choice("trainable", self.trainable, TRAINABLE)
 
 
 @dataclass
@@ -316,13 +321,22 @@ class EvalSection:
 
 @dataclass
 class LoggingSection:
-    """``metrics.jsonl`` is always written; TensorBoard and MLflow are optional sinks."""
+    """``metrics.jsonl`` is always written; TensorBoard and MLflow are optional sinks.
+
+    Every training row carries ``grad_norm/ROLE`` (trunk, embeddings, meta, mixing_head; before
+    clipping) and ``grad_clip_coef``. ``param_stats`` adds ``update_norm/ROLE`` per step and
+    ``changed_frac/ROLE`` (fraction of weights that differ from step 0) per evaluation, at the
+    cost of two copies of the parameters; ``grad_parts`` adds ``grad_norm/policy/ROLE`` and
+    ``grad_norm/nll/ROLE`` (the REINFORCE term's share of the gradient and the rest) at the cost
+    of one more backward per micro-batch (see :mod:`qstar.diagnostics`)."""
 
     tensorboard: bool = True
     mlflow: bool = False
     mlflow_tracking_uri: str | None = None
     experiment: str = "qstar"
     progress: bool = True
+    param_stats: bool = False
+    grad_parts: bool = False
 
     def validate(self) -> None:
         if self.mlflow:

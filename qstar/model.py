@@ -46,6 +46,7 @@ class QuietStarOutput:
     mixing_weight: torch.Tensor  # (B, k, L, n)
     thoughts: torch.Tensor  # (B, k, L, t)
     target_valid: torch.Tensor  # (B, 1, L, n)
+    policy_term: torch.Tensor | None = None  # policy_weight * policy loss, with its graph
 
     def stats(self) -> dict[str, float]:
         """Loggable floats: loss parts, reward and mixing-weight statistics."""
@@ -656,21 +657,12 @@ class QuietStar(nn.Module):
             base_nll=base_nll.detach(),
             mixed_nll=mixed.detach(),
             policy_loss=policy.detach(),
+            policy_term=cfg.policy_weight * policy,
             rewards=rewards,
             mixing_weight=mixing_weight,
             thoughts=thoughts.view(B, k, L, t),
             target_valid=target_valid,
         )
-
-    # ------------------------------------------------------------------ optimisation helpers
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """``{"model", "meta", "mixing_head"}`` trainable parameters (the meta rows of the
-        embedding matrix stay in ``model``; the trained meta vectors are ``meta``)."""
-        return {
-            "model": [p for p in self.base_model.parameters() if p.requires_grad],
-            "meta": [self.meta_embeddings],
-            "mixing_head": list(self.mixing_head.parameters()),
-        }
 
 
 def _crop_cache(cache: DynamicCache, length: int) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, distributed, learn
+from . import checkpoint, diagnostics, distributed, learn
 from .config import RunConfig, load_run_config
 from .data import DataError, WindowStream, collate, fixed_windows, load_documents, tokenize
 from .model import QuietStar
@@ -298,6 +298,13 @@ def _train(
         )
 
     think = cfg.train.objective == "quiet_star"
+    if cfg.train.trainable == "heads":
+        if not think:
+            raise ValueError(
+                "train.trainable=heads freezes the language model, so train.objective=lm would "
+                "train nothing; use train.trainable=all for the no-thought baseline"
+            )
+        qs.base_model.requires_grad_(False)
     if ckpt is not None and fsdp:
         checkpoint.load_weights(ckpt, qs)  # whole tensors, before sharding
     qs.train()
@@ -314,6 +321,8 @@ def _train(
         weight_decay=cfg.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    roles = diagnostics.parameter_roles(qs)
+    grad_parts = diagnostics.GradParts(roles) if cfg.logging.grad_parts and think else None
     generator = torch.Generator().manual_seed(cfg.train.seed + ctx.rank)
 
     start, keep_lines = 0, None
@@ -336,6 +345,8 @@ def _train(
         stream.load_state(state["data"])
         if ctx.main:
             print(f"qstar: resumed from {ckpt} (step {start})", file=sys.stderr)
+    # made after a resume: changed_frac then counts from the resumed weights
+    tracker = diagnostics.ParamTracker(roles) if cfg.logging.param_stats else None
     logger = None
     if ctx.main:
         logger = MetricsLogger(
@@ -366,6 +377,8 @@ def _train(
                     )
                 if cfg.eval.tasks:
                     row.update(task_metrics(qs, cfg, think))
+            if tracker is not None:
+                row.update(tracker.changed())
             if row and ctx.main:
                 logger.log({"kind": "eval", "step": step, **row})
         row = distributed.broadcast(row, ctx)
@@ -394,6 +407,8 @@ def _train(
                     out = model(
                         ids, attention_mask=mask, generator=generator, objective=cfg.train.objective
                     )
+                if grad_parts is not None:
+                    grad_parts.add(out.policy_term / accum)
                 (out.loss / accum).backward()
                 stats = (
                     out.stats()
@@ -402,11 +417,24 @@ def _train(
                 )
                 for key, value in stats.items():
                     parts[key] = parts.get(key, 0.0) + value / accum
+            diag = diagnostics.grad_norms(roles)
+            if grad_parts is not None:
+                diag.update(grad_parts.norms())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
                 grad_norm = grad_norm.full_tensor()
+            # the factor clipping multiplied every gradient by (clip_grad_norm_'s own formula)
+            diag["grad_clip_coef"] = (
+                min(1.0, cfg.optim.grad_clip / (float(grad_norm) + 1e-6))
+                if cfg.optim.grad_clip
+                else 1.0
+            )
             lr = optimizer.param_groups[0]["lr"]
+            if tracker is not None:
+                tracker.before_step()
             optimizer.step()
+            if tracker is not None:
+                diag.update(tracker.after_step())
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             parts = distributed.mean(parts, ctx)
@@ -419,6 +447,7 @@ def _train(
                 **parts,
                 "lr": lr,
                 "grad_norm": float(grad_norm),
+                **diag,
                 "tokens": tokens,
                 "tokens_per_s": tokens / dt,
                 "step_s": dt,
