@@ -361,6 +361,43 @@ def dense_thought_mask(
     return mask[None, None]
 
 
+def positions_thought_mask(
+    positions: torch.Tensor,
+    n_prefix: int,
+    n_blocks: int,
+    dtype: torch.dtype,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Additive mask for thoughts at a few positions only (evaluation): ``(B, 1, m, L + n_blocks*m)``.
+
+    The keys are the ``L`` prefix tokens and ``n_blocks`` blocks of ``m`` thought tokens, one per
+    chosen position; the queries are the newest block. The query for position
+    ``p = positions[b, r]`` at depth ``g = n_blocks - 1`` (position id ``p + g + 1``) may see
+    prefix keys ``j <= p`` and the tokens of its own row ``r`` in every block: the layout of
+    :func:`thought_allowed`, restricted to ``m`` positions.
+
+    Args:
+        positions: ``(B, m)`` positions in ``[0, L)``.
+    """
+    B, m = positions.shape
+    device = positions.device
+    j = torch.arange(n_prefix, device=device)
+    prefix_ok = j[None, None, :] <= positions[:, :, None]  # (B, m, L)
+    rows = torch.arange(m, device=device)
+    own = rows[:, None] == rows[None, :]  # (m, m): query row r sees row r of each block
+    blocks_ok = own[None, :, None, :].expand(B, m, n_blocks, m)  # (B, m, n_blocks, m)
+    if sliding_window is not None:
+        g = n_blocks - 1
+        qpos = positions[:, :, None] + g + 1
+        prefix_ok = prefix_ok & (qpos - j[None, None, :] < sliding_window)
+        depth_gap = g - torch.arange(n_blocks, device=device)  # same position, earlier depth
+        blocks_ok = blocks_ok & (depth_gap < sliding_window)[None, None, :, None]
+    allowed = torch.cat([prefix_ok, blocks_ok.reshape(B, m, n_blocks * m)], dim=-1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 # ---------------------------------------------------------------------------- HF integration
 def _hf_sparse_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs

@@ -173,6 +173,7 @@ OBJECTIVES = ("quiet_star", "lm")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL = ("ddp", "fsdp")
 TRAINABLE = ("all", "heads")
+TASKS_AT = ("every", "end", "start_end")
 
 
 @dataclass
@@ -301,8 +302,15 @@ class TrainSection:
 @dataclass
 class EvalSection:
     """Every ``every`` steps (0: only at the start and the end): held-out NLL with and without
-    thoughts on ``windows`` validation windows, and lm-eval ``tasks`` with ``limit`` examples
-    (task YAML directories in ``include_paths``)."""
+    thoughts on ``windows`` validation windows (per-token values in ``RUN_DIR/heldout/``), and
+    lm-eval ``tasks`` with ``limit`` examples (task YAML directories in ``include_paths``;
+    per-example scores in ``RUN_DIR/tasks/``).
+
+    ``heldout_seed`` picks the held-out windows (default: ``train.seed``); fix it, with
+    ``data.val_source``, to score every seed of a sweep on the same text. ``tasks_at``: run the
+    tasks at ``every`` evaluation, only at the ``end``, or at ``start_end``. ``tasks_both``: a
+    Quiet-STaR run also scores the tasks without thinking (logged as ``eval/TASK:nothink/...``).
+    """
 
     every: int = 10
     windows: int = 16
@@ -310,8 +318,14 @@ class EvalSection:
     tasks: list[str] = dataclasses.field(default_factory=list)
     limit: int | None = None
     include_paths: list[str] = dataclasses.field(default_factory=list)
+    heldout_seed: int | None = None
+    tasks_at: str = "every"
+    tasks_both: bool = False
 
     def validate(self) -> None:
+        _choice("tasks_at", self.tasks_at, TASKS_AT)
+        if self.heldout_seed is not None:
+            _int_in("heldout_seed", self.heldout_seed, 0, 2**63 - 1)
         _int_in("every", self.every, 0, 1 << 30)
         _int_in("windows", self.windows, 0, 1 << 20)
         _int_in("batch_size", self.batch_size, 1, 1 << 20)

@@ -124,10 +124,27 @@ class QStarLM(TemplateLM):
         return None if self.greedy else torch.Generator().manual_seed(self.seed)
 
     @torch.no_grad()
-    def _logprobs(self, rows: list[list[int]]) -> list[torch.Tensor]:
-        """Log-probabilities ``(len(row), V)`` of the next token at every position of each row."""
+    def _logprobs(self, rows: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
+        """Log-probabilities ``(len(row) - start, V)`` of the next token at positions
+        ``start..len(row)-1`` of each row.
+
+        With greedy thoughts only those positions think (:meth:`QuietStar.mixed_logits_at`):
+        a thought at position ``i`` depends on ``x_0..x_i`` alone, so the prompt's positions
+        need no thoughts to score an answer after it."""
         ids, mask = collate(rows, self.qs.fill_id)  # right-padded
         ids, mask = ids.to(self.device), mask.to(self.device)
+        if self.think and self.greedy:
+            width = max(len(r) - s for r, s in zip(rows, starts, strict=True))
+            pos = torch.tensor(
+                [
+                    [min(s + j, len(r) - 1) for j in range(width)]
+                    for r, s in zip(rows, starts, strict=True)
+                ],
+                device=self.device,
+            )  # (B, width); short rows repeat their last position
+            logits = self.qs.mixed_logits_at(ids, pos, mask)
+            lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            return [lp[i, : len(r) - s] for i, (r, s) in enumerate(zip(rows, starts, strict=True))]
         if self.think:
             logits = self.qs.mixed_logits(
                 ids, mask, greedy=self.greedy, generator=self._generator()
@@ -135,7 +152,7 @@ class QStarLM(TemplateLM):
         else:
             logits = self.qs.base_logits(ids, mask)
         lp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        return [lp[i, : len(r)] for i, r in enumerate(rows)]
+        return [lp[i, s : len(r)] for i, (r, s) in enumerate(zip(rows, starts, strict=True))]
 
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
@@ -143,7 +160,8 @@ class QStarLM(TemplateLM):
         """Score continuations; inputs that are prefixes of another input share its forward.
 
         Thoughts at position ``i`` depend on ``x_0..x_i`` only, so the logits of a prefix are
-        the first rows of the longer input's logits (exactly so for greedy thoughts).
+        the first rows of the longer input's logits (exactly so for greedy thoughts), and only
+        the positions that score a continuation token are computed.
         """
         inputs = []
         for _, ctx, cont in requests:
@@ -157,15 +175,23 @@ class QStarLM(TemplateLM):
             if longest is None or not (shareable and longest[: len(inp)] == inp):
                 longest = inp
             cover[inp] = longest
-        roots = sorted(set(cover.values()), key=len, reverse=True)
+        start: dict[tuple, int] = {}  # first position of each root that scores a token
+        for inp, cont in inputs:
+            root = cover[inp]
+            first = max(0, len(inp) - len(cont))
+            start[root] = min(start.get(root, first), first)
+        roots = sorted(start, key=len, reverse=True)
         computed = {}
         for i in range(0, len(roots), self.batch_size):
             chunk = roots[i : i + self.batch_size]
-            for root, lp in zip(chunk, self._logprobs([list(r) for r in chunk]), strict=True):
+            rows = self._logprobs([list(r) for r in chunk], [start[r] for r in chunk])
+            for root, lp in zip(chunk, rows, strict=True):
                 computed[root] = lp
         out = []
         for inp, cont in inputs:
-            lp = computed[cover[inp]][len(inp) - len(cont) : len(inp)]  # (len(cont), V)
+            root = cover[inp]
+            lo = len(inp) - len(cont) - start[root]
+            lp = computed[root][lo : lo + len(cont)]  # (len(cont), V)
             target = torch.tensor(cont)
             ll = float(lp.gather(-1, target[:, None]).sum())
             greedy = bool((lp.argmax(-1) == target).all())

@@ -25,7 +25,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from . import learn, think
-from .attention import dense_thought_mask, thought_attention
+from .attention import dense_thought_mask, positions_thought_mask, thought_attention
 from .config import QuietStarConfig
 from .talk import MixingHead, get_mixer
 from .think import draw_uniforms, sample_from_logits
@@ -457,6 +457,77 @@ class QuietStar(nn.Module):
         raw_w = self.mixing_head(h_base, h_end)
         logits, _ = self._mixer(raw_w, h_base, h_end, self.lm_logits)
         return (logits, thoughts) if return_thoughts else logits
+
+    @torch.no_grad()
+    def mixed_logits_at(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        greedy: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """:meth:`mixed_logits` at chosen positions only: ``(B, L), (B, m) -> (B, m, V)``.
+
+        A thought at position ``i`` depends on ``x_0..x_i`` alone, so scoring a short answer after
+        a long prompt needs thoughts at the answer's positions only: one base pass over the
+        sequence, then ``t + 2`` passes of ``m`` tokens per row instead of ``L`` (the dense-mask
+        layout of :func:`qstar.attention.positions_thought_mask`). Row ``r`` equals row
+        ``positions[b, r]`` of :meth:`mixed_logits` (for greedy thoughts; sampled thoughts use
+        other draws). ``positions`` must lie inside each row's real tokens.
+        """
+        self._check_inputs(input_ids, attention_mask)
+        B, L = input_ids.shape
+        m = positions.shape[1]
+        if positions.shape[0] != B or positions.min() < 0 or positions.max() >= L:
+            raise ValueError(f"positions {tuple(positions.shape)} must be (B, m) in [0, {L})")
+        t = self.config.thought_len
+        device = input_ids.device
+        h_base, cache = self._base_pass(input_ids, attention_mask)  # (B, L, H)
+        h_b = h_base.gather(1, positions[..., None].expand(-1, -1, h_base.shape[-1]))  # (B, m, H)
+        uniforms = None if greedy else draw_uniforms((B, t, m), generator, device)
+        self._head_cache = None
+        tok = torch.full((B, m), self.start_id, dtype=torch.long, device=device)
+        for d in range(t + 2):  # feed <start>, c_1..c_t, <end>; block d sits at position p + d + 1
+            h = self._positions_pass(tok, cache, positions, L, d)  # (B, m, H)
+            if d < t:
+                u = None if greedy else uniforms[:, d]
+                idx = think.sample_from_logits(
+                    self.thought_logits(h), u, self.config.thought_temperature
+                )
+                tok = self.to_vocab(idx)
+            else:
+                tok = torch.full_like(tok, self.end_id)
+        raw_w = self.mixing_head(h_b, h)  # h: the hidden state at <end>
+        logits, _ = self._mixer(raw_w, h_b, h, self.lm_logits)
+        return logits
+
+    def _positions_pass(
+        self, tokens: torch.Tensor, cache: DynamicCache, positions: torch.Tensor, L: int, d: int
+    ) -> torch.Tensor:
+        """Feed block ``d`` of thought tokens at ``positions`` (``(B, m)``); extends ``cache``."""
+        cfg = self.base_model.config
+        dtype = self.meta_embeddings.dtype
+        window = getattr(cfg, "sliding_window", None)
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if "sliding_attention" in layer_types:
+            mask = {
+                "full_attention": positions_thought_mask(positions, L, d + 1, dtype),
+                "sliding_attention": positions_thought_mask(positions, L, d + 1, dtype, window),
+            }
+        else:
+            mask = positions_thought_mask(
+                positions, L, d + 1, dtype, window if not layer_types else None
+            )
+        with thought_attention(self.base_model, L, "dense"):  # eager attention, float mask
+            out = self.backbone(
+                inputs_embeds=self.embed(tokens),
+                position_ids=positions + d + 1,
+                attention_mask=mask,
+                cache=cache,
+                use_cache=True,
+            )
+        return out.last_hidden_state
 
     @torch.no_grad()
     def base_logits(

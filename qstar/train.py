@@ -86,13 +86,22 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @torch.no_grad()
 def heldout_nll(
-    qs: QuietStar, windows: list[list[int]], batch_size: int, device, think: bool = True
+    qs: QuietStar,
+    windows: list[list[int]],
+    batch_size: int,
+    device,
+    think: bool = True,
+    per_token: dict[str, list[list[float]]] | None = None,
 ) -> dict[str, float]:
-    """Next-token NLL on fixed windows without thoughts and, if ``think``, after greedy thoughts."""
+    """Next-token NLL on fixed windows without thoughts and, if ``think``, after greedy thoughts.
+
+    ``per_token``: a dict that receives ``{"base": [[nll of each target] per window],
+    "thought": [...]}`` (what reports bootstrap over and split by token difficulty)."""
     was_training = qs.training
     qs.eval()
     pad = qs.fill_id
     sums = {"base": 0.0, "thought": 0.0}
+    tokens: dict[str, list[list[float]]] = {"base": [], "thought": []}
     count = 0
     try:
         for i in range(0, len(windows), batch_size):
@@ -101,26 +110,35 @@ def heldout_nll(
             valid = (mask[:, 1:] & mask[:, :-1]).bool()
             targets = ids[:, 1:]
             count += int(valid.sum())
-            base = qs.base_logits(ids, mask)[:, :-1].float()
-            sums["base"] += float(
-                learn.token_nll(torch.log_softmax(base, -1), targets)[valid].sum()
-            )
+            scored = {"base": qs.base_logits(ids, mask)}
             if think:
-                mixed = qs.mixed_logits(ids, mask)[:, :-1].float()
-                sums["thought"] += float(
-                    learn.token_nll(torch.log_softmax(mixed, -1), targets)[valid].sum()
-                )
+                scored["thought"] = qs.mixed_logits(ids, mask)
+            for name, logits in scored.items():
+                lp = torch.log_softmax(logits[:, :-1].float(), -1)
+                nll = learn.token_nll(lp, targets)  # (b, L-1)
+                sums[name] += float(nll[valid].sum())
+                tokens[name] += [
+                    row[v].tolist() for row, v in zip(nll.cpu(), valid.cpu(), strict=True)
+                ]
     finally:
         qs.train(was_training)
     out = {"eval/nll_base": sums["base"] / max(count, 1)}
     if think:
         out["eval/nll_thought"] = sums["thought"] / max(count, 1)
         out["eval/nll_delta"] = out["eval/nll_thought"] - out["eval/nll_base"]
+    if per_token is not None:
+        per_token.update({k: v for k, v in tokens.items() if v})
     return out
 
 
-def task_metrics(qs: QuietStar, cfg: RunConfig, think: bool) -> dict[str, float]:
-    """lm-eval ``eval.tasks`` on the live model: ``{"eval/TASK/METRIC": value}``."""
+def task_metrics(
+    qs: QuietStar, cfg: RunConfig, think: bool, samples_dir: Path | None = None
+) -> dict[str, float]:
+    """lm-eval ``eval.tasks`` on the live model: ``{"eval/TASK/METRIC": value}``.
+
+    Without thinking (``think=False``) on a Quiet-STaR run the keys are ``eval/TASK:nothink/...``.
+    ``samples_dir``: where to write each task's per-example metrics (``TASK[:nothink].jsonl``,
+    one ``{"doc_id", METRIC: value}`` row per example), for paired confidence intervals."""
     from . import evaluation
 
     was_training = qs.training
@@ -134,12 +152,24 @@ def task_metrics(qs: QuietStar, cfg: RunConfig, think: bool) -> dict[str, float]
             cfg.eval.include_paths,
             data_dir=cfg.data.data_dir,
             seed=cfg.train.seed,
+            log_samples=samples_dir is not None,
         )
     finally:
         qs.train(was_training)
+    suffix = "" if think or cfg.train.objective == "lm" else ":nothink"
+    table = evaluation.metric_table(results)
+    if samples_dir is not None:
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        for task, rows in (results.get("samples") or {}).items():
+            keep = set(table.get(task, {}))
+            lines = [
+                json.dumps({"doc_id": r.get("doc_id"), **{k: r[k] for k in sorted(keep) if k in r}})
+                for r in rows
+            ]
+            (samples_dir / f"{task}{suffix}.jsonl").write_text("\n".join(lines) + "\n")
     return {
-        f"eval/{task}/{metric}": value
-        for task, metrics in evaluation.metric_table(results).items()
+        f"eval/{task}{suffix}/{metric}": value
+        for task, metrics in table.items()
         for metric, value in metrics.items()
     }
 
@@ -179,7 +209,12 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[WindowStream, list[list[int
         train_docs, d.window, d.windowing, cfg.train.seed, pad_id=_pad_id(tokenizer), eos_id=eos
     )
     windows = (
-        fixed_windows(val_docs, d.window, cfg.eval.windows, cfg.train.seed)
+        fixed_windows(
+            val_docs,
+            d.window,
+            cfg.eval.windows,
+            cfg.train.seed if cfg.eval.heldout_seed is None else cfg.eval.heldout_seed,
+        )
         if val_docs and cfg.eval.windows
         else []
     )
@@ -191,6 +226,19 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[WindowStream, list[list[int
         "skipped_examples": docs.skipped_examples,
     }
     return stream, windows, info
+
+
+def _tasks_due(cfg: RunConfig, step: int) -> bool:
+    """Whether ``eval.tasks`` run at this evaluation (``eval.tasks_at``)."""
+    last = step == cfg.train.steps
+    return {"every": True, "end": last, "start_end": last or step == 0}[cfg.eval.tasks_at]
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
+    tmp.replace(path)
 
 
 def _pad_id(tokenizer) -> int:
@@ -372,11 +420,25 @@ def _train(
         if ctx.main or fsdp:
             with autocast:
                 if val_windows:
+                    per_token: dict[str, list[list[float]]] = {}
                     row.update(
-                        heldout_nll(qs, val_windows, cfg.eval.batch_size, device, think=think)
+                        heldout_nll(
+                            qs,
+                            val_windows,
+                            cfg.eval.batch_size,
+                            device,
+                            think=think,
+                            per_token=per_token,
+                        )
                     )
-                if cfg.eval.tasks:
-                    row.update(task_metrics(qs, cfg, think))
+                    if ctx.main:
+                        _write_json(run_dir / "heldout" / f"step_{step}.json", per_token)
+                if cfg.eval.tasks and _tasks_due(cfg, step):
+                    samples = run_dir / "tasks" / f"step_{step}" if ctx.main else None
+                    row.update(task_metrics(qs, cfg, think, samples))
+                    if think and cfg.eval.tasks_both and step > 0:
+                        # at step 0 the zero-initialised mixing head makes both modes equal
+                        row.update(task_metrics(qs, cfg, False, samples))
             if tracker is not None:
                 row.update(tracker.changed())
             if row and ctx.main:

@@ -77,6 +77,31 @@ def test_mixed_logits_equal_sequential_reference(arch):
         torch.testing.assert_close(logits[0, i], ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "gemma3-window"])
+def test_mixed_logits_at_few_positions_equal_the_full_computation(arch):
+    """Evaluation thinks only where a token is scored; the rows equal the all-positions path
+    (right-padded rows, repeated positions, and a sliding window shorter than prefix + thought)."""
+    if arch == "gemma3-window":
+        model, tok = tiny_model("gemma3", sliding_window=4)
+        qs = QuietStar.from_base(model, tok, QuietStarConfig(thought_len=4, n_true=1))
+        torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.5)
+    else:
+        qs = build(arch, randomize_head=True)
+    ids = torch.cat([ids_of(qs), ids_of(qs, "The quick brown fox jumps over")], dim=0)
+    L = ids.shape[1]
+    mask = torch.ones_like(ids)
+    mask[1, L - 3 :] = 0
+    full = qs.mixed_logits(ids, mask)
+    pos = torch.tensor([[0, 5, L - 1, L - 1], [2, 3, 4, L - 4]])
+    got = qs.mixed_logits_at(ids, pos, mask)
+    want = full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1]))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    base = qs.base_logits(ids, mask).gather(1, pos[..., None].expand(-1, -1, full.shape[-1]))
+    assert (want - base).abs().max() > 1e-2  # the thoughts matter: this test can fail
+    with pytest.raises(ValueError, match="positions"):
+        qs.mixed_logits_at(ids, torch.tensor([[L], [0]]), mask)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("mixing", ["hidden", "logprob"])
 def test_training_loss_equals_plain_reference(arch, mixing):
