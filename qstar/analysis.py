@@ -82,11 +82,20 @@ def _trial_dirs(path: Path) -> list[tuple[str, Path, dict[str, Any]]]:
     )
 
 
-def label_of(cfg: dict[str, Any]) -> str:
+LABEL_KEYS = {"quiet_star.thought_len", "quiet_star.n_true", "train.objective", "train.seed"}
+
+
+def label_of(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> str:
+    """``"4 thought tokens, n_true 2"``, plus any other varying parameter of the trial."""
+    extra = ", ".join(
+        f"{k.split('.')[-1]} {v}" for k, v in (params or {}).items() if k not in LABEL_KEYS
+    )
     if cfg.get("train", {}).get("objective") == "lm":
-        return "no thought (baseline)"
-    qs = cfg.get("quiet_star", {})
-    return f"{qs.get('thought_len')} thought tokens, n_true {qs.get('n_true')}"
+        base = "no thought (baseline)"
+    else:
+        qs = cfg.get("quiet_star", {})
+        base = f"{qs.get('thought_len')} thought tokens, n_true {qs.get('n_true')}"
+    return f"{base}, {extra}" if extra else base
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -111,7 +120,7 @@ def load_experiment(path: str | Path) -> Experiment:
             {
                 "trial_id": trial_id,
                 "status": status,
-                "label": label_of(cfg) if cfg else trial_id,
+                "label": label_of(cfg, params) if cfg else trial_id,
                 "thought_len": thought_len,
                 "baseline": baseline,
                 "seed": cfg.get("train", {}).get("seed"),
@@ -447,15 +456,27 @@ def results_table(exp: Experiment) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_report(exp_dir: str | Path, out: str | Path, analyse_model: bool = True) -> Path:
-    """Write ``report.md`` and figures for an experiment; deterministic for the same inputs."""
+def write_report(
+    exp_dir: str | Path,
+    out: str | Path,
+    analyse_model: bool = True,
+    reading: str | Path | None = None,
+) -> Path:
+    """Write ``report.md`` and figures for an experiment; deterministic for the same inputs.
+
+    ``reading``: a Markdown file with a written interpretation, placed under "Reading" (it is
+    an input like the runs, so the report stays generated)."""
     exp = load_experiment(exp_dir)
     out = Path(out)
     figs_dir = out / "figures"
     sections = [f"# qstar report: {exp.path.name}", ""]
     for note in exp.notes:
         warnings.warn(note, stacklevel=2)
+    if reading is not None:
+        sections += ["## Reading", "", Path(reading).read_text().strip(), ""]
+    evidence_sections = _evidence_sections(exp, figs_dir)
     sections += ["## Results", "", _md_table(results_table(exp)), ""]
+    sections += evidence_sections
     figures = [
         (
             "accuracy_vs_step",
@@ -537,6 +558,116 @@ def write_report(exp_dir: str | Path, out: str | Path, analyse_model: bool = Tru
     report = out / "report.md"
     report.write_text("\n".join(sections))
     return report
+
+
+def _evidence_sections(exp: Experiment, figs_dir: Path) -> list[str]:
+    """ "Does it learn?": held-out and task estimates with intervals, when the runs saved
+    per-token held-out losses (:mod:`qstar.evidence`); optimisation diagnostics when logged."""
+    from . import evidence as ev
+
+    run_dirs = {t: d for t, d, _ in _trial_dirs(exp.path) if d.is_dir()}
+    arms = ev.arms_of(exp, run_dirs)
+    out: list[str] = []
+    if any(arm.steps() for arm in arms):
+        held = ev.heldout_table(arms)
+        tasks = ev.task_table(arms)
+        out += [
+            "## Does it learn?",
+            "",
+            "Held-out next-token NLL (nats/token) on windows never trained on, thoughts greedy. "
+            "`gain` = without thinking - with thinking (> 0: thinking helps); `hardest 10%`: the "
+            "tokens whose step-0 loss is in the top decile; `vs baseline` = the no-thought "
+            "baseline's NLL - this arm's with thinking, same step (> 0: thinking beats training "
+            "the plain LM on the same tokens); `drift` = NLL without thinking - its step-0 value "
+            "(> 0: the language model got worse). Brackets: 95% percentile bootstrap over held-out "
+            "windows (2000 resamples) of the values averaged over seeds; each seed's own value "
+            "follows.",
+            "",
+            "### Findings",
+            "",
+            *[f"- {line}" for line in ev.findings(held, tasks)],
+            "",
+            "### Held-out text at the last step",
+            "",
+            _md_table(held.map(ev.fmt_cell) if not held.empty else held),
+            "",
+        ]
+        curves = ev.curves(arms)
+        for name, title, fig in (
+            (
+                "heldout_vs_step",
+                "Held-out NLL and the gain of thinking against step",
+                ev.fig_heldout_vs_step(curves),
+            ),
+            (
+                "gain_vs_thought_tokens",
+                "Final gain against thought tokens",
+                ev.fig_gain_vs_thought_tokens(curves),
+            ),
+            (
+                "gain_by_difficulty",
+                "Gain by token difficulty (final step)",
+                ev.fig_gain_by_difficulty(
+                    {
+                        a.label: ev.gain_by_difficulty(a, a.steps()[-1])
+                        for a in arms
+                        if not a.baseline and a.steps()
+                    }
+                ),
+            ),
+        ):
+            if fig is not None:
+                save(fig, figs_dir, name)
+                out += [f"### {title}", "", f"![{title}](figures/{name}.png)", ""]
+        if not curves.empty:
+            wide = curves.pivot_table(
+                index=["arm", "step"], columns="quantity", values="value", sort=False
+            )
+            out += [
+                "Every evaluation (point estimates; intervals in `curves.csv`):",
+                "",
+                _md_table(wide.reset_index()),
+                "",
+            ]
+            figs_dir.parent.mkdir(parents=True, exist_ok=True)
+            curves.to_csv(figs_dir.parent / "curves.csv", index=False, float_format="%.6f")
+        if not tasks.empty:
+            out += [
+                "### Tasks (paper protocol, zero-shot)",
+                "",
+                "Scores in [0, 1] at each arm's last task evaluation; brackets: 95% bootstrap over "
+                "questions; `thinking - not` is paired on the same questions.",
+                "",
+                _md_table(tasks.map(ev.fmt_cell)),
+                "",
+            ]
+    mix = ev.mixing_reward_table(exp)
+    if not mix.empty:
+        out += [
+            "### Mixing weight and rewards over training",
+            "",
+            "Per-step means over an arm's seeds: the mixing head's output `w` (0 = the base "
+            "prediction) and the REINFORCE rewards (nats; `reward_nonzero`: share of thoughts "
+            "with a positive reward).",
+            "",
+            _md_table(mix, ".3g"),
+            "",
+        ]
+    diag = ev.diagnostics_table(exp, run_dirs)
+    if not diag.empty:
+        out += [
+            "## Optimisation diagnostics",
+            "",
+            "Medians over training steps: the gradient norm before clipping, the factor clipping "
+            "multiplied it by, the REINFORCE term's gradient over the NLL terms' on the trunk, the "
+            "mixing head's gradient norm after clipping, and each step's update over the weights' "
+            "norm; then the fraction of trunk weights that differ from step 0 at the end and the "
+            "held-out NLL without thinking at every evaluation (`NLL@step`).",
+            "",
+            _md_table(diag, ".3g"),
+            "",
+        ]
+    return out
 
 
 def _task_versions(exp: Experiment) -> dict[str, Any]:

@@ -164,7 +164,7 @@ def _report(args: argparse.Namespace) -> int:
 
     exp = Path(args.experiment)
     out = Path(args.out) if args.out else Path("reports") / exp.resolve().name
-    report = write_report(exp, out, analyse_model=not args.no_model)
+    report = write_report(exp, out, analyse_model=not args.no_model, reading=args.reading)
     print(f"report: {report}")
     return 0
 
@@ -305,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-model",
         action="store_true",
         help="skip the analyses that load a trained model (where thinking helps, top thoughts)",
+    )
+    p.add_argument(
+        "--reading",
+        metavar="FILE",
+        help="a Markdown file with a written interpretation, placed at the top under 'Reading'",
     )
     p.set_defaults(func=_report)
 

@@ -119,11 +119,13 @@ class Row:
 
     est: Estimate
     seeds: list[float]
+    signed: bool = True  # a difference (printed with its sign) rather than a level
 
-    def fmt(self, digits: int = 4, sign: bool = True) -> str:
-        text = self.est.fmt(digits, sign=sign)
+    def fmt(self, digits: int = 4) -> str:
+        text = self.est.fmt(digits, sign=self.signed)
         if len(self.seeds) > 1:
-            text += " (seeds " + ", ".join(f"{v:+.{digits}f}" for v in self.seeds) + ")"
+            f = f"{{:{'+' if self.signed else ''}.{digits}f}}"
+            text += " (seeds " + ", ".join(f.format(v) for v in self.seeds) + ")"
         return text
 
 
@@ -177,7 +179,10 @@ def nll(arm: Arm, step: int, which: str = "base") -> Row | None:
         values = tok.base if which == "base" else tok.thought
         return None if values is None else _all(values)
 
-    return _estimate(arm, step, fn)
+    row = _estimate(arm, step, fn)
+    if row is not None:
+        row.signed = False
+    return row
 
 
 def gain(arm: Arm, step: int, hard: bool = False) -> Row | None:
@@ -359,3 +364,239 @@ def fmt_cell(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return ""
     return str(value)
+
+
+# ---------------------------------------------------------------------------- figures
+def fig_heldout_vs_step(table: pd.DataFrame):
+    """Left: held-out NLL with thinking (no-thought baseline: without) against step, per arm.
+    Right: the gain of thinking (without - with) against step, with 95% intervals."""
+    from .analysis import _plt
+
+    plt = _plt()
+    if table.empty:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for arm, d in table.groupby("arm", sort=False):
+        base = bool(d["baseline"].iloc[0])
+        q = d[d.quantity == ("nll_base" if base else "nll_thought")].sort_values("step")
+        style = dict(linestyle="--" if base else "-", marker="o", label=arm)
+        line = axes[0].plot(q["step"], q["value"], **style)[0]
+        axes[0].fill_between(q["step"], q["lo"], q["hi"], alpha=0.15, color=line.get_color())
+        g = d[d.quantity == "gain"].sort_values("step")
+        if not g.empty:
+            axes[1].plot(g["step"], g["value"], color=line.get_color(), marker="o", label=arm)
+            axes[1].fill_between(g["step"], g["lo"], g["hi"], alpha=0.15, color=line.get_color())
+    axes[0].set_ylabel("held-out NLL (nats/token)")
+    axes[0].set_title("with thinking (baseline: plain LM)")
+    axes[1].axhline(0, color="black", linewidth=0.8)
+    axes[1].set_ylabel("gain: NLL without - with thinking")
+    axes[1].set_title("what the thought adds (> 0 helps)")
+    for ax in axes:
+        ax.set_xlabel("training step")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="lower center", ncol=min(4, len(labels)), bbox_to_anchor=(0.5, -0.05)
+    )
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def fig_gain_vs_thought_tokens(table: pd.DataFrame):
+    """Final gain (and final advantage over the baseline) against thought tokens."""
+    from .analysis import _plt
+
+    plt = _plt()
+    d = table[~table.baseline]
+    if d.empty:
+        return None
+    last = d[d.step == d.groupby("arm")["step"].transform("max")]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for q, label in (
+        ("gain", "without - with thinking"),
+        ("vs_baseline", "baseline - with thinking"),
+    ):
+        g = last[last.quantity == q].sort_values("thought_len")
+        for arm, r in g.groupby("arm", sort=False):
+            x = r["thought_len"].to_numpy() + (0.08 if q == "vs_baseline" else 0.0)
+            ax.errorbar(
+                x,
+                r["value"],
+                yerr=[r["value"] - r["lo"], r["hi"] - r["value"]],
+                marker="o" if q == "gain" else "s",
+                capsize=4,
+                linestyle="none",
+                label=f"{label}: {arm}",
+            )
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("thought tokens")
+    ax.set_ylabel("held-out NLL difference (nats)")
+    ax.set_title("final step, 95% intervals over held-out windows")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def fig_gain_by_difficulty(per_arm: dict[str, pd.DataFrame]):
+    """Gain of thinking per decile of the starting model's token loss, one panel per arm."""
+    from .analysis import _plt
+
+    plt = _plt()
+    per_arm = {k: v for k, v in per_arm.items() if not v.empty}
+    if not per_arm:
+        return None
+    fig, axes = plt.subplots(1, len(per_arm), figsize=(4.2 * len(per_arm), 3.4), squeeze=False)
+    for ax, (arm, d) in zip(axes[0], per_arm.items(), strict=True):
+        ax.bar(
+            d["decile"],
+            d["value"],
+            yerr=[d["value"] - d["lo"], d["hi"] - d["value"]],
+            capsize=3,
+            width=0.8,
+        )
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(arm, fontsize=9)
+        ax.set_xlabel("decile of step-0 token loss (harder ->)")
+        ax.set_ylabel("gain (nats)")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- training-time tables
+def _trial_arm(exp) -> dict[str, str]:
+    labels = dict(zip(exp.trials.trial_id, exp.trials.label, strict=True))
+    return {tid: re.sub(r",? ?seed \d+$", "", str(labels[tid])) for tid in labels}
+
+
+def mixing_reward_table(exp, points: int = 4) -> pd.DataFrame:
+    """Mixing weight and reward statistics at a few steps, averaged over an arm's seeds."""
+    cols = ["mixing_weight_mean", "mixing_weight_std", "reward_mean", "reward_nonzero"]
+    s = exp.steps
+    if s.empty or not set(cols) <= set(s.columns):
+        return pd.DataFrame()
+    s = s.dropna(subset=["mixing_weight_mean"]).copy()
+    if s.empty:
+        return pd.DataFrame()
+    s["arm"] = s["trial_id"].map(_trial_arm(exp))
+    rows = []
+    for arm, d in s.groupby("arm", sort=False):
+        last = int(d["step"].max())
+        marks = sorted({max(1, round(last * k / points)) for k in range(1, points + 1)} | {1})
+        for m in marks:
+            at = d[d.step == m]
+            if at.empty:
+                continue
+            rows.append({"arm": arm, "step": m, **{c: float(at[c].mean()) for c in cols}})
+    return pd.DataFrame(rows)
+
+
+DIAG = {
+    "grad norm": "grad_norm",
+    "clip factor": "grad_clip_coef",
+    "policy/NLL grad, trunk": ("grad_norm/policy/trunk", "grad_norm/nll/trunk"),
+    "mixing-head grad after clip": ("grad_norm/mixing_head", "grad_clip_coef"),
+    "trunk update / weights": "update_rel/trunk",
+    "head update / weights": "update_rel/mixing_head",
+}
+
+
+def diagnostics_table(exp, run_dirs: dict[str, Path]) -> pd.DataFrame:
+    """Per trial: medians over steps of the optimisation diagnostics that were logged
+    (:mod:`qstar.diagnostics`), the fraction of trunk weights changed by the end, and the
+    held-out NLL without thinking at every evaluation."""
+    s = exp.steps
+    if s.empty or "grad_norm/trunk" not in s.columns:
+        return pd.DataFrame()
+    rows = []
+    for tid in exp.trials.trial_id:
+        d = s[s.trial_id == tid]
+        if d.empty:
+            continue
+        row: dict[str, Any] = {"trial": arm_of(tid)}
+        for name, key in DIAG.items():
+            if isinstance(key, tuple):
+                if not set(key) <= set(d.columns) or d[key[0]].isna().all():
+                    continue
+                if name.startswith("policy"):
+                    value = (d[key[0]] / d[key[1]].where(d[key[1]] > 0)).median()
+                else:
+                    value = (d[key[0]] * d[key[1]]).median()
+            elif key in d.columns and not d[key].isna().all():
+                value = d[key].median()
+            else:
+                continue
+            row[name] = float(value)
+        changed = _last_metric(run_dirs.get(tid), "changed_frac/trunk")
+        if changed is not None:
+            row["trunk weights changed"] = changed
+        e = exp.evals[(exp.evals.trial_id == tid) & (exp.evals.metric == "nll_base")]
+        for _, r in e.sort_values("step").iterrows():
+            row[f"NLL@{int(r['step'])}"] = float(r["value"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _last_metric(run_dir: Path | None, key: str) -> float | None:
+    if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
+        return None
+    value = None
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if key in line:
+            try:
+                value = float(json.loads(line)[key])
+            except (ValueError, KeyError):
+                continue
+    return value
+
+
+# ---------------------------------------------------------------------------- findings
+def findings(held: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
+    """Plain sentences read off the tables: each names the estimate and its interval."""
+    out = []
+
+    def verdict(row: Row, pos: str, neg: str) -> str:
+        if row.est.lo > 0:
+            return pos
+        if row.est.hi < 0:
+            return neg
+        return "no difference detectable at this size"
+
+    for _, r in held.iterrows():
+        arm, step = r["arm"], int(r["step"])
+        d = r.get("drift since step 0")
+        if isinstance(d, Row):
+            out.append(
+                f"{arm}, step {step}: NLL without thinking moved {d.est.fmt(4, sign=True)} since "
+                f"step 0 ({verdict(d, 'the language model got worse', 'the language model improved')})."
+            )
+        g = r.get("gain")
+        if isinstance(g, Row):
+            out.append(
+                f"{arm}, step {step}: thinking changes held-out NLL by {g.est.fmt(4, sign=True)} "
+                f"nats/token, without minus with ({verdict(g, 'thinking helps', 'thinking hurts')})."
+            )
+        h = r.get("gain, hardest 10%")
+        if isinstance(h, Row):
+            out.append(
+                f"{arm}, step {step}: on the hardest 10% of tokens the gain is {h.est.fmt(4, sign=True)} "
+                f"({verdict(h, 'thinking helps', 'thinking hurts')})."
+            )
+        b = r.get("vs baseline")
+        if isinstance(b, Row):
+            out.append(
+                f"{arm}, step {step}: against the no-thought baseline at the same step, "
+                f"{b.est.fmt(4, sign=True)} (baseline minus with thinking: "
+                f"{verdict(b, 'thinking beats training the plain LM', 'the plain LM is better')})."
+            )
+    for _, r in tasks.iterrows() if not tasks.empty else []:
+        diff = r.get("thinking - not")
+        if isinstance(diff, Estimate):
+            v = (
+                "no difference detectable"
+                if not diff.excludes_zero()
+                else ("thinking helps" if diff.lo > 0 else "thinking hurts")
+            )
+            out.append(
+                f"{r['arm']}, {r['task']} {r['metric']}: thinking minus not "
+                f"{diff.fmt(1, scale=100, sign=True)} points ({v})."
+            )
+    return out

@@ -71,6 +71,61 @@ def test_run_directory_layout_and_metrics(tmp_path, tiny_run_config):
     assert summary["eval_last"]["eval/nll_base"] < summary["eval_first"]["eval/nll_base"]
     kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert kept == ["step_000004", "step_000006"]  # keep_checkpoints=2
+    # per-token held-out losses behind every evaluation: their means are the logged NLLs
+    for row in eval_rows:
+        tokens = json.loads((run / "heldout" / f"step_{row['step']}.json").read_text())
+        for key, name in (("base", "eval/nll_base"), ("thought", "eval/nll_thought")):
+            flat = [v for window in tokens[key] for v in window]
+            assert len(tokens[key]) == cfg.eval.windows
+            assert sum(flat) / len(flat) == pytest.approx(row[name], rel=1e-6)
+    # per-role gradient norms on every step; the roles' norms make up the total
+    roles = ("trunk", "embeddings", "meta", "mixing_head")
+    for r in train_rows:
+        total = sum(r[f"grad_norm/{role}"] ** 2 for role in roles) ** 0.5
+        assert total == pytest.approx(r["grad_norm"], rel=1e-4)
+        assert r["grad_clip_coef"] == pytest.approx(
+            min(1.0, cfg.optim.grad_clip / r["grad_norm"]), rel=1e-4
+        )
+
+
+def test_diagnostics_split_the_gradient_and_count_changed_weights(tmp_path, tiny_run_config):
+    """grad_parts: policy + NLL parts add up to the total gradient; param_stats: update norms
+    per role, and under pure bf16 at a tiny learning rate most trunk weights never move."""
+    cfg = tiny_run_config(
+        "logging.grad_parts=true", "logging.param_stats=true", "train.steps=4", "eval.every=2"
+    )
+    train(cfg, tmp_path / "a")
+    rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    steps = [r for r in rows if r["kind"] == "train"]
+    assert steps[0]["grad_norm/policy/trunk"] == 0.0  # zero mixing weight at step 1: no reward
+    later = steps[-1]
+    assert later["grad_norm/policy/trunk"] > 0 and later["grad_norm/nll/trunk"] > 0
+    for role in ("trunk", "embeddings", "mixing_head"):
+        assert later[f"update_norm/{role}"] > 0
+    changed = [r for r in rows if r["kind"] == "eval"][-1]
+    assert changed["changed_frac/trunk"] > 0.99  # fp32 weights at lr 1e-3: all move
+
+    frozen = tiny_run_config(
+        "logging.param_stats=true",
+        "train.steps=3",
+        "train.precision=bf16",
+        "optim.lr=1e-6",
+        "optim.warmup_steps=0",
+    )
+    train(frozen, tmp_path / "b")
+    last = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "eval"][-1]
+    assert last["changed_frac/trunk"] < 0.2  # updates below half a bf16 ulp round away
+    assert last["changed_frac/meta"] > 0.5  # stored /100: small enough to move
+
+
+def test_trainable_heads_keeps_the_language_model_fixed(tmp_path, tiny_run_config):
+    summary = train(tiny_run_config("train.trainable=heads", "train.steps=3"), tmp_path / "run")
+    assert summary["eval_last"]["eval/nll_base"] == pytest.approx(
+        summary["eval_first"]["eval/nll_base"], abs=1e-6
+    )
+    assert summary["eval_last"]["eval/nll_delta"] != 0.0  # the head and meta tokens learned
+    with pytest.raises(ValueError, match="trainable=heads"):
+        train(tiny_run_config("train.trainable=heads", "train.objective=lm"), tmp_path / "lm")
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_run_config):

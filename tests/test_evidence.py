@@ -1,0 +1,119 @@
+"""Bootstrap intervals and the held-out/task evidence tables, against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qstar import evidence, stats
+from qstar.analysis import load_experiment
+
+
+def test_ratio_bootstrap_by_hand():
+    # two windows: resampled means are 1 (p=1/4), 2 (1/2) or 3 (1/4)
+    est = stats.ratio_bootstrap(np.array([1.0, 3.0]), np.array([1, 1]), n_boot=4000)
+    assert est.value == 2.0 and est.n == 2
+    assert (est.lo, est.hi) == (1.0, 3.0)
+    # token-weighted: window sums 2 (2 tokens) and 6 (3 tokens) -> 8 / 5
+    assert stats.ratio_bootstrap(np.array([2.0, 6.0]), np.array([2, 3])).value == pytest.approx(1.6)
+    # empty windows are dropped, not counted
+    assert stats.ratio_bootstrap(np.array([0.0, 4.0]), np.array([0, 2])).value == 2.0
+
+
+def test_bootstrap_interval_has_the_normal_width():
+    x = np.random.default_rng(0).normal(1.0, 2.0, size=900)
+    est = stats.mean_bootstrap(x)
+    half = (est.hi - est.lo) / 2
+    assert half == pytest.approx(1.96 * x.std() / 30, rel=0.1)
+    assert est.lo < est.value < est.hi and est.excludes_zero()
+    assert not stats.mean_bootstrap(x - x.mean()).excludes_zero()
+
+
+def _write_trial(root: Path, trial_id: str, steps: dict[int, dict], cfg: dict, tasks=None):
+    run = root / "trials" / trial_id
+    (run / "heldout").mkdir(parents=True)
+    for step, tokens in steps.items():
+        (run / "heldout" / f"step_{step}.json").write_text(json.dumps(tokens))
+    (run / "config.yaml").write_text(json.dumps(cfg))
+    rows = [{"kind": "eval", "step": s, "eval/nll_base": 0.0} for s in steps]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for (step, task), values in (tasks or {}).items():
+        folder = run / "tasks" / f"step_{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"doc_id": i, "acc": v, "soft_score": v}) for i, v in enumerate(values)]
+        (folder / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    qs_cfg = {"quiet_star": {"thought_len": 4, "n_true": 2}, "train": {"objective": "quiet_star"}}
+    lm_cfg = {"quiet_star": {"thought_len": 4, "n_true": 2}, "train": {"objective": "lm"}}
+    base0 = [[1.0, 2.0, 9.0], [3.0, 1.0]]  # step-0 base NLL: 9.0 is the hardest token
+    trials = []
+    for seed, shift in ((0, 0.1), (1, 0.3)):
+        tid = f"t00{seed}-thought_len=4-seed={seed}"
+        steps = {
+            0: {"base": base0, "thought": base0},
+            10: {
+                "base": [[1.0, 2.0, 8.0], [3.0, 1.0]],
+                "thought": [[1.0 - shift, 2.0, 8.0 - 1.0], [3.0, 1.0 + shift]],
+            },
+        }
+        tasks = {(10, "csqa"): [1, 0, 1, 1], (10, "csqa:nothink"): [0, 0, 1, 1]}
+        _write_trial(tmp_path, tid, steps, qs_cfg, tasks)
+        trials.append({"trial_id": tid, "overrides": [], "params": {"train.seed": seed}})
+    lm_steps = {0: {"base": base0}, 10: {"base": [[1.5, 2.0, 8.5], [3.0, 1.0]]}}
+    _write_trial(tmp_path, "t002-objective=lm-seed=0", lm_steps, lm_cfg)
+    trials.append({"trial_id": "t002-objective=lm-seed=0", "overrides": [], "params": {}})
+    (tmp_path / "trials.json").write_text(json.dumps({"trials": trials}))
+    exp = load_experiment(tmp_path)
+    dirs = {t["trial_id"]: tmp_path / "trials" / t["trial_id"] for t in trials}
+    return evidence.arms_of(exp, dirs)
+
+
+def test_arms_pool_seeds_and_gains_match_hand_computation(experiment):
+    arm, baseline = experiment
+    assert arm.seeds == 2 and baseline.baseline and arm.steps() == [0, 10]
+    g = evidence.gain(arm, 10)
+    # seed 0: diffs (0.1 + 1.0 - 0.1) / 5 tokens = 0.2; seed 1: (0.3 + 1.0 - 0.3) / 5 = 0.2
+    assert g.seeds == pytest.approx([0.2, 0.2]) and g.est.value == pytest.approx(0.2)
+    hard = evidence.gain(arm, 10, hard=True)  # only the 9.0 token: gain 1.0 in both seeds
+    assert hard.est.value == pytest.approx(1.0) and hard.seeds == pytest.approx([1.0, 1.0])
+    assert evidence.gain(arm, 0).est.value == 0.0
+    # drift: base at step 10 - step 0 = (-1.0) / 5 tokens
+    assert evidence.drift(arm, 10).est.value == pytest.approx(-0.2)
+    # vs baseline: baseline base - thought, seed 0 paired with the one baseline seed
+    vb = evidence.vs_baseline(arm, baseline, 10)
+    assert vb.seeds == pytest.approx([(0.6 + 0 + 1.5 + 0 - 0.1) / 5])
+    table = evidence.heldout_table(experiment)
+    assert list(table["arm"]) == ["4 thought tokens, n_true 2", "no thought (baseline)"]
+    assert table.iloc[1]["gain"] is None
+
+
+def test_task_table_pairs_thinking_with_not(experiment):
+    table = evidence.task_table(experiment, metrics=("acc",))
+    row = table.iloc[0]
+    assert row["task"] == "csqa" and row["questions"] == 4
+    assert row["thinking"].value == pytest.approx(0.75)
+    assert row["not thinking"].value == pytest.approx(0.5)
+    assert row["thinking - not"].value == pytest.approx(0.25)
+
+
+def test_report_has_the_evidence_section_and_reading(experiment, tmp_path):
+    from qstar.analysis import write_report
+
+    exp_dir = next(iter(experiment[0].trials.values())).parent.parent
+    reading = tmp_path / "reading.md"
+    reading.write_text("Thinking helps a little here.\n")
+    report = write_report(exp_dir, tmp_path / "out", analyse_model=False, reading=reading)
+    text = report.read_text()
+    assert "## Reading\n\nThinking helps a little here." in text
+    assert "## Does it learn?" in text and "### Tasks (paper protocol, zero-shot)" in text
+    assert "thinking helps" in text  # the seeds' common gain of 0.2 excludes zero
+    assert (tmp_path / "out" / "figures" / "heldout_vs_step.png").is_file()
+    assert (tmp_path / "out" / "curves.csv").is_file()
+    again = write_report(exp_dir, tmp_path / "out2", analyse_model=False, reading=reading)
+    assert again.read_text() == text  # deterministic
