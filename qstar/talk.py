@@ -43,9 +43,13 @@ def mix_hidden(
     """The authors' code: ``logits = lm_head((1 - w) h_base + w h_thought)``, ``w`` unbounded.
 
     Returns ``(logits (..., V), w (..., 1))``; equal to mixing the two logits, since the LM head
-    is linear (up to final softcapping).
+    is linear (up to final softcapping). Computed in fp32 as ``h_base + w (h_thought - h_base)``:
+    early in training ``|w| ~ 1e-4``, and in bf16 both ``1 - w`` (= 1) and the thought's share
+    of the mixture (far below the spacing of the hidden state's values) round away.
     """
-    return lm_logits((1 - raw_w) * h_base + raw_w * h_thought), raw_w
+    w = raw_w.float()
+    h_base = h_base.float()
+    return lm_logits(h_base + w * (h_thought.float() - h_base)), w
 
 
 def mix_logprob(
@@ -57,7 +61,7 @@ def mix_logprob(
     zero-initialised head starts at ``w = 0.5`` here, not at the base model.
     Returns ``(log-probs (..., V), w (..., 1))``; log-probs are valid logits.
     """
-    w = torch.sigmoid(raw_w)
+    w = torch.sigmoid(raw_w.float())
     lp_base = torch.log_softmax(lm_logits(h_base).float(), dim=-1)
     lp_thought = torch.log_softmax(lm_logits(h_thought).float(), dim=-1)
     return torch.log_softmax((1 - w) * lp_base + w * lp_thought, dim=-1), w

@@ -195,6 +195,41 @@ def test_training_step_under_bf16_autocast(kernel):
     assert losses[kernel] == pytest.approx(losses["dense"], rel=2e-2)
 
 
+@pytest.mark.parametrize("mixing", ["hidden", "logprob"])
+def test_rewards_under_bf16_autocast_equal_fp32_rewards(mixing):
+    """Early in training the mixing weight is ~1e-4: the reward (the difference between two
+    thoughts' mixed predictions) must not drown in bf16 rounding. With the same thoughts, the
+    rewards, the mixed NLL and the gain over the base model under autocast match fp32.
+    (Before the fix, mixing in bf16 gave rewards many times their fp32 value: mostly noise.)"""
+    qs = build("llama", thought_len=3, n_true=2, n_thoughts=2, mixing=mixing)
+    with torch.no_grad():  # a head that has just left zero, as after a few steps
+        qs.mixing_head.net[-1].weight.normal_(std=1e-4 if mixing == "hidden" else 0.0)
+        qs.base_model.get_input_embeddings().weight.mul_(50)  # real models' hidden values: O(1)
+    ids = torch.cat([ids_of(qs), ids_of(qs, "The quick brown fox jumps over the dog")])
+    fixed = qs.sample_thoughts(
+        ids.repeat_interleave(2, 0), generator=torch.Generator().manual_seed(0)
+    )
+    qs._sample = lambda *a, **k: fixed  # the same thoughts in both precisions
+    ref = qs(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = qs(ids)
+    r_ref, r_got = ref.rewards, got.rewards
+    assert r_ref.abs().max() > 0
+    err = (r_got - r_ref).abs().mean() / r_ref.abs().mean()
+    # measured: 20% after the fix (the bf16 trunk's own noise in the difference of two
+    # thoughts' hidden states), 590% before it (the mixture rounded to bf16)
+    assert err < 0.5, f"rewards under autocast are off by {err:.0%} of their size"
+    assert float(got.mixed_nll) == pytest.approx(float(ref.mixed_nll), abs=2e-2)
+
+
+def test_heldout_gain_is_exactly_zero_at_zero_mixing_weight_under_autocast():
+    """Base and mixed logits go through the same fp32 head: no precision gap shows up as a gain."""
+    qs = build("llama").eval()
+    ids = ids_of(qs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(qs.mixed_logits(ids), qs.base_logits(ids))
+
+
 def _einsum_fp64(q, k, v, L, scaling):
     """The thought layout by brute force in fp64: one masked softmax over all keys."""
     from qstar.attention import dense_thought_mask
