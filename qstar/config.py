@@ -509,10 +509,11 @@ def build_run_config(tree: dict[str, Any]) -> RunConfig:
             raise ValueError(f"{name}.{exc}") from None
         sections[name] = section
     cfg = RunConfig(**sections)
-    if cfg.train.parallel == "fsdp" and cfg.eval.tasks:
+    if cfg.train.parallel == "fsdp" and cfg.eval.tasks and cfg.eval.tasks_at != "end":
         raise ValueError(
             "eval.tasks during training needs the whole model in one process, which "
-            "train.parallel=fsdp does not keep; evaluate the final model with `qstar eval` instead"
+            "train.parallel=fsdp does not keep; set eval.tasks_at=end (the tasks then run on the "
+            "gathered final model after training) or evaluate it with `qstar eval`"
         )
     return cfg
 

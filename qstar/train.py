@@ -295,9 +295,49 @@ def train(
     process trains on its share of every batch (see :mod:`qstar.distributed`)."""
     ctx = distributed.init()
     try:
-        return _train(cfg, Path(run_dir), resume, stop_after, on_eval, ctx)
+        summary = _train(cfg, Path(run_dir), resume, stop_after, on_eval, ctx)
     finally:
         distributed.shutdown(ctx)
+    if (
+        summary.get("final_model")
+        and cfg.eval.tasks
+        and distributed.sharded(ctx, cfg.train.parallel)
+    ):
+        summary = final_task_eval(cfg, Path(run_dir), summary, ctx)
+    return summary
+
+
+def final_task_eval(
+    cfg: RunConfig, run_dir: Path, summary: dict[str, Any], ctx: distributed.Context
+) -> dict[str, Any]:
+    """``eval.tasks`` of a sharded run: no process holds the whole model while training, so the
+    main process scores the tasks on the gathered ``final/`` model once training is over (the
+    other processes have left). Logged as an evaluation row at the last step."""
+    think = cfg.train.objective == "quiet_star"
+    device = distributed.device_for(ctx, pick_device(cfg.train.device))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    qs = QuietStar.from_pretrained(summary["final_model"], dtype=dtype).to(device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.train.precision == "bf16-autocast"
+        else contextlib.nullcontext()
+    )
+    step = cfg.train.steps
+    samples = run_dir / "tasks" / f"step_{step}"
+    with autocast:
+        row = task_metrics(qs, cfg, think, samples)
+        if think and cfg.eval.tasks_both:
+            row.update(task_metrics(qs, cfg, False, samples))
+    logger = MetricsLogger(run_dir, cfg.logging.tensorboard, False)
+    try:
+        logger.log({"kind": "eval", "step": step, **row})
+    finally:
+        logger.close()
+    summary["eval_last"] = {**(summary.get("eval_last") or {}), **row}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def _train(
@@ -433,7 +473,7 @@ def _train(
                     )
                     if ctx.main:
                         _write_json(run_dir / "heldout" / f"step_{step}.json", per_token)
-                if cfg.eval.tasks and _tasks_due(cfg, step):
+                if cfg.eval.tasks and _tasks_due(cfg, step) and not fsdp:
                     samples = run_dir / "tasks" / f"step_{step}" if ctx.main else None
                     row.update(task_metrics(qs, cfg, think, samples))
                     if think and cfg.eval.tasks_both and step > 0:

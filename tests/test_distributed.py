@@ -189,10 +189,38 @@ def test_fsdp_quiet_star_step_matches_ddp(tmp_path):
     assert "eval/nll_thought" in _rows(tmp_path / "fsdp", "eval")[-1]
 
 
+def test_fsdp_scores_tasks_on_the_gathered_final_model(tmp_path):
+    """No process holds the whole model while sharded, so eval.tasks_at=end scores the tasks on
+    final/ after training, thinking and not, with per-example scores, as one process would."""
+    from .test_evaluation import _custom_task
+
+    task_dir = _custom_task(tmp_path)
+    common = [
+        "train.steps=2",
+        "eval.every=2",
+        "eval.tasks=my_addition",
+        "eval.limit=3",
+        "eval.tasks_at=end",
+        "eval.tasks_both=true",
+        f"eval.include_paths=[{task_dir}]",
+    ]
+    _train(tmp_path / "fsdp", 2, *common, "train.parallel=fsdp")
+    _train(tmp_path / "one", 1, *common)
+    rows = _rows(tmp_path / "fsdp", "eval")
+    scored = [r for r in rows if "eval/my_addition/acc" in r]
+    assert [r["step"] for r in scored] == [2]
+    assert "eval/my_addition:nothink/acc" in scored[0]
+    assert (tmp_path / "fsdp" / "tasks" / "step_2" / "my_addition.jsonl").is_file()
+    one = [r for r in _rows(tmp_path / "one", "eval") if "eval/my_addition/acc" in r][0]
+    for key in ("eval/my_addition/acc", "eval/my_addition:nothink/acc"):
+        assert scored[0][key] == pytest.approx(one[key])
+
+
 def test_fsdp_refuses_in_training_task_eval():
     from qstar.config import load_run_config
 
-    with pytest.raises(ValueError, match="qstar eval"):
+    with pytest.raises(ValueError, match="tasks_at=end"):
         load_run_config(None, ["train.parallel=fsdp", "eval.tasks=[gsm8k]"])
+    load_run_config(None, ["train.parallel=fsdp", "eval.tasks=[gsm8k]", "eval.tasks_at=end"])
     with pytest.raises(ValueError, match="parallel must be one of"):
         load_run_config(None, ["train.parallel=zero3"])
