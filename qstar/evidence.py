@@ -104,7 +104,7 @@ def arms_of(exp, run_dirs: dict[str, Path]) -> list[Arm]:
         arm = arms.get(name)
         if arm is None:
             label = re.sub(r",? ?seed \d+$", "", str(t["label"]))
-            thought_len = 0 if t["baseline"] else int(t["thought_len"] or 0)
+            thought_len = 0 if t["baseline"] or pd.isna(t["thought_len"]) else int(t["thought_len"])
             arm = arms[name] = Arm(name, label, bool(t["baseline"]), thought_len, {}, {}, {})
         run_dir = run_dirs[t["trial_id"]]
         arm.trials[t["trial_id"]] = run_dir
