@@ -100,8 +100,13 @@ def _fail(path: Path, msg: str) -> ValueError:
 
 
 def _fmt(value: Any) -> str:
+    """A value as it appears in trial ids: readable and unambiguous (``1e4``, ``1e-6``, ``0.5``).
+
+    The id's character filter turns ``+`` into ``_``, so ``1e+04`` would read as ``1e_04``."""
     if isinstance(value, float):
-        return f"{value:.3g}"
+        text = f"{value:.3g}"
+        mantissa, e, exponent = text.partition("e")
+        return f"{mantissa}e{int(exponent)}" if e else text
     return str(value)
 
 

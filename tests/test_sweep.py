@@ -64,6 +64,14 @@ def test_random_search_is_reproducible(tmp_path):
     assert all(1e-5 <= t.params["optim.lr"] <= 1e-3 for t in a.trials)
 
 
+def test_trial_ids_spell_numbers_unambiguously(tmp_path):
+    """``1e+04`` used to become ``1e_04`` in an id, which reads as 1e-04."""
+    f = tmp_path / "s.yaml"
+    f.write_text("base: debug_tiny\ngrid:\n  optim.lr: [10000.0, 1.0e-6, 0.5, 2.5e-5]\n")
+    ids = [t.trial_id for t in load_sweep(f).trials]
+    assert ids == ["t000-lr=1e4", "t001-lr=1e-6", "t002-lr=0.5", "t003-lr=2.5e-5"]
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
