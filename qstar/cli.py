@@ -335,9 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .loading import ModelLoadError
+    from .train import TrainingDiverged
 
     try:
         return int(args.func(args) or 0)
+    except TrainingDiverged as exc:  # a run that failed, not a bad input
+        print(f"qstar {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except (ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"qstar {args.command}: error: {exc}", file=sys.stderr)
         return 2

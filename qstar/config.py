@@ -174,6 +174,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PARALLEL = ("ddp", "fsdp")
 TRAINABLE = ("all", "heads")
 TASKS_AT = ("every", "end", "start_end")
+ON_NONFINITE = ("error", "skip")
 
 
 @dataclass
@@ -264,7 +265,9 @@ class TrainSection:
     replicates the model, ``fsdp`` shards parameters, gradients and optimiser state (FSDP2,
     one unit per decoder layer) for models that do not fit one device. ``trainable: heads``
     freezes the language model (trunk, embeddings, LM head) and trains only the meta tokens and
-    the mixing head: thoughts can then be learned but the model's own predictions cannot change."""
+    the mixing head: thoughts can then be learned but the model's own predictions cannot change. ``on_nonfinite``: a NaN/inf loss part, gradient
+    norm or weight stops the run (``error``, keeping the last good checkpoint), or the update is
+    skipped and counted (``skip``), failing after ``skip_limit`` consecutive skips."""
 
     steps: int = 100
     batch_size: int = 8
@@ -279,6 +282,8 @@ class TrainSection:
     compile: bool = False
     parallel: str = "ddp"
     trainable: str = "all"
+    on_nonfinite: str = "error"
+    skip_limit: int = 5
 
     def validate(self) -> None:
         _int_in("steps", self.steps, 1, 1 << 30)
@@ -297,6 +302,8 @@ class TrainSection:
         _int_in("log_every", self.log_every, 1, 1 << 30)
         _choice("parallel", self.parallel, PARALLEL)
         _choice("trainable", self.trainable, TRAINABLE)
+        _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        _int_in("skip_limit", self.skip_limit, 1, 1 << 30)
 
 
 @dataclass

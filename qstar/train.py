@@ -33,6 +33,36 @@ from .model import QuietStar
 from .tracking import MetricsLogger, provenance
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss part, the gradient norm or the weights went non-finite; the message is one line."""
+
+
+NONFINITE_PARTS = (
+    ("base_nll", "base NLL"),
+    ("mixed_nll", "mixed NLL"),
+    ("policy_loss", "policy term"),
+    ("loss", "loss"),
+)
+
+
+def nonfinite_part(parts: dict[str, float], grad_norm: float) -> str | None:
+    """Which part of a step is not finite (``"policy term (nan)"``), or ``None``."""
+    for key, name in NONFINITE_PARTS:
+        value = parts.get(key)
+        if value is not None and not math.isfinite(value):
+            return f"{name} ({value})"
+    if not math.isfinite(grad_norm):
+        return f"gradient norm ({grad_norm})"
+    return None
+
+
+def _weights_finite(params: list[torch.Tensor], ctx: distributed.Context) -> bool:
+    local = all(
+        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params
+    )
+    return distributed.mean({"bad": float(not local)}, ctx)["bad"] == 0
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -492,6 +522,7 @@ def _train(
     last_eval = first_eval
     progress = _progress(cfg, start) if ctx.main else None
     tokens_total = 0
+    skipped = skipped_total = 0  # consecutive and all non-finite steps skipped (on_nonfinite=skip)
     t_start = time.perf_counter()
     last_row: dict[str, Any] = {}
     try:
@@ -519,12 +550,34 @@ def _train(
                 )
                 for key, value in stats.items():
                     parts[key] = parts.get(key, 0.0) + value / accum
+            parts = distributed.mean(parts, ctx)  # every process takes the same decisions
             diag = diagnostics.grad_norms(roles)
             if grad_parts is not None:
                 diag.update(grad_parts.norms())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
                 grad_norm = grad_norm.full_tensor()
+            bad = nonfinite_part(parts, float(grad_norm))
+            if bad is not None:
+                if cfg.train.on_nonfinite == "error" or skipped >= cfg.train.skip_limit:
+                    good = checkpoint.latest(run_dir)
+                    raise TrainingDiverged(
+                        f"training diverged at step {step}: non-finite {bad}"
+                        + (f" after {skipped} skipped steps" if skipped else "")
+                        + f"; last good checkpoint: {good or 'none'}; lower optim.lr"
+                        + (
+                            ", or set train.on_nonfinite=skip"
+                            if cfg.train.on_nonfinite == "error"
+                            else ""
+                        )
+                    )
+                skipped += 1
+                skipped_total += 1
+                optimizer.zero_grad(set_to_none=True)
+                if ctx.main:
+                    print(f"qstar: step {step}: non-finite {bad}; update skipped", file=sys.stderr)
+            else:
+                skipped = 0
             # the factor clipping multiplied every gradient by (clip_grad_norm_'s own formula)
             diag["grad_clip_coef"] = (
                 min(1.0, cfg.optim.grad_clip / (float(grad_norm) + 1e-6))
@@ -532,14 +585,17 @@ def _train(
                 else 1.0
             )
             lr = optimizer.param_groups[0]["lr"]
-            if tracker is not None:
-                tracker.before_step()
-            optimizer.step()
-            if tracker is not None:
-                diag.update(tracker.after_step())
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            parts = distributed.mean(parts, ctx)
+            if bad is None:
+                if tracker is not None:
+                    tracker.before_step()
+                optimizer.step()
+                if tracker is not None:
+                    diag.update(tracker.after_step())
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:  # a skipped step: the weights stay; the row says so instead of logging NaN
+                parts = {"skipped_nonfinite": 1.0}
+                diag = {"skipped_total": float(skipped_total)}
             tokens = distributed.total(tokens, ctx)
             dt = time.perf_counter() - t0
             tokens_total += tokens
@@ -548,7 +604,7 @@ def _train(
                 "step": step,
                 **parts,
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                **({"grad_norm": float(grad_norm)} if bad is None else {}),
                 **diag,
                 "tokens": tokens,
                 "tokens_per_s": tokens / dt,
@@ -568,6 +624,11 @@ def _train(
                 or (on_eval is not None and (cfg.eval.every and step % cfg.eval.every == 0))
             )
             saved = None
+            if due and not _weights_finite(params, ctx):
+                raise TrainingDiverged(
+                    f"training diverged at step {step}: non-finite weights after the update; "
+                    f"last good checkpoint: {checkpoint.latest(run_dir) or 'none'}; lower optim.lr"
+                )
             if due:  # every process takes part: their sampling generators are saved too
                 states = distributed.gather(generator.get_state(), ctx)
                 model_state = distributed.full_model_state(qs, ctx, strategy)

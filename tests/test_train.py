@@ -237,3 +237,28 @@ def test_compiled_layers_give_the_same_losses(tiny_run_config):
     out = qs(ids, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.base_nll, ref.base_nll, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.mixed_nll, ref.mixed_nll, atol=1e-4, rtol=1e-4)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_run_config):
+    from qstar.train import TrainingDiverged
+
+    cfg = tiny_run_config("optim.lr=10000.0", "optim.warmup_steps=0", "train.checkpoint_every=1")
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+: non-finite") as info:
+        train(cfg, tmp_path / "run")
+    assert "last good checkpoint" in str(info.value) and "\n" not in str(info.value)
+    run = tmp_path / "run"
+    assert not (run / "final").exists()  # no NaN model is saved
+    from qstar.checkpoint import latest
+
+    good = latest(run)
+    assert good is not None
+    state = load_file(str(good / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in state.values())
+    # skip mode rides through, counting, and gives up after skip_limit consecutive skips
+    cfg = tiny_run_config(
+        "optim.lr=10000.0", "optim.warmup_steps=0", "train.on_nonfinite=skip", "train.skip_limit=2"
+    )
+    with pytest.raises(TrainingDiverged, match="after 2 skipped steps"):
+        train(cfg, tmp_path / "skip")
+    rows = read_metrics(tmp_path / "skip" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r.get("skipped_nonfinite")] != []
