@@ -111,7 +111,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import describe, load_sweep
-    from .tracking import STATUS_PENDING, STATUS_STOPPED
+    from .tracking import STATUS_ERROR, STATUS_PENDING, STATUS_STOPPED
 
     sweep = load_sweep(args.file, smoke=args.smoke)
     if args.name:
@@ -123,7 +123,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     storage = Path(args.storage)
     print(f"qstar sweep: {len(sweep.trials)} trials -> {storage / sweep.name}", file=sys.stderr)
-    unfinished = []
+    unfinished, failed = [], []
     try:
         tune_adapter.run_sweep(
             sweep,
@@ -139,11 +139,13 @@ def _sweep(args: argparse.Namespace) -> int:
             summary = tune_adapter.write_summary(exp_dir)
             print(summary.read_text())
             with summary.open() as fh:
-                unfinished = [
-                    r["trial_id"]
-                    for r in csv.DictReader(fh)
-                    if r["status"] in (STATUS_PENDING, STATUS_STOPPED)
-                ]
+                rows = list(csv.DictReader(fh))
+            unfinished = [
+                r["trial_id"] for r in rows if r["status"] in (STATUS_PENDING, STATUS_STOPPED)
+            ]
+            failed = [
+                (r["trial_id"], r.get("error") or "") for r in rows if r["status"] == STATUS_ERROR
+            ]
             print(
                 f"experiment: {exp_dir}  (resume: qstar sweep {args.file}"
                 f"{' --smoke' if args.smoke else ''} --resume{' --name ' + args.name if args.name else ''})"
@@ -156,6 +158,14 @@ def _sweep(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if failed:
+        for trial_id, error in failed:
+            print(f"qstar sweep: trial {trial_id} failed: {error}", file=sys.stderr)
+        print(
+            f"qstar sweep: {len(failed)} of {len(sweep.trials)} trial(s) failed; see trials/ID/error.txt",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -147,6 +147,25 @@ def test_failed_trial_is_kept_and_the_sweep_continues(tmp_path, ray_session):
         tune_adapter.run_sweep(sweep, tmp_path / "exp", verbose=0)
 
 
+def test_sweep_exit_status_says_a_trial_diverged(tmp_path, ray_session, capsys):
+    """A diverging trial ends `error` with the one-line cause; the others finish; exit 1."""
+    from qstar.cli import main
+
+    f = tmp_path / "div.yaml"
+    f.write_text(
+        "base: debug_tiny\noverrides: [train.steps=3, eval.every=3, optim.warmup_steps=0]\n"
+        "grid:\n  optim.lr: [1.0e-3, 10000.0]\nmetric: eval/nll_base\n"
+    )
+    rc = main(["sweep", str(f), "--storage", str(tmp_path / "exp"), "--verbose", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    rows = _rows(tmp_path / "exp" / "div")
+    assert rows["t000-lr=0.001"]["status"] == "done"
+    bad = rows["t001-lr=1e4"]
+    assert bad["status"] == "error" and "training diverged at step" in bad["error"]
+    assert "trial t001-lr=1e4 failed: " in err and "1 of 2 trial(s) failed" in err
+
+
 def test_interrupted_sweep_resumes_and_keeps_finished_trials(tmp_path):
     f = tmp_path / "long.yaml"
     f.write_text(
