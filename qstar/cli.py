@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data-dir",
-        default=os.environ.get("QSTAR_DATA_DIR"),
+        default=None,
         help="folder with local data (gsm8k/, csqa/) for the *_local tasks (default: $QSTAR_DATA_DIR)",
     )
     p.add_argument(

@@ -50,32 +50,69 @@ class DataError(ValueError):
 class Documents:
     texts: list[str]
     source: str
+    origin: str = "path"  # see Resolved.origin
     skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)
 
 
+# hub id, split -> (file in BUILTIN_DIR, description): the last resort on a bare machine
+BUNDLED: dict[tuple[str, str], tuple[str, str]] = {
+    ("openai/gsm8k", "train"): ("gsm8k_train.jsonl", "300-row GSM8K train sample"),
+    ("openai/gsm8k", "test"): ("gsm8k_test.jsonl", "300-row GSM8K test sample"),
+    ("tau/commonsense_qa", "validation"): (
+        "csqa_validation.jsonl",
+        "300-row CommonsenseQA validation sample",
+    ),
+}
+
+
 def data_dir(configured: str | None = None) -> Path | None:
+    """The local data folder: ``configured`` (``data.data_dir``, ``--data-dir``), else
+    ``$QSTAR_DATA_DIR`` -- the one place qstar reads that variable."""
     value = configured or os.environ.get("QSTAR_DATA_DIR")
     return Path(value).expanduser() if value else None
 
 
-def resolve_source(source: str, split: str, configured_dir: str | None = None) -> tuple[str, Any]:
-    """``("files", [paths])`` or ``("hub", id)``."""
+@dataclass(frozen=True)
+class Resolved:
+    """Where a data source's rows come from.
+
+    ``kind``: ``"files"`` (``where`` is a list of paths) or ``"hub"`` (``where`` is the id);
+    ``origin``: ``"path"`` (given explicitly), ``"builtin"``, ``"data_dir"``, ``"hub"`` or
+    ``"bundled"``; ``note``: the line to print when the origin is a fallback.
+    """
+
+    kind: str
+    where: Any
+    origin: str
+    note: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "hub":
+            return f"hub:{self.where}"
+        return ", ".join(str(p) for p in self.where)
+
+
+def resolve(source: str, split: str, configured_dir: str | None = None) -> Resolved:
+    """Resolve a data source, in this order: an explicit local path (file, directory, glob) or
+    ``builtin:NAME``; a hub id's file under the data folder (:func:`data_dir`,
+    :data:`LOCAL_LAYOUT`); the hub, where it is reachable; the bundled sample
+    (:data:`BUNDLED`). Raises :class:`DataError` naming the source and the fix."""
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         path = BUILTIN_DIR / f"{name}.txt"
         if not path.is_file():
             names = sorted(p.stem for p in BUILTIN_DIR.glob("*.txt"))
             raise DataError(f"no built-in text {name!r}; available: {', '.join(names)}")
-        return "files", [path]
+        return Resolved("files", [path], "builtin")
     path = Path(source).expanduser()
     if path.is_file():
-        return "files", [path]
+        return Resolved("files", [path], "path")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"directory {source} holds no {'/'.join(SUFFIXES)} files")
-        return "files", files
+        return Resolved("files", files, "path")
     if any(ch in source for ch in "*?["):
         files = sorted(
             Path(p)
@@ -84,11 +121,7 @@ def resolve_source(source: str, split: str, configured_dir: str | None = None) -
         )
         if not files:
             raise DataError(f"glob {source} matches no {'/'.join(SUFFIXES)} files")
-        return "files", files
-    local = LOCAL_LAYOUT.get((source, split))
-    root = data_dir(configured_dir)
-    if local and root is not None and (root / local).is_file():
-        return "files", [root / local]
+        return Resolved("files", files, "path")
     if (
         source.startswith((".", "/", "~"))
         or Path(source).suffix in SUFFIXES
@@ -97,7 +130,47 @@ def resolve_source(source: str, split: str, configured_dir: str | None = None) -
         raise DataError(
             f"data source {source} does not exist (not a file, directory, glob or hub id org/name)"
         )
-    return "hub", source
+    local = LOCAL_LAYOUT.get((source, split))
+    root = data_dir(configured_dir)
+    if local and root is not None and (root / local).is_file():
+        return Resolved("files", [root / local], "data_dir")
+    from .loading import hub_reachable
+
+    if hub_reachable():
+        return Resolved("hub", source, "hub")
+    bundled = BUNDLED.get((source, split))
+    why = "no QSTAR_DATA_DIR" if root is None else f"no {local or 'local copy'} under {root}"
+    if bundled is not None:
+        file, what = bundled
+        return Resolved(
+            "files",
+            [BUILTIN_DIR / file],
+            "bundled",
+            f"hub unreachable and {why}: using the bundled {what} ({BUILTIN_DIR / file})",
+        )
+    raise DataError(
+        f"data source {source} (split {split}) is unreachable: the hub cannot be reached and "
+        f"{why}; set QSTAR_DATA_DIR (or data.data_dir) to a folder with "
+        f"{local or 'a local copy'}, or point data.source at a local file"
+    )
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def announce(resolved: Resolved) -> None:
+    """Print a fallback's one line, once per process."""
+    if resolved.note and resolved.note not in _ANNOUNCED:
+        _ANNOUNCED.add(resolved.note)
+        import sys
+
+        print(f"qstar: {resolved.note}", file=sys.stderr)
+
+
+def resolve_source(source: str, split: str, configured_dir: str | None = None) -> tuple[str, Any]:
+    """``("files", [paths])`` or ``("hub", id)`` (see :func:`resolve`)."""
+    r = resolve(source, split, configured_dir)
+    return r.kind, r.where
 
 
 # ---------------------------------------------------------------------------- reading rows
@@ -196,8 +269,10 @@ def load_documents(
     shuffle_buffer: int = 10000,
 ) -> Documents:
     """Read documents; raises :class:`DataError` for a bad row (unless skipped) or no documents."""
-    kind, where = resolve_source(source, split, configured_dir)
-    docs = Documents(texts=[], source=str(source))
+    resolved = resolve(source, split, configured_dir)
+    announce(resolved)
+    kind, where = resolved.kind, resolved.where
+    docs = Documents(texts=[], source=str(source), origin=resolved.origin)
     rows = (
         _file_rows(where)
         if kind == "files"
@@ -249,7 +324,7 @@ def _hub_rows(name: str, config: str | None, split: str, seed: int, buffer: int)
     except Exception as exc:
         raise DataError(
             f"cannot stream hub dataset {name!r} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-            "where the hub is unreachable use a local file, or set data.data_dir / QSTAR_DATA_DIR"
+            "where the hub is unreachable use a local file, or set QSTAR_DATA_DIR (or data.data_dir)"
         ) from None
 
 

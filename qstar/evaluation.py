@@ -399,7 +399,10 @@ def evaluate(
 
     for name in ("lm_eval", "lm-eval"):  # its per-task notices drown the results on stderr
         logging.getLogger(name).setLevel(logging.ERROR)
-    data_dir = data_dir or os.environ.get("QSTAR_DATA_DIR")
+    from .data import data_dir as _data_dir
+
+    root = _data_dir(data_dir)
+    data_dir = str(root) if root is not None else None
     specs, tm = resolve_tasks(tasks, include_paths, data_dir)
     t0 = time.perf_counter()
     try:

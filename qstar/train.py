@@ -250,6 +250,8 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[WindowStream, list[list[int
     )
     info = {
         "data_source": docs.source,
+        "data_origin": docs.origin,
+        **({"val_data_source": val.source, "val_data_origin": val.origin} if d.val_source else {}),
         "train_documents": len(train_docs),
         "val_windows": len(windows),
         "skipped_rows": docs.skipped,

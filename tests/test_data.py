@@ -89,3 +89,46 @@ def test_windows_are_deterministic_and_resumable():
         other = WindowStream(docs, 16, mode, seed=4, pad_id=1, eos_id=0)
         assert not other.next_batch(4)[0].equal(batches[0][0])
     assert batches[0][1].all()  # packed windows are full
+
+
+def test_sources_resolve_in_one_order_with_the_bundled_sample_last(tmp_path, monkeypatch, capsys):
+    """Explicit path, then the data folder, then the hub, then the bundled sample (said once)."""
+    from qstar import data
+
+    monkeypatch.delenv("QSTAR_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "_ANNOUNCED", set())
+    reachable = {"hub": False}
+    monkeypatch.setattr("qstar.loading.hub_reachable", lambda *a, **k: reachable["hub"])
+    own = tmp_path / "own.jsonl"
+    own.write_text('{"question": "q", "answer": "a"}\n')
+    assert data.resolve(str(own), "train").origin == "path"
+    folder = tmp_path / "data" / "gsm8k"
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    assert data.resolve("openai/gsm8k", "train", str(tmp_path / "data")).origin == "data_dir"
+    monkeypatch.setenv("QSTAR_DATA_DIR", str(tmp_path / "data"))
+    assert data.resolve("openai/gsm8k", "train").origin == "data_dir"
+    monkeypatch.delenv("QSTAR_DATA_DIR")
+    reachable["hub"] = True
+    assert data.resolve("openai/gsm8k", "train").kind == "hub"
+    reachable["hub"] = False
+    found = data.resolve("openai/gsm8k", "train")
+    assert found.origin == "bundled" and "no QSTAR_DATA_DIR" in found.note
+    docs = load_documents("openai/gsm8k", "train", template="{question}\n{answer}")
+    assert len(docs.texts) == 300 and docs.origin == "bundled"
+    load_documents("openai/gsm8k", "train", template="{question}\n{answer}")
+    assert capsys.readouterr().err.count("bundled 300-row GSM8K train sample") == 1
+    # nothing to fall back to: one line naming the source and the fix
+    with pytest.raises(DataError, match="allenai/c4.*unreachable.*QSTAR_DATA_DIR"):
+        data.resolve("allenai/c4", "validation")
+
+
+def test_bundled_samples_are_small_and_documented():
+    from qstar.data import BUILTIN_DIR, BUNDLED
+
+    readme = (BUILTIN_DIR / "README.md").read_text()
+    for file, _ in BUNDLED.values():
+        path = BUILTIN_DIR / file
+        assert path.stat().st_size < 250_000 and file in readme
+        assert len(path.read_text().splitlines()) == 300
+    assert "MIT" in readme

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 DIGITS = [str(d) for d in range(10)] + ["\n"]
@@ -114,13 +113,16 @@ def csqa_process_results(doc: dict, results: list) -> dict:
 
 # ---------------------------------------------------------------------------- local data
 def data_dir(**kwargs) -> Path:
-    value = kwargs.get("data_dir") or os.environ.get("QSTAR_DATA_DIR")
-    if not value:
+    """The local data folder (``--data-dir`` / ``$QSTAR_DATA_DIR``, read by ``qstar.data``)."""
+    from qstar.data import data_dir as _data_dir
+
+    root = _data_dir(kwargs.get("data_dir"))
+    if root is None:
         raise FileNotFoundError(
             "the local task variants read files from a data directory: pass --data-dir DIR "
             "(or set QSTAR_DATA_DIR) to a folder holding gsm8k/ and csqa/"
         )
-    return Path(value).expanduser()
+    return root
 
 
 def _require(path: Path) -> Path:
@@ -143,6 +145,14 @@ def _jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _gsm8k(rows: list[dict]):
+    import datasets
+
+    return datasets.Dataset.from_list(
+        [{"question": r["question"], "answer": r["answer"]} for r in rows]
+    )
+
+
 def load_gsm8k_local(**kwargs):
     """GSM8K train/test from ``DATA_DIR/gsm8k/{train,test}.jsonl`` (the hub's field names)."""
     import datasets
@@ -152,10 +162,7 @@ def load_gsm8k_local(**kwargs):
     for split in ("test", "train"):  # test is required; train (few-shot examples) if present
         path = root / f"{split}.jsonl"
         if split == "test" or path.is_file():
-            rows = _jsonl(path)
-            splits[split] = datasets.Dataset.from_list(
-                [{"question": r["question"], "answer": r["answer"]} for r in rows]
-            )
+            splits[split] = _gsm8k(_jsonl(path))
     return datasets.DatasetDict(splits)
 
 
@@ -189,24 +196,34 @@ def load_csqa_local(**kwargs):
     )
 
 
-def _local_available(relative: str, **kwargs) -> bool:
-    value = kwargs.get("data_dir") or os.environ.get("QSTAR_DATA_DIR")
-    return bool(value) and (Path(value).expanduser() / relative).is_file()
-
-
 def load_gsm8k(**kwargs):
-    """Local files when the data directory has them, else the hub's ``openai/gsm8k``."""
-    if _local_available("gsm8k/test.jsonl", **kwargs):
+    """GSM8K test as ``qstar.data.resolve`` finds it: the data folder, the hub's
+    ``openai/gsm8k``, or the bundled 300-row sample (said on stderr)."""
+    from qstar.data import announce, resolve
+
+    found = resolve("openai/gsm8k", "test", kwargs.get("data_dir"))
+    if found.origin == "data_dir":
         return load_gsm8k_local(**kwargs)
     import datasets
 
-    return datasets.load_dataset("openai/gsm8k", "main")
+    if found.kind == "hub":
+        return datasets.load_dataset("openai/gsm8k", "main")
+    announce(found)
+    return datasets.DatasetDict({"test": _gsm8k(_jsonl(found.where[0]))})
 
 
 def load_csqa(**kwargs):
-    """Local files when the data directory has them, else the hub's ``tau/commonsense_qa``."""
-    if _local_available("csqa/dev_rand_split.jsonl", **kwargs):
+    """CommonsenseQA validation as ``qstar.data.resolve`` finds it: the data folder, the hub's
+    ``tau/commonsense_qa``, or the bundled 300-row sample (said on stderr)."""
+    from qstar.data import announce, resolve
+
+    found = resolve("tau/commonsense_qa", "validation", kwargs.get("data_dir"))
+    if found.origin == "data_dir":
         return load_csqa_local(**kwargs)
     import datasets
 
-    return datasets.load_dataset("tau/commonsense_qa")
+    if found.kind == "hub":
+        return datasets.load_dataset("tau/commonsense_qa")
+    announce(found)
+    rows = [_csqa_row(r) for r in _jsonl(found.where[0])]
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
