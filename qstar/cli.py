@@ -120,7 +120,13 @@ def _sweep(args: argparse.Namespace) -> int:
         print(describe(sweep))
         return 0
     from . import tune_adapter
+    from .sweep import preflight
 
+    problems = preflight(sweep)  # before Ray starts and before anything is written
+    if problems:
+        for line in problems:
+            print(f"qstar sweep: error: {line}", file=sys.stderr)
+        return 2
     storage = Path(args.storage)
     print(f"qstar sweep: {len(sweep.trials)} trials -> {storage / sweep.name}", file=sys.stderr)
     unfinished, failed = [], []

@@ -108,6 +108,20 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def resolve_model(name: str) -> str:
+    """Check that a model can be loaded, without loading it: ``"tiny"``, ``"dir"``, ``"gguf"``
+    or ``"hub"``; raises :class:`ModelLoadError` with one line naming the model and the fix."""
+    if str(name).startswith("tiny:"):
+        from .testing import ARCHITECTURES
+
+        if name.split(":", 1)[1] not in ARCHITECTURES:
+            raise ModelLoadError(
+                f"unknown tiny model {name!r}; choose tiny:" + " or tiny:".join(ARCHITECTURES)
+            )
+        return "tiny"
+    return _resolve(str(name))[0]
+
+
 def _resolve(name: str) -> tuple[str, str, str | None]:
     """``(kind, path, gguf_file)`` with kind ``"dir" | "gguf" | "hub"``."""
     path = Path(name).expanduser()

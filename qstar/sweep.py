@@ -310,3 +310,34 @@ def describe(sweep: Sweep) -> str:
     for trial in sweep.trials:
         lines.append(f"  {trial.trial_id}: {' '.join(trial.overrides) or '(base)'}")
     return "\n".join(lines)
+
+
+def preflight(sweep: Sweep) -> list[str]:
+    """Resolve every distinct model and data source of the sweep once, before Ray starts.
+
+    Returns one line per source that cannot be used (naming it and the fix); sources that fall
+    back to a bundled sample are announced on stderr (:func:`qstar.data.announce`)."""
+    from .data import DataError, announce, resolve
+    from .loading import ModelLoadError, resolve_model
+
+    problems: list[str] = []
+    seen: set[tuple] = set()
+    for trial in sweep.trials:
+        cfg = sweep.run_config(trial)
+        d = cfg.data
+        checks: list[tuple] = [("model", cfg.model.name)]
+        checks.append(("data", d.source, d.split, d.data_dir))
+        if d.val_source:
+            checks.append(("data", d.val_source, d.val_split or d.split, d.data_dir))
+        for check in checks:
+            if check in seen:
+                continue
+            seen.add(check)
+            try:
+                if check[0] == "model":
+                    resolve_model(check[1])
+                else:
+                    announce(resolve(*check[1:]))
+            except (ModelLoadError, DataError) as exc:
+                problems.append(f"{trial.trial_id}: {exc}")
+    return problems

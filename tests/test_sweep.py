@@ -166,6 +166,26 @@ def test_sweep_exit_status_says_a_trial_diverged(tmp_path, ray_session, capsys):
     assert "trial t001-lr=1e4 failed: " in err and "1 of 2 trial(s) failed" in err
 
 
+def test_unreachable_sources_fail_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """Every distinct model and data source is resolved once, up front: one line each, exit 2,
+    nothing written."""
+    from qstar.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("QSTAR_DATA_DIR", raising=False)
+    f = tmp_path / "s.yaml"
+    f.write_text(
+        "base: debug_tiny\ngrid:\n  model.name: [tiny:llama, nosuch/model-xyz]\n"
+        "  data.source: [builtin:sample, allenai/c4]\n"
+    )
+    rc = main(["sweep", str(f), "--storage", str(tmp_path / "exp")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not (tmp_path / "exp").exists()
+    assert len(err) == 2  # c4 once, the model once: each distinct source is checked once
+    assert "allenai/c4" in err[0] and "QSTAR_DATA_DIR" in err[0]
+    assert "nosuch/model-xyz" in err[1]
+
+
 def test_interrupted_sweep_resumes_and_keeps_finished_trials(tmp_path):
     f = tmp_path / "long.yaml"
     f.write_text(
