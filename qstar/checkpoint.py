@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .errors import is_write_error, write_failed
+
 LATEST = "latest"
 
 
@@ -86,13 +88,28 @@ def save(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(exc):
+            raise _failed(final, exc, run_dir) from exc
         raise
-    _atomic_write_text(root / LATEST, final.name + "\n")
+    try:
+        _atomic_write_text(root / LATEST, final.name + "\n")
+    except OSError as exc:
+        raise _failed(root / LATEST, exc, run_dir) from exc
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _failed(path: Path, exc: BaseException, run_dir: Path):
+    previous = latest(run_dir)
+    keep = (
+        f"the previous checkpoint {previous} is intact: free space, then --resume"
+        if previous is not None
+        else "no earlier checkpoint: free space and start again"
+    )
+    return write_failed(path, exc, keep)
 
 
 def _by_name(state: dict[str, Any], names: list[str] | None) -> dict[str, Any]:

@@ -350,12 +350,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .errors import RunFailed
     from .loading import ModelLoadError
-    from .train import TrainingDiverged
 
     try:
         return int(args.func(args) or 0)
-    except TrainingDiverged as exc:  # a run that failed, not a bad input
+    except RunFailed as exc:  # a run that failed (diverged, disk full), not a bad input
         print(f"qstar {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except (ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:

@@ -101,8 +101,15 @@ class MetricsLogger:
             self._mlflow = _mlflow
 
     def log(self, row: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(row, sort_keys=True) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(row, sort_keys=True) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            from .errors import write_failed
+
+            raise write_failed(
+                self.path, exc, "the lines up to the last checkpoint are kept by --resume"
+            ) from exc
         step = int(row.get("step", 0))
         numbers = {
             k: float(v)

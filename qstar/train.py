@@ -29,13 +29,9 @@ import torch
 from . import checkpoint, diagnostics, distributed, learn
 from .config import RunConfig, load_run_config
 from .data import DataError, WindowStream, collate, fixed_windows, load_documents, tokenize
+from .errors import TrainingDiverged
 from .model import QuietStar
 from .tracking import MetricsLogger, provenance
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss part, the gradient norm or the weights went non-finite; the message is one line."""
-
 
 NONFINITE_PARTS = (
     ("base_nll", "base NLL"),

@@ -262,3 +262,69 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
         train(cfg, tmp_path / "skip")
     rows = read_metrics(tmp_path / "skip" / "metrics.jsonl")
     assert [r["step"] for r in rows if r.get("skipped_nonfinite")] != []
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "metrics"])
+def test_disk_full_names_the_path_and_resume_works_once_space_is_freed(
+    tmp_path, tiny_run_config, monkeypatch, where
+):
+    """ENOSPC while writing a checkpoint or metrics: one line naming the path, the previous
+    checkpoint intact, and --resume finishes the run once the write succeeds again."""
+    import errno
+
+    from qstar.errors import WriteFailed
+    from qstar.tracking import MetricsLogger
+
+    cfg = tiny_run_config("train.checkpoint_every=2", "eval.every=0")
+    full = {"on": False}
+    if where == "checkpoint":
+        import safetensors.torch as st
+
+        real_save_model = st.save_model
+
+        def save_model(model, path, *a, **k):
+            if full["on"] and "step_000004" in path:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save_model(model, path, *a, **k)
+
+        monkeypatch.setattr(st, "save_model", save_model)
+    else:
+        real_log = MetricsLogger.log
+
+        def log(self, row):
+            if full["on"] and row.get("step") == 4 and row.get("kind") == "train":
+                self._fh = _Full(self._fh)
+            return real_log(self, row)
+
+        monkeypatch.setattr(MetricsLogger, "log", log)
+    full["on"] = True
+    run = tmp_path / "run"
+    with pytest.raises(WriteFailed) as info:
+        train(cfg, run)
+    message = str(info.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert ("step_000004" in message) if where == "checkpoint" else ("metrics.jsonl" in message)
+    from qstar.checkpoint import latest
+
+    assert latest(run).name == "step_000002"
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # no half-written checkpoint left
+    full["on"] = False
+    summary = train(cfg, run, resume=True)
+    assert summary["steps"] == cfg.train.steps and (run / "final").is_dir()
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, cfg.train.steps + 1))
+
+
+class _Full:
+    """A file whose writes fail as on a full disk."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def write(self, text):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
