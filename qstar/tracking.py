@@ -54,6 +54,7 @@ def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
+        "pid": os.getpid(),
         "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
     }

@@ -306,7 +306,7 @@ def run_sweep(
             resume_errored=retry_failed,
             restart_errored=False,
         )
-        return tuner.fit()
+        return _record_crashes(tuner.fit(), exp_dir)
     scheduler = None
     if sweep.scheduler:
         from ray.tune.schedulers import ASHAScheduler
@@ -338,4 +338,26 @@ def run_sweep(
             verbose=verbose,
         ),
     )
-    return tuner.fit()
+    return _record_crashes(tuner.fit(), exp_dir)
+
+
+def _record_crashes(grid, exp_dir: Path):
+    """A trial whose process died (SIGKILL, Ray's out-of-memory monitor) wrote no ``error.txt``;
+    write Ray's one-line cause there, so the trial reads ``error`` and not ``stopped``."""
+    for result in grid:
+        if result.error is None:
+            continue
+        trial_id = (result.config or {}).get("trial", {}).get("trial_id")
+        run_dir = exp_dir / "trials" / str(trial_id)
+        if not trial_id or not run_dir.is_dir():
+            continue
+        if (run_dir / "error.txt").exists() or (run_dir / "summary.json").exists():
+            continue
+        lines = [ln.strip() for ln in str(result.error).splitlines() if ln.strip()]
+        cause = next((ln for ln in lines if "killed" in ln.lower() or "memory" in ln.lower()), None)
+        text = f"{type(result.error).__name__}: {cause or (lines[0] if lines else 'the trial process died')}"
+        (run_dir / "error.txt").write_text(
+            text[:400] + "; continue it with: qstar sweep FILE --resume --retry-failed\n"
+        )
+    write_summary(exp_dir)
+    return grid

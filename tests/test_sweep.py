@@ -280,3 +280,37 @@ def test_trial_with_two_workers_runs_under_ray_train(tmp_path, ray_session):
         two = load_file(str(run / "checkpoints" / "step_000004" / "model.safetensors"))
         for key in one:
             assert (one[key] - two[key]).abs().max() < 1e-5, (trial.trial_id, key)
+
+
+@pytest.mark.slow
+def test_killed_trial_reads_error_and_resumes_with_retry_failed(tmp_path):
+    """A trial process SIGKILLed mid-step (as Ray's memory monitor does): the trial ends `error`
+    with Ray's cause, the other trial finishes, the sweep exits 1; --resume --retry-failed
+    continues the killed one from its last checkpoint."""
+    f = tmp_path / "k.yaml"
+    f.write_text(
+        "name: k\nbase: debug_tiny\noverrides: [train.steps=30, eval.every=0, train.checkpoint_every=2]\n"
+        "grid:\n  quiet_star.thought_len: [1, 2]\nresources: {cpu: 1}\nmetric: eval/nll_base\n"
+    )
+    cmd = [sys.executable, "-m", "qstar.cli", "sweep", str(f), "--storage", str(tmp_path / "exp")]
+    exp = tmp_path / "exp" / "k"
+    victim = exp / "trials" / "t001-thought_len=2"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (victim / "checkpoints" / "latest").exists():
+        if proc.poll() is not None:
+            pytest.fail(f"sweep ended early: {proc.stderr.read().decode()[-800:]}")
+        time.sleep(0.2)
+    os.kill(json.loads((victim / "run.json").read_text())["pid"], signal.SIGKILL)
+    assert proc.wait(timeout=300) == 1
+    rows = _rows(exp)
+    assert rows["t000-thought_len=1"]["status"] == "done"
+    assert rows["t001-thought_len=2"]["status"] == "error"
+    assert "--retry-failed" in rows["t001-thought_len=2"]["error"]
+    started = (victim / "run.json").read_text()
+    done = subprocess.run(
+        [*cmd, "--resume", "--retry-failed"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert _rows(exp)["t001-thought_len=2"]["status"] == "done"
+    assert (victim / "run.json").read_text() == started  # resumed, not restarted
