@@ -290,9 +290,13 @@ def run_sweep(
         if address:
             kwargs["address"] = address
         else:
-            # a local instance keeps Ray's default token authentication, said explicitly so Ray
-            # does not warn about choosing it; --address clusters keep their own setting
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            # a local instance keeps Ray's default (token authentication on) without the warning
+            # that announces it to every new user; --address clusters keep their own messages
+            import logging
+
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+                logging.ERROR
+            )
         ray.init(**kwargs)
     # a multi-worker trial's own process only drives Ray Train: its workers hold the resources
     # (Tune needs some resource per trial: a token MiB of memory, not a CPU the workers need)
