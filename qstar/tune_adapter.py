@@ -359,9 +359,10 @@ def _record_crashes(grid, exp_dir: Path):
             continue
         lines = [ln.strip() for ln in str(result.error).splitlines() if ln.strip()]
         cause = next((ln for ln in lines if "killed" in ln.lower() or "memory" in ln.lower()), None)
-        text = f"{type(result.error).__name__}: {cause or (lines[0] if lines else 'the trial process died')}"
+        cause = f"{type(result.error).__name__}: {cause or (lines[0] if lines else '')}"
         (run_dir / "error.txt").write_text(
-            text[:400] + "; continue it with: qstar sweep FILE --resume --retry-failed\n"
+            "the trial's process died; continue it with qstar sweep FILE --resume --retry-failed "
+            f"({cause[:120]})\n"
         )
     write_summary(exp_dir)
     return grid
