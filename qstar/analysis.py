@@ -87,8 +87,12 @@ LABEL_KEYS = {"quiet_star.thought_len", "quiet_star.n_true", "train.objective", 
 
 def label_of(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> str:
     """``"4 thought tokens, n_true 2"``, plus any other varying parameter of the trial."""
+    from .sweep import _fmt
+
     extra = ", ".join(
-        f"{k.split('.')[-1]} {v}" for k, v in (params or {}).items() if k not in LABEL_KEYS
+        f"{k.split('.')[-1]} {_fmt(v)}"
+        for k, v in (params or {}).items()
+        if k not in LABEL_KEYS and not k.startswith(("eval.", "logging."))
     )
     if cfg.get("train", {}).get("objective") == "lm":
         base = "no thought (baseline)"
