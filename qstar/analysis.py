@@ -478,7 +478,7 @@ def write_report(
         warnings.warn(note, stacklevel=2)
     if reading is not None:
         sections += ["## Reading", "", Path(reading).read_text().strip(), ""]
-    evidence_sections = _evidence_sections(exp, figs_dir)
+    evidence_sections = _evidence_sections(exp, figs_dir, analyse_model)
     sections += ["## Results", "", _md_table(results_table(exp)), ""]
     sections += evidence_sections
     figures = [
@@ -564,7 +564,7 @@ def write_report(
     return report
 
 
-def _evidence_sections(exp: Experiment, figs_dir: Path) -> list[str]:
+def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = True) -> list[str]:
     """ "Does it learn?": held-out and task estimates with intervals, when the runs saved
     per-token held-out losses (:mod:`qstar.evidence`); optimisation diagnostics when logged."""
     from . import evidence as ev
@@ -635,6 +635,21 @@ def _evidence_sections(exp: Experiment, figs_dir: Path) -> list[str]:
             ]
             figs_dir.parent.mkdir(parents=True, exist_ok=True)
             curves.to_csv(figs_dir.parent / "curves.csv", index=False, float_format="%.6f")
+        if analyse_model:
+            content = ev.content_table(arms)
+            if not content.empty:
+                out += [
+                    "### Does the content of the thought matter?",
+                    "",
+                    "Each arm's final model on the same held-out windows (fp32), with its own "
+                    "greedy thought and with a content-free thought that repeats the pause token "
+                    "`---` (the same mixing head and passes, nothing to think). `content` = NLL "
+                    "with the pause thought - NLL with its thought (> 0: what the thoughts say "
+                    "helps, beyond the extra computation and the mixing head).",
+                    "",
+                    _md_table(content.map(ev.fmt_cell)),
+                    "",
+                ]
         if not tasks.empty:
             out += [
                 "### Tasks (paper protocol, zero-shot)",

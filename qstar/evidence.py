@@ -369,7 +369,8 @@ def fmt_cell(value: Any, digits: int = 4) -> str:
 # ---------------------------------------------------------------------------- figures
 def fig_heldout_vs_step(table: pd.DataFrame):
     """Left: held-out NLL with thinking (no-thought baseline: without) against step, per arm.
-    Right: the gain of thinking (without - with) against step, with 95% intervals."""
+    Right: the gain of thinking (without - with) against step, with 95% intervals (paired on
+    the same tokens, bootstrapped over windows)."""
     from .analysis import _plt
 
     plt = _plt()
@@ -380,14 +381,16 @@ def fig_heldout_vs_step(table: pd.DataFrame):
         base = bool(d["baseline"].iloc[0])
         q = d[d.quantity == ("nll_base" if base else "nll_thought")].sort_values("step")
         style = dict(linestyle="--" if base else "-", marker="o", label=arm)
+        # no band here: every arm is scored on the same windows, so the level's spread over
+        # windows says nothing about the differences between arms (the right panel and the
+        # table's paired columns do)
         line = axes[0].plot(q["step"], q["value"], **style)[0]
-        axes[0].fill_between(q["step"], q["lo"], q["hi"], alpha=0.15, color=line.get_color())
         g = d[d.quantity == "gain"].sort_values("step")
         if not g.empty:
             axes[1].plot(g["step"], g["value"], color=line.get_color(), marker="o", label=arm)
             axes[1].fill_between(g["step"], g["lo"], g["hi"], alpha=0.15, color=line.get_color())
     axes[0].set_ylabel("held-out NLL (nats/token)")
-    axes[0].set_title("with thinking (baseline: plain LM)")
+    axes[0].set_title("with thinking (dashed: the no-thought baseline)")
     axes[1].axhline(0, color="black", linewidth=0.8)
     axes[1].set_ylabel("gain: NLL without - with thinking")
     axes[1].set_title("what the thought adds (> 0 helps)")
@@ -444,8 +447,14 @@ def fig_gain_by_difficulty(per_arm: dict[str, pd.DataFrame]):
     per_arm = {k: v for k, v in per_arm.items() if not v.empty}
     if not per_arm:
         return None
-    fig, axes = plt.subplots(1, len(per_arm), figsize=(4.2 * len(per_arm), 3.4), squeeze=False)
-    for ax, (arm, d) in zip(axes[0], per_arm.items(), strict=True):
+    cols = min(4, len(per_arm))
+    rows = -(-len(per_arm) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True
+    )
+    for ax in axes.flat[len(per_arm) :]:
+        ax.set_visible(False)
+    for ax, (arm, d) in zip(axes.flat, per_arm.items(), strict=False):
         ax.bar(
             d["decile"],
             d["value"],
@@ -454,9 +463,9 @@ def fig_gain_by_difficulty(per_arm: dict[str, pd.DataFrame]):
             width=0.8,
         )
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_title(arm, fontsize=9)
-        ax.set_xlabel("decile of step-0 token loss (harder ->)")
-        ax.set_ylabel("gain (nats)")
+        ax.set_title(arm, fontsize=8)
+        ax.set_xlabel("decile of step-0 token loss (harder ->)", fontsize=8)
+        ax.set_ylabel("gain: without - with (nats)", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -600,3 +609,80 @@ def findings(held: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
                 f"{diff.fmt(1, scale=100, sign=True)} points ({v})."
             )
     return out
+
+
+# ---------------------------------------------------------------------------- content control
+def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.ndarray]] | None:
+    """Per-token held-out NLL of the trial's final model without thinking (``base``), after its
+    greedy thought (``thought``) and after a content-free thought that repeats the pause token
+    ``---`` (``fixed``): the same mixing head and passes, nothing to think. In fp32; cached in
+    ``RUN_DIR/analysis/content_control.json`` (keyed by the final model file)."""
+    import torch
+
+    from .data import collate
+    from .model import QuietStar
+
+    run_dir = Path(run_dir)
+    final = run_dir / "final"
+    weights = next(iter(sorted(final.glob("*.safetensors"))), None)
+    windows_file = run_dir / "heldout.json"
+    if weights is None or not windows_file.is_file():
+        return None
+    key = f"{weights.stat().st_size}-{int(weights.stat().st_mtime)}"
+    cache = run_dir / "analysis" / "content_control.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return {k: [np.asarray(w) for w in v] for k, v in saved["tokens"].items()}
+    windows = json.loads(windows_file.read_text())["windows"]
+    if not windows:
+        return None
+    qs = QuietStar.from_pretrained(final).eval()
+    pause = qs.tokenizer.encode(qs.config.meta_init_text, add_special_tokens=False)[0]
+    out: dict[str, list[np.ndarray]] = {"base": [], "thought": [], "fixed": []}
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            ids, mask = collate(windows[i : i + batch_size], qs.fill_id)
+            valid = (mask[:, 1:] & mask[:, :-1]).bool()
+            tgt = ids[:, 1:, None]
+            for name, logits in (
+                ("base", qs.base_logits(ids, mask)),
+                ("thought", qs.mixed_logits(ids, mask)),
+                ("fixed", qs.mixed_logits(ids, mask, fixed_thought=pause)),
+            ):
+                nll = -torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt)[..., 0]
+                out[name] += [row[v].double().numpy() for row, v in zip(nll, valid, strict=True)]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(
+        json.dumps({"key": key, "tokens": {k: [w.tolist() for w in v] for k, v in out.items()}})
+    )
+    return out
+
+
+def content_table(arms: list[Arm]) -> pd.DataFrame:
+    """Per arm (final models): the gain of its thoughts, of a content-free pause thought, and the
+    difference -- what the thoughts' *content* adds -- each bootstrapped over windows."""
+    rows = []
+    for arm in arms:
+        if arm.baseline:
+            continue
+        per_seed = [content_control(d) for d in arm.trials.values()]
+        per_seed = [t for t in per_seed if t is not None]
+        if not per_seed:
+            continue
+
+        def combine(fn, seeds=per_seed):
+            return _combine([_all([fn(t, w) for w in range(len(t["base"]))]) for t in seeds])
+
+        rows.append(
+            {
+                "arm": arm.label,
+                "seeds": len(per_seed),
+                "gain, its thoughts": combine(lambda t, w: t["base"][w] - t["thought"][w]),
+                "gain, pause thought": combine(lambda t, w: t["base"][w] - t["fixed"][w]),
+                "content: pause - its thoughts": combine(
+                    lambda t, w: t["fixed"][w] - t["thought"][w]
+                ),
+            }
+        )
+    return pd.DataFrame(rows)

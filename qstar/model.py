@@ -449,18 +449,28 @@ class QuietStar(nn.Module):
         greedy: bool = True,
         generator: torch.Generator | None = None,
         return_thoughts: bool = False,
+        fixed_thought: int | None = None,
     ):
         """Next-token logits after thinking at every position: ``(B, L) -> (B, L, V)``.
 
         Row ``i`` predicts ``x_{i+1}`` from the mix of the base prediction and the prediction
         at ``<end>`` of the thought at ``i`` (what evaluation scores). With ``mixing="logprob"``
-        the returned values are normalised log-probabilities.
+        the returned values are normalised log-probabilities. ``fixed_thought``: a token id that
+        replaces every thought token (a control: the same mixing head and passes, no content).
         """
         self._check_inputs(input_ids, attention_mask)
         B, L = input_ids.shape
         t = self.config.thought_len
         h_base, cache = self._base_pass(input_ids, attention_mask)
-        thoughts = self._sample(cache, L, B, greedy, generator)
+        if fixed_thought is None:
+            thoughts = self._sample(cache, L, B, greedy, generator)
+        else:  # feed <start>, c_1..c_{t-1} as the sampling passes would
+            thoughts = torch.full(
+                (B, L, t), int(fixed_thought), dtype=torch.long, device=input_ids.device
+            )
+            start = torch.full((B, 1, L), self.start_id, dtype=torch.long, device=input_ids.device)
+            head = torch.cat([start, thoughts[:, :, :-1].transpose(1, 2)], dim=1)  # (B, t, L)
+            self._thought_pass(head, cache, L, first_block=0)
         end = torch.full((B, 1, L), self.end_id, dtype=torch.long, device=input_ids.device)
         tail = torch.cat([thoughts[:, :, -1][:, None], end], dim=1)  # (B, 2, L): c_t, <end>
         h_end = self._thought_pass(tail, cache, L, first_block=t)[:, 1]  # (B, L, H)

@@ -77,6 +77,20 @@ def test_mixed_logits_equal_sequential_reference(arch):
         torch.testing.assert_close(logits[0, i], ref, atol=2e-5, rtol=1e-4)
 
 
+def test_fixed_thought_control_equals_sequential_reference():
+    """The content control: every thought replaced by one token, scored as decoding would."""
+    qs = build("llama", randomize_head=True)
+    ids = ids_of(qs, max_len=8)
+    token = qs.tokenizer.encode(qs.config.meta_init_text, add_special_tokens=False)[0]
+    logits = qs.mixed_logits(ids, fixed_thought=token)
+    h_base = qs.backbone(inputs_embeds=qs.embed(ids)).last_hidden_state[0]
+    for i in range(ids.shape[1]):
+        h_end = sequential_hidden(qs, ids[0], i, [token] * qs.config.thought_len, 0)[0]
+        ref, _ = qs._mixer(qs.mixing_head(h_base[i], h_end), h_base[i], h_end, qs.lm_logits)
+        torch.testing.assert_close(logits[0, i], ref, atol=2e-5, rtol=1e-4)
+    assert (logits - qs.mixed_logits(ids)).abs().max() > 1e-3  # content matters here
+
+
 @pytest.mark.parametrize("arch", [*ARCHITECTURES, "gemma3-window"])
 def test_mixed_logits_at_few_positions_equal_the_full_computation(arch):
     """Evaluation thinks only where a token is scored; the rows equal the all-positions path
