@@ -314,3 +314,35 @@ def test_killed_trial_reads_error_and_resumes_with_retry_failed(tmp_path):
     assert done.returncode == 0, done.stderr[-1500:]
     assert _rows(exp)["t001-thought_len=2"]["status"] == "done"
     assert (victim / "run.json").read_text() == started  # resumed, not restarted
+
+
+@pytest.mark.slow
+def test_killed_sweep_driver_resumes_every_trial_once(tmp_path):
+    """SIGKILL of `qstar sweep` itself (no handler runs): Ray's workers go with it; --resume
+    continues both trials from their checkpoints and every step is logged exactly once."""
+    f = tmp_path / "k.yaml"
+    f.write_text(
+        "name: k\nbase: debug_tiny\noverrides: [train.steps=30, eval.every=0, train.checkpoint_every=2]\n"
+        "grid:\n  quiet_star.thought_len: [1, 2]\nresources: {cpu: 1}\nmetric: eval/nll_base\n"
+    )
+    cmd = [sys.executable, "-m", "qstar.cli", "sweep", str(f), "--storage", str(tmp_path / "exp")]
+    exp = tmp_path / "exp" / "k"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while (
+        time.time() < deadline
+        and not (exp / "trials" / "t001-thought_len=2" / "checkpoints" / "latest").exists()
+    ):
+        if proc.poll() is not None:
+            pytest.fail(f"sweep ended early: {proc.stderr.read().decode()[-800:]}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(5)  # Ray's raylet notices its driver is gone and ends the trial workers
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-1500:]
+    for trial in ("t000-thought_len=1", "t001-thought_len=2"):
+        rows = (exp / "trials" / trial / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(r)["step"] for r in rows if json.loads(r)["kind"] == "train"]
+        assert steps == list(range(1, 31)), trial
+    assert {r["status"] for r in _rows(exp).values()} == {"done"}

@@ -328,3 +328,31 @@ class _Full:
 
     def __getattr__(self, name):
         return getattr(self.fh, name)
+
+
+def test_crash_during_a_checkpoint_write_leaves_the_previous_one(
+    tmp_path, tiny_run_config, monkeypatch
+):
+    """A process that dies half-way through writing checkpoint 4 (simulated by an exception
+    between its files): no partial checkpoint, `latest` still names step 2, resume finishes."""
+    from qstar.checkpoint import latest
+
+    real = torch.save
+    crash = {"on": True}
+
+    def save(obj, path, *a, **k):
+        if crash["on"] and "step_000004" in str(path) and str(path).endswith("rng.pt"):
+            raise SystemExit("simulated crash mid-checkpoint")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    cfg = tiny_run_config("train.checkpoint_every=2", "eval.every=0")
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train(cfg, run)
+    assert latest(run).name == "step_000002"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000002"]
+    crash["on"] = False
+    train(cfg, run, resume=True)
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, cfg.train.steps + 1))
