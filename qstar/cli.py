@@ -8,25 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+from .config import CONFIG_DIR, resolve_config  # resolve_config: re-exported for callers
+
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
     return bench.main(args)
-
-
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def resolve_config(name: str | None) -> str | None:
-    """A YAML path, or the name of a shipped config (``qstar/configs/NAME.yaml``)."""
-    if name is None or Path(name).is_file():
-        return name
-    shipped = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if shipped.is_file():
-        return str(shipped)
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"config {name} is neither a file nor a shipped config ({names})")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 MIXING_CHOICES = ("hidden", "logprob")
@@ -523,6 +524,20 @@ def build_run_config(tree: dict[str, Any]) -> RunConfig:
             "gathered final model after training) or evaluate it with `qstar eval`"
         )
     return cfg
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_config(name: str | None) -> str | None:
+    """A YAML path, or the name of a shipped config (``qstar/configs/NAME.yaml``)."""
+    if name is None or Path(name).is_file():
+        return name
+    shipped = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if shipped.is_file():
+        return str(shipped)
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {name} is neither a file nor a shipped config ({names})")
 
 
 def load_run_config(

@@ -129,7 +129,7 @@ def _as_overrides(path: Path, value: Any) -> list[str]:
 
 
 def _resolve_base(path: Path, base: Any) -> str:
-    from .cli import resolve_config
+    from .config import resolve_config
 
     if not isinstance(base, str) or not base:
         raise _fail(path, "base must name a shipped config or a YAML file")
