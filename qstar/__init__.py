@@ -1,11 +1,12 @@
 """qstar: Quiet-STaR (Zelikman et al. 2024) for any Hugging Face causal LM.
 
-think (:mod:`qstar.think`, :mod:`qstar.attention`) -> talk (:mod:`qstar.talk`) ->
-learn (:mod:`qstar.learn`), assembled in :class:`qstar.QuietStar`.
+think (:mod:`qstar.core.think`, :mod:`qstar.core.attention`) -> talk (:mod:`qstar.core.talk`)
+-> learn (:mod:`qstar.core.learn`), assembled in :class:`qstar.QuietStar`. The layers are the
+folders; see ARCHITECTURE.md.
 """
 
-from .config import QuietStarConfig
-from .model import QuietStar, QuietStarOutput
+from qstar.config import QuietStarConfig
+from qstar.core.model import QuietStar, QuietStarOutput
+from qstar.version import __version__
 
-__all__ = ["QuietStar", "QuietStarConfig", "QuietStarOutput"]
-__version__ = "0.1.0"
+__all__ = ["QuietStar", "QuietStarConfig", "QuietStarOutput", "__version__"]

@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CONFIG_DIR, resolve_config  # resolve_config: re-exported for callers
+from qstar.config import CONFIG_DIR, resolve_config  # resolve_config: re-exported for callers
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from qstar.analysis import bench
 
     return bench.main(args)
 
@@ -20,8 +20,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from .config import load_run_config
-    from .train import format_summary, train
+    from qstar.config import load_run_config
+    from qstar.recipes.train import format_summary, train
 
     config = args.config
     overrides = list(args.overrides)
@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from . import evaluation as ev
+    from qstar.evaluation import backend as ev
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -98,8 +98,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import describe, load_sweep
-    from .tracking import STATUS_ERROR, STATUS_PENDING, STATUS_STOPPED
+    from qstar.experiments.sweep import describe, load_sweep
+    from qstar.recipes.tracking import STATUS_ERROR, STATUS_PENDING, STATUS_STOPPED
 
     sweep = load_sweep(args.file, smoke=args.smoke)
     if args.name:
@@ -107,8 +107,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe(sweep))
         return 0
-    from . import tune_adapter
-    from .sweep import preflight
+    from qstar.experiments import tune_adapter
+    from qstar.experiments.sweep import preflight
 
     problems = preflight(sweep)  # before Ray starts and before anything is written
     if problems:
@@ -164,7 +164,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .analysis import write_report
+    from qstar.analysis.report import write_report
 
     exp = Path(args.experiment)
     out = Path(args.out) if args.out else Path("reports") / exp.resolve().name
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_report)
 
-    from . import bench
+    from qstar.analysis import bench
 
     p = sub.add_parser(
         "bench",
@@ -338,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .errors import RunFailed
-    from .loading import ModelLoadError
+    from qstar.errors import RunFailed
+    from qstar.models.loading import ModelLoadError
 
     try:
         return int(args.func(args) or 0)

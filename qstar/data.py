@@ -134,7 +134,7 @@ def resolve(source: str, split: str, configured_dir: str | None = None) -> Resol
     root = data_dir(configured_dir)
     if local and root is not None and (root / local).is_file():
         return Resolved("files", [root / local], "data_dir")
-    from .loading import hub_reachable
+    from qstar.hub import hub_reachable
 
     if hub_reachable():
         return Resolved("hub", source, "hub")

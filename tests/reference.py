@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from qstar.think import mask_meta_logits, sample_from_logits
+from qstar.core.think import mask_meta_logits, sample_from_logits
 
 
 def sequential_thought(qs, ids_row: torch.Tensor, i: int, uniforms=None) -> list[int]:

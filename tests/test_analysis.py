@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qstar import analysis
+from qstar.analysis import report as analysis
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def experiment(tmp_path_factory):
     """A sweep-shaped experiment of three tiny trials (two thought lengths and the baseline)."""
     from qstar.cli import resolve_config
     from qstar.config import load_run_config
-    from qstar.train import train
+    from qstar.recipes.train import train
 
     exp = tmp_path_factory.mktemp("exp") / "fixture"
     trials = [

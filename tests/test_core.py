@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qstar import QuietStar, QuietStarConfig
-from qstar.testing import ARCHITECTURES, tiny_model
-from qstar.think import draw_uniforms
+from qstar.core.think import draw_uniforms
+from qstar.models.random import ARCHITECTURES, tiny_model
 
 from .reference import reference_loss, sequential_hidden, sequential_thought
 
@@ -170,7 +170,7 @@ def test_sparse_attention_equals_dense_path_values_and_gradients(kernel):
 def test_fused_kernel_equals_einsum_kernel(B, H, Hkv, L, nq, m, dtype, tol):
     """The flash-prefix kernel joined through log-sum-exps, and its hand-written backward, against
     the einsum kernel (which autograd differentiates), in values and in all three gradients."""
-    from qstar.attention import fused_thought_attention, sparse_thought_attention
+    from qstar.core.attention import fused_thought_attention, sparse_thought_attention
 
     D = 8
     gen = torch.Generator().manual_seed(0)
@@ -246,7 +246,7 @@ def test_heldout_gain_is_exactly_zero_at_zero_mixing_weight_under_autocast():
 
 def _einsum_fp64(q, k, v, L, scaling):
     """The thought layout by brute force in fp64: one masked softmax over all keys."""
-    from qstar.attention import dense_thought_mask
+    from qstar.core.attention import dense_thought_mask
 
     B, H, Q, D = q.shape
     m = (k.shape[2] - L) // L
@@ -269,7 +269,7 @@ def test_zero_mixing_weight_reproduces_base_logits(arch):
 
 
 def test_logprob_mixing_at_zero_weight_is_base_distribution():
-    from qstar.talk import mix_logprob
+    from qstar.core.talk import mix_logprob
 
     h_b, h_t = torch.randn(3, 8), torch.randn(3, 8)
     head = torch.nn.Linear(8, 11)
@@ -412,7 +412,7 @@ def test_activation_memory_grows_linearly_with_thought_length():
     backward grow by the same amount per extra thought token (the fused CPU kernel keeps no
     scores; measured: equal increments), while the dense-mask path's increment grows (its masked
     scores over all earlier depths are quadratic in depth; measured: +67% from 2 to 14 tokens)."""
-    from qstar.bench import saved_activation_bytes
+    from qstar.analysis.bench import saved_activation_bytes
 
     ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(0))
     saved = {"sparse": [], "dense": []}

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qstar.data import DataError, WindowStream, load_documents, tokenize
-from qstar.testing import tiny_tokenizer
+from qstar.models.random import tiny_tokenizer
 
 
 def test_jsonl_with_template_and_bad_rows(tmp_path):
@@ -98,7 +98,7 @@ def test_sources_resolve_in_one_order_with_the_bundled_sample_last(tmp_path, mon
     monkeypatch.delenv("QSTAR_DATA_DIR", raising=False)
     monkeypatch.setattr(data, "_ANNOUNCED", set())
     reachable = {"hub": False}
-    monkeypatch.setattr("qstar.loading.hub_reachable", lambda *a, **k: reachable["hub"])
+    monkeypatch.setattr("qstar.hub.hub_reachable", lambda *a, **k: reachable["hub"])
     own = tmp_path / "own.jsonl"
     own.write_text('{"question": "q", "answer": "a"}\n')
     assert data.resolve(str(own), "train").origin == "path"

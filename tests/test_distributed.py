@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qstar.tracking import read_metrics
+from qstar.recipes.tracking import read_metrics
 
 
 def _weights(run_dir, step: int) -> dict[str, torch.Tensor]:
@@ -159,7 +159,7 @@ def test_fsdp_equals_one_process_and_resumes_on_any_process_count(tmp_path):
         [r["loss"] for r in _rows(tmp_path / "two")], rel=1e-5
     )
     # the gathered final model loads like any other
-    from qstar.model import QuietStar
+    from qstar.core.model import QuietStar
 
     one = QuietStar.from_pretrained(tmp_path / "one" / "final")
     two = QuietStar.from_pretrained(tmp_path / "two" / "final")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from qstar import QuietStar, QuietStarConfig
-from qstar.evaluation import QStarLM, TaskError, check_task_file, evaluate, resolve_tasks
-from qstar.tasks import qstar_task_utils as tu
-from qstar.testing import tiny_model
+from qstar.evaluation.backend import QStarLM, TaskError, check_task_file, evaluate, resolve_tasks
+from qstar.evaluation.tasks import qstar_task_utils as tu
+from qstar.models.random import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +229,8 @@ def test_paper_and_stock_local_tasks_run(lm, shared_data):
 
 
 def test_training_hook_logs_task_metrics(tmp_path, tiny_run_config):
-    from qstar.tracking import read_metrics
-    from qstar.train import train
+    from qstar.recipes.tracking import read_metrics
+    from qstar.recipes.train import train
 
     task_dir = _custom_task(tmp_path)
     cfg = tiny_run_config(

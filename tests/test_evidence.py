@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qstar import evidence, stats
-from qstar.analysis import load_experiment
+from qstar.analysis import evidence, stats
+from qstar.analysis.report import load_experiment
 
 
 def test_ratio_bootstrap_by_hand():
@@ -103,7 +103,7 @@ def test_task_table_pairs_thinking_with_not(experiment):
 
 
 def test_report_has_the_evidence_section_and_reading(experiment, tmp_path):
-    from qstar.analysis import write_report
+    from qstar.analysis.report import write_report
 
     exp_dir = next(iter(experiment[0].trials.values())).parent.parent
     reading = tmp_path / "reading.md"
@@ -120,7 +120,7 @@ def test_report_has_the_evidence_section_and_reading(experiment, tmp_path):
 
 
 def test_content_control_scores_a_pause_thought_and_caches(tmp_path, tiny_run_config):
-    from qstar.train import train
+    from qstar.recipes.train import train
 
     run = tmp_path / "run"
     train(tiny_run_config("train.steps=3", "eval.every=3"), run)

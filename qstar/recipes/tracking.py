@@ -19,7 +19,7 @@ from typing import Any
 
 def git_info() -> dict[str, Any]:
     """The qstar source's git commit and whether it has uncommitted changes (if a checkout)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: qstar/recipes/tracking.py
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
@@ -45,7 +45,7 @@ def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    from . import __version__
+    from qstar.version import __version__
 
     info = {
         "qstar_version": __version__,
@@ -106,7 +106,7 @@ class MetricsLogger:
             self._fh.write(json.dumps(row, sort_keys=True) + "\n")
             self._fh.flush()
         except OSError as exc:
-            from .errors import write_failed
+            from qstar.errors import write_failed
 
             raise write_failed(
                 self.path, exc, "the lines up to the last checkpoint are kept by --resume"

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .config import QuietStarConfig
-from .testing import mistral_shaped, tiny_tokenizer
+from qstar.config import QuietStarConfig
+from qstar.models.random import mistral_shaped, tiny_tokenizer
 
 DEFAULT_CONFIGS = ((5, 4), (9, 4), (13, 8), (21, 12))
 
@@ -347,7 +347,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 def _wrap(model, tok, qcfg):
     """Wrap ``model`` again for each config without re-adding tokens (they are already there)."""
-    from .model import QuietStar
+    from qstar.core.model import QuietStar
 
     if qcfg.start_token in tok.get_vocab():
         return QuietStar(model, tok, qcfg)

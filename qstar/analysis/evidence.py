@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import stats
-from .stats import Estimate
+from qstar.analysis import stats
+from qstar.analysis.stats import Estimate
 
 HARD_FRACTION = 0.1  # "hardest decile": tokens with the top 10% step-0 base NLL
 
@@ -371,7 +371,7 @@ def fig_heldout_vs_step(table: pd.DataFrame):
     """Left: held-out NLL with thinking (no-thought baseline: without) against step, per arm.
     Right: the gain of thinking (without - with) against step, with 95% intervals (paired on
     the same tokens, bootstrapped over windows)."""
-    from .analysis import _plt
+    from qstar.analysis.plotting import _plt
 
     plt = _plt()
     if table.empty:
@@ -406,7 +406,7 @@ def fig_heldout_vs_step(table: pd.DataFrame):
 
 def fig_gain_vs_thought_tokens(table: pd.DataFrame):
     """Final gain (and final advantage over the baseline) against thought tokens."""
-    from .analysis import _plt
+    from qstar.analysis.plotting import _plt
 
     plt = _plt()
     d = table[~table.baseline]
@@ -441,7 +441,7 @@ def fig_gain_vs_thought_tokens(table: pd.DataFrame):
 
 def fig_gain_by_difficulty(per_arm: dict[str, pd.DataFrame]):
     """Gain of thinking per decile of the starting model's token loss, one panel per arm."""
-    from .analysis import _plt
+    from qstar.analysis.plotting import _plt
 
     plt = _plt()
     per_arm = {k: v for k, v in per_arm.items() if not v.empty}
@@ -619,8 +619,8 @@ def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.nda
     ``RUN_DIR/analysis/content_control.json`` (keyed by the final model file)."""
     import torch
 
-    from .data import collate
-    from .model import QuietStar
+    from qstar.core.model import QuietStar
+    from qstar.data import collate
 
     run_dir = Path(run_dir)
     final = run_dir / "final"

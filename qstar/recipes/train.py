@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, diagnostics, distributed, learn
-from .config import RunConfig, load_run_config
-from .data import DataError, WindowStream, collate, fixed_windows, load_documents, tokenize
-from .errors import TrainingDiverged
-from .model import QuietStar
-from .tracking import MetricsLogger, provenance
+from qstar.config import RunConfig, load_run_config
+from qstar.core import learn
+from qstar.core.model import QuietStar
+from qstar.data import DataError, WindowStream, collate, fixed_windows, load_documents, tokenize
+from qstar.errors import TrainingDiverged
+from qstar.recipes import checkpoint, diagnostics, distributed
+from qstar.recipes.tracking import MetricsLogger, provenance
 
 NONFINITE_PARTS = (
     ("base_nll", "base NLL"),
@@ -165,7 +166,7 @@ def task_metrics(
     Without thinking (``think=False``) on a Quiet-STaR run the keys are ``eval/TASK:nothink/...``.
     ``samples_dir``: where to write each task's per-example metrics (``TASK[:nothink].jsonl``,
     one ``{"doc_id", METRIC: value}`` row per example), for paired confidence intervals."""
-    from . import evaluation
+    from qstar.evaluation import backend as evaluation
 
     was_training = qs.training
     qs.eval()

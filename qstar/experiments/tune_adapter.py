@@ -16,7 +16,7 @@ resumes it from its last checkpoint (``qstar train --resume`` semantics) without
 
 With ``resources.workers: N`` (N > 1) a trial is a Ray Train job: the trial function launches a
 ``TorchTrainer`` of N workers (each with ``resources.cpu``/``gpu``), Ray Train joins them in one
-process group and every worker runs ``qstar.train.train`` as under ``torchrun``, replicated or
+process group and every worker runs ``qstar.recipes.train.train`` as under ``torchrun``, replicated or
 sharded by ``train.parallel``. Workers report evaluations through Ray Train, which forwards
 them to Tune (``TuneReportCallback``); the run directory is the same as for one process.
 """
@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .sweep import Sweep
-from .tracking import STATUS_ERROR, run_status
+from qstar.experiments.sweep import Sweep
+from qstar.recipes.tracking import STATUS_ERROR, run_status
 
 
 def check_resources(sweep: Sweep, address: str | None) -> None:
@@ -128,8 +128,8 @@ def _train_worker(job: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from .config import load_run_config
-    from .train import train
+    from qstar.config import load_run_config
+    from qstar.recipes.train import train
 
     torch.set_num_threads(max(1, int(job["cpus"])))
     run_dir = Path(job["run_dir"])
@@ -181,8 +181,8 @@ def _make_trainable(sweep: Sweep, exp_dir: Path):
         import torch
         from ray import tune
 
-        from .config import load_run_config
-        from .train import train
+        from qstar.config import load_run_config
+        from qstar.recipes.train import train
 
         torch.set_num_threads(max(1, int(cpus)))
         trial = config["trial"]

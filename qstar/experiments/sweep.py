@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from .config import RunConfig, did_you_mean, load_run_config
+from qstar.config import RunConfig, did_you_mean, load_run_config
 
 SWEEP_KEYS = {
     "name",
@@ -129,7 +129,7 @@ def _as_overrides(path: Path, value: Any) -> list[str]:
 
 
 def _resolve_base(path: Path, base: Any) -> str:
-    from .config import resolve_config
+    from qstar.config import resolve_config
 
     if not isinstance(base, str) or not base:
         raise _fail(path, "base must name a shipped config or a YAML file")
@@ -317,8 +317,8 @@ def preflight(sweep: Sweep) -> list[str]:
 
     Returns one line per source that cannot be used (naming it and the fix); sources that fall
     back to a bundled sample are announced on stderr (:func:`qstar.data.announce`)."""
-    from .data import DataError, announce, resolve
-    from .loading import ModelLoadError, resolve_model
+    from qstar.data import DataError, announce, resolve
+    from qstar.models.loading import ModelLoadError, resolve_model
 
     problems: list[str] = []
     seen: set[tuple] = set()

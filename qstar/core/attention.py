@@ -406,7 +406,7 @@ def _hf_sparse_attention(
     layout = _LAYOUT.get()
     if layout is None:
         raise RuntimeError(
-            f"attention '{ATTN_NAME}' was called outside qstar.attention.thought_attention()"
+            f"attention '{ATTN_NAME}' was called outside qstar.core.attention.thought_attention()"
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5

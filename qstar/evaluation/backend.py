@@ -22,8 +22,8 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .config import did_you_mean
-from .data import collate
+from qstar.config import did_you_mean
+from qstar.data import collate
 
 TASK_DIR = Path(__file__).parent / "tasks"
 # Stock lm-eval tasks, unchanged except that their data come from local files.
@@ -75,7 +75,7 @@ class QStarLM(TemplateLM):
         **kwargs,
     ):
         super().__init__()
-        from .model import QuietStar
+        from qstar.core.model import QuietStar
 
         if model is None:
             if pretrained is None:
@@ -352,7 +352,7 @@ def resolve_tasks(
             cfg = dict(
                 load_yaml(entry["yaml_path"] if isinstance(entry, dict) else entry.yaml_path)
             )
-            from .tasks import qstar_task_utils
+            from qstar.evaluation.tasks import qstar_task_utils
 
             cfg.update(task=name, custom_dataset=getattr(qstar_task_utils, loader))
             cfg.pop("dataset_path", None)
@@ -399,7 +399,7 @@ def evaluate(
 
     for name in ("lm_eval", "lm-eval"):  # its per-task notices drown the results on stderr
         logging.getLogger(name).setLevel(logging.ERROR)
-    from .data import data_dir as _data_dir
+    from qstar.data import data_dir as _data_dir
 
     root = _data_dir(data_dir)
     data_dir = str(root) if root is not None else None
@@ -448,7 +448,7 @@ def metric_table(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 def provenance_block(
     model: str, lm: QStarLM, tasks: list[str], results: dict[str, Any]
 ) -> dict[str, Any]:
-    from .tracking import provenance
+    from qstar.recipes.tracking import provenance
 
     return provenance(
         {

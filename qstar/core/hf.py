@@ -1,0 +1,97 @@
+"""The one module that touches Hugging Face transformers internals.
+
+A transformers upgrade that moves its KV-cache layout, attention registry or layer classes
+should break here and nowhere else: KV caches (``DynamicCache`` and its ``layers``), the
+attention-implementation switch (``config._attn_implementation``) and registry
+(``AttentionInterface``), decoder-layer discovery (``_no_split_modules``,
+``GradientCheckpointingLayer``) and Gemma's in-embedding scale (``embed_scale``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+Cache = DynamicCache
+
+
+def new_cache() -> DynamicCache:
+    return DynamicCache()
+
+
+def repeat_cache(cache: DynamicCache, k: int, detach: bool) -> DynamicCache:
+    """A new cache with every row repeated ``k`` times (``repeat_interleave`` order)."""
+    data = []
+    for layer in cache.layers:
+        key, value = layer.keys, layer.values
+        if detach:
+            key, value = key.detach(), value.detach()
+        data.append((key.repeat_interleave(k, dim=0), value.repeat_interleave(k, dim=0)))
+    return DynamicCache(ddp_cache_data=data)
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Cut every layer of ``cache`` back to its first ``length`` positions, in place."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[..., :length, :]
+        layer.values = layer.values[..., :length, :]
+
+
+def embedding_scale(embedding: nn.Module) -> float:
+    """The factor an embedding layer multiplies its output by (Gemma scales inside it)."""
+    return getattr(embedding, "embed_scale", 1.0)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a Hugging Face model (its ``_no_split_modules`` classes)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = getattr(model, "base_model", model)
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    return layers or [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+_REGISTERED: set[str] = set()
+
+
+def register_attention(name: str, fn: Callable) -> None:
+    """Register an attention function under ``name`` with transformers (idempotent)."""
+    if name in _REGISTERED:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, fn)
+    _REGISTERED.add(name)
+
+
+@contextlib.contextmanager
+def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Within this block ``model`` runs attention ``name``; the previous one is restored."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def cache_length(cache: DynamicCache) -> int:
+    return cache.get_seq_length()
+
+
+__all__ = [
+    "Cache",
+    "attention_implementation",
+    "cache_length",
+    "crop_cache",
+    "decoder_layers",
+    "embedding_scale",
+    "new_cache",
+    "register_attention",
+    "repeat_cache",
+]
