@@ -55,11 +55,15 @@ def _eval(args: argparse.Namespace) -> int:
     if not tasks:
         raise ValueError("--tasks needs at least one task name")
     modes = {"think": [True], "no-think": [False], "both": [True, False]}[args.mode]
+    from qstar.config import quiet_star_overrides
+
+    overrides = quiet_star_overrides(args.overrides)  # a typo fails before anything loads
     ev.resolve_tasks(
         tasks, args.include_path, args.data_dir
     )  # bad names fail before the model loads
     lm = ev.QStarLM(
         pretrained=args.model,
+        overrides=overrides,
         thought_len=args.thought_len,
         greedy_thoughts=not args.sample_thoughts,
         seed=args.seed,
@@ -258,7 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--thought-len",
         type=int,
         default=None,
-        help="thought tokens at inference (default: the model's)",
+        help="thought tokens at inference (default: the model's); "
+        "the same as quiet_star.thought_len=N",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="quiet_star.KEY=VALUE",
+        help="inference settings in qstar train's grammar, e.g. quiet_star.thought_len=8 "
+        "quiet_star.attention=dense",
     )
     p.add_argument(
         "--sample-thoughts", action="store_true", help="sample thoughts (seeded) instead of greedy"

@@ -23,9 +23,10 @@ POLICY_LOGPROB_CHOICES = ("per_token", "per_thought")
 ATTENTION_CHOICES = ("sparse", "flex", "einsum", "dense")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuietStarConfig:
-    """Hyper-parameters of think / talk / learn.
+    """Hyper-parameters of think / talk / learn (frozen: change one with :meth:`replace`, or for a
+    block of code with :meth:`qstar.QuietStar.using`).
 
     Attributes:
         thought_len: sampled thought tokens per position, without ``<start>``/``<end>`` (``t``).
@@ -524,6 +525,32 @@ def build_run_config(tree: dict[str, Any]) -> RunConfig:
             "gathered final model after training) or evaluate it with `qstar eval`"
         )
     return cfg
+
+
+def quiet_star_overrides(texts: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["quiet_star.thought_len=5", ...]`` -> ``{"thought_len": 5}``: the override grammar of
+    ``qstar train``, for commands that take only the method's knobs (``qstar eval``, ``qstar
+    bench``). Unknown sections or keys fail naming the key; values are validated."""
+    import typing
+
+    hints = typing.get_type_hints(QuietStarConfig)
+    out: dict[str, Any] = {}
+    for text in texts:
+        path, value = parse_override(text)
+        dotted = ".".join(path)
+        if len(path) != 2 or path[0] != "quiet_star":
+            raise ValueError(
+                f"override {text!r}: only quiet_star.KEY=VALUE can be set here "
+                f"(e.g. quiet_star.thought_len=5)"
+            )
+        if path[1] not in hints:
+            raise ValueError(
+                f"unknown config key {dotted!r}{did_you_mean(path[1], hints)}; "
+                f"valid keys: {', '.join(sorted(hints))}"
+            )
+        out[path[1]] = _coerce(dotted, value, hints[path[1]])
+    QuietStarConfig().replace(**out)  # validates the values
+    return out
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"

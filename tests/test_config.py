@@ -39,3 +39,18 @@ def test_authors_counts_map_to_sampled_tokens():
 def test_round_trip():
     cfg = QuietStarConfig(thought_len=5, mixing="logprob")
     assert QuietStarConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_eval_and_bench_take_the_train_override_grammar():
+    from qstar.config import quiet_star_overrides
+
+    assert quiet_star_overrides(["quiet_star.thought_len=5", "quiet_star.attention=dense"]) == {
+        "thought_len": 5,
+        "attention": "dense",
+    }
+    with pytest.raises(ValueError, match="did you mean 'thought_len'"):
+        quiet_star_overrides(["quiet_star.thought_lne=5"])
+    with pytest.raises(ValueError, match="only quiet_star.KEY=VALUE"):
+        quiet_star_overrides(["optim.lr=1e-3"])
+    with pytest.raises(ValueError, match="thought_len must be"):
+        quiet_star_overrides(["quiet_star.thought_len=0"])

@@ -60,8 +60,8 @@ def test_sliding_window_thoughts_equal_sequential():
     for i in range(ids.shape[1]):
         assert par[0, i].tolist() == sequential_thought(qs, ids[0], i)
     ml = qs.mixed_logits(ids)
-    qs.config.attention = "dense"
-    assert torch.allclose(ml, qs.mixed_logits(ids), atol=1e-5)
+    with qs.using(attention="dense"):
+        assert torch.allclose(ml, qs.mixed_logits(ids), atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -170,7 +170,7 @@ def test_sparse_attention_equals_dense_path_values_and_gradients(kernel):
 def test_fused_kernel_equals_einsum_kernel(B, H, Hkv, L, nq, m, dtype, tol):
     """The flash-prefix kernel joined through log-sum-exps, and its hand-written backward, against
     the einsum kernel (which autograd differentiates), in values and in all three gradients."""
-    from qstar.core.attention import fused_thought_attention, sparse_thought_attention
+    from qstar.core.attention import einsum_thought_attention, fused_thought_attention
 
     D = 8
     gen = torch.Generator().manual_seed(0)
@@ -182,7 +182,7 @@ def test_fused_kernel_equals_einsum_kernel(B, H, Hkv, L, nq, m, dtype, tol):
     if dtype == torch.float64:  # the einsum kernel computes its softmax in fp32: compare in fp64
         ref = _einsum_fp64(q, k, v, L, D**-0.5)
     else:
-        ref = sparse_thought_attention(q, k, v, L, D**-0.5)
+        ref = einsum_thought_attention(q, k, v, L, D**-0.5)
     out = fused_thought_attention(q, k, v, L, D**-0.5)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     for a, b in zip(
@@ -420,8 +420,7 @@ def test_activation_memory_grows_linearly_with_thought_length():
     for t in lengths:
         qs = QuietStar.from_base(*tiny_model("llama"), QuietStarConfig(thought_len=t, n_true=2))
         for attention in saved:
-            qs.config.attention = attention
-            with saved_activation_bytes() as acc:
+            with qs.using(attention=attention), saved_activation_bytes() as acc:
                 qs(ids, generator=torch.Generator().manual_seed(0))
             saved[attention].append(acc["bytes"])
     steps = {a: [b - a_ for a_, b in zip(v, v[1:], strict=False)] for a, v in saved.items()}
@@ -429,3 +428,34 @@ def test_activation_memory_grows_linearly_with_thought_length():
     assert fast[-1] / fast[0] < 1.02, fast  # linear: equal increments (the fused kernel)
     assert dense[-1] / dense[0] > 1.3, dense  # the dense masks' quadratic term
     assert saved["dense"][-1] > 1.5 * saved["sparse"][-1]
+
+
+def test_config_is_frozen_and_using_restores_it():
+    """Temporary changes go through `using` (validated, restored even on error), so a shared
+    model is never left modified; the meta tokens belong to the weights and cannot change."""
+    import dataclasses
+
+    qs = build("llama", thought_len=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        qs.config.thought_len = 5
+    ids = ids_of(qs)
+    with qs.using(thought_len=5, attention="dense"):
+        assert qs.sample_thoughts(ids, greedy=True).shape[-1] == 5
+    assert (qs.config.thought_len, qs.config.attention) == (3, "sparse")
+    with pytest.raises(RuntimeError), qs.using(mixing="logprob"):
+        assert qs.config.mixing == "logprob"
+        raise RuntimeError("inside the block")
+    assert qs.config.mixing == "hidden"
+    with pytest.raises(ValueError, match="thought_len"), qs.using(thought_len=0):
+        pass
+    with pytest.raises(ValueError, match="start_token"), qs.using(start_token="<x>"):
+        pass
+
+
+def test_eval_backend_thought_len_override_does_not_leak():
+    from qstar.evaluation.backend import QStarLM
+
+    qs = build("llama", thought_len=3, randomize_head=True)
+    lm = QStarLM(model=qs, thought_len=5, batch_size=2)
+    lm._logprobs([[5, 6, 7, 8]], [1])
+    assert qs.config.thought_len == 3

@@ -89,6 +89,7 @@ def run(
     dense_limit_gb: float = 6.0,
     skip_dense: bool = False,
     out: Path | None = None,
+    overrides: dict | None = None,
 ) -> list[dict]:
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -113,7 +114,9 @@ def run(
             ids = torch.randint(0, 32000, (batch, L), generator=gen_ids).to(dev)
             ids_k = ids.repeat_interleave(k, 0)
             for t, n in configs:
-                qcfg = QuietStarConfig(thought_len=t, n_true=n, n_thoughts=k)
+                qcfg = QuietStarConfig(thought_len=t, n_true=n, n_thoughts=k).replace(
+                    **(overrides or {})
+                )
                 passes = qcfg.passes
                 qs = _wrap(model, tok, qcfg).to(dev)
                 gen = torch.Generator().manual_seed(0)
@@ -203,6 +206,7 @@ def memory_growth(
     dtype: str = "float32",
     dense_limit_gb: float = 6.0,
     out: Path | None = None,
+    overrides: dict | None = None,
 ) -> list[dict]:
     """Saved activation bytes of one training forward against thought length (n_true fixed)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -216,7 +220,9 @@ def memory_growth(
     print(f"# memory growth: model={size} L={L} n_true={n_true} k={k} device={dev} dtype={dtype}")
     print(f"{'t':>3} {'passes':>6} {'act MB fast':>11} {'act MB dense':>12} {'dense/fast':>10}")
     for t in thought_lens:
-        qcfg = QuietStarConfig(thought_len=t, n_true=n_true, n_thoughts=k)
+        qcfg = QuietStarConfig(thought_len=t, n_true=n_true, n_thoughts=k).replace(
+            **(overrides or {})
+        )
         qs = _wrap(model, tok, qcfg).to(dev)
         row = {"thought_len": t, "n_true": n_true, "passes": qcfg.passes, "L": L, "k": k}
         for name in ("fast", "dense"):
@@ -229,12 +235,11 @@ def memory_growth(
             ):
                 row["act_mb_dense"] = None
                 continue
-            qs.config.attention = "sparse" if name == "fast" else "dense"
-            with saved_activation_bytes() as acc:
-                loss = qs(ids, generator=torch.Generator().manual_seed(0)).loss
+            with qs.using(attention="sparse" if name == "fast" else "dense"):
+                with saved_activation_bytes() as acc:
+                    loss = qs(ids, generator=torch.Generator().manual_seed(0)).loss
             del loss  # the graph (and what it saved) goes with it
             row[f"act_mb_{name}"] = acc["bytes"] / 2**20
-        qs.config.attention = "sparse"
         rows.append(row)
         dense = row["act_mb_dense"]
         print(
@@ -355,11 +360,8 @@ def _wrap(model, tok, qcfg):
 
 
 def _dense_step(qs, ids, gen):
-    qs.config.attention = "dense"
-    try:
+    with qs.using(attention="dense"):
         _qstar_step(qs, ids, gen)
-    finally:
-        qs.config.attention = "sparse"
 
 
 def _time(fn, dev) -> float:
@@ -456,6 +458,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="write bench.json and bench.md here")
     p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="quiet_star.KEY=VALUE",
+        help="method settings for every benchmarked config, in qstar train's grammar (e.g. "
+        "quiet_star.n_thoughts=4 quiet_star.mixing=logprob); thought_len and n_true come from "
+        "--configs, and --k is the same as quiet_star.n_thoughts",
+    )
+    p.add_argument(
         "--memory",
         action="store_true",
         help="instead: activation memory against thought length (1..24, n_true 4) on the first "
@@ -473,8 +483,19 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from qstar.config import quiet_star_overrides
+
+    overrides = quiet_star_overrides(getattr(args, "overrides", []))
+    fixed = sorted({"thought_len", "n_true"} & set(overrides))
+    if fixed:
+        print(
+            f"qstar bench: error: quiet_star.{fixed[0]} comes from --configs (thought_len:n_true)",
+            file=sys.stderr,
+        )
+        return 2
     common = dict(
-        k=args.k,
+        k=overrides.pop("n_thoughts", args.k),
+        overrides=overrides,
         device=args.device,
         dtype=args.dtype,
         dense_limit_gb=args.dense_limit_gb,

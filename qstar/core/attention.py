@@ -12,7 +12,7 @@ attend to the prefix ``x_0..x_i`` and to the tokens of the *same* position ``i``
 ``0..g`` (Quiet-STaR's "tokenwise parallel sampling", Zelikman et al. 2024, Sec. 4.2). Nothing else.
 
 The authors materialise this as a dense additive ``(L, (m+1)L)`` mask per depth
-(:func:`dense_thought_mask`, our reference path). :func:`sparse_thought_attention` computes the
+(:func:`dense_thought_mask`, our reference path). :func:`einsum_thought_attention` computes the
 same thing as a causal ``L x L`` prefix part plus a per-position ``m``-wide diagonal part, joined in
 one softmax over ``L + m`` scores: O(L^2 + L m) per block instead of O(L^2 m).
 :func:`fused_thought_attention` (the CPU default) runs the prefix part in PyTorch's fused flash
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qstar.core import hf
+
 ATTN_NAME = "qstar_sparse"
 
 
@@ -38,9 +40,7 @@ class ThoughtLayout:
     """How the keys of a thought forward are laid out: ``n_prefix`` base tokens, then blocks."""
 
     n_prefix: int
-    kernel: str = (
-        "auto"  # "auto": FlexAttention on CUDA, the einsum kernel elsewhere; or "flex" / "einsum"
-    )
+    kernel: str = "sparse"  # a KERNELS name: "sparse" picks one by device and model
 
 
 _LAYOUT: contextvars.ContextVar[ThoughtLayout | None] = contextvars.ContextVar(
@@ -77,7 +77,7 @@ def thought_allowed(
     return prefix, diag
 
 
-def sparse_thought_attention(
+def einsum_thought_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -237,7 +237,7 @@ class _FusedThoughtAttention(torch.autograd.Function):
 def fused_thought_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n_prefix: int, scaling: float
 ) -> torch.Tensor:
-    """:func:`sparse_thought_attention` (no sliding window, softcap or dropout) with the prefix part
+    """:func:`einsum_thought_attention` (no sliding window, softcap or dropout) with the prefix part
     in the fused CPU flash kernel: ``(B, H, nq*L, D)`` queries -> ``(B, nq*L, H, D)``."""
     L = n_prefix
     Q, K = query.shape[2], key.shape[2]
@@ -312,7 +312,7 @@ def flex_thought_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """The same as :func:`sparse_thought_attention` through FlexAttention (fused on CUDA).
+    """The same as :func:`einsum_thought_attention` through FlexAttention (fused on CUDA).
 
     Shapes as there: ``(B, H, nq*L, D)`` queries -> ``(B, nq*L, H, D)``.
     """
@@ -399,6 +399,50 @@ def positions_thought_mask(
 
 
 # ---------------------------------------------------------------------------- HF integration
+def choose_kernel(
+    name: str,
+    on_cuda: bool,
+    sliding_window: int | None,
+    softcap: float | None,
+    dropout: float,
+    training: bool,
+) -> str:
+    """The kernel that runs for ``quiet_star.attention=name``: ``"sparse"`` is FlexAttention on
+    CUDA (without dropout), the fused flash kernel on CPU when there is no sliding window,
+    softcapping or dropout, and the einsum kernel otherwise; ``"flex"``/``"einsum"`` as named."""
+    if name != "sparse":
+        return name
+    if on_cuda and dropout == 0.0:
+        return "flex"
+    if (
+        not on_cuda
+        and sliding_window is None
+        and softcap is None
+        and (dropout == 0.0 or not training)
+    ):
+        return "fused"
+    return "einsum"
+
+
+def _run_flex(query, key, value, n_prefix, scaling, sliding_window, softcap, dropout, training):
+    return flex_thought_attention(query, key, value, n_prefix, scaling, sliding_window, softcap)
+
+
+def _run_fused(query, key, value, n_prefix, scaling, sliding_window, softcap, dropout, training):
+    return fused_thought_attention(query, key, value, n_prefix, scaling)
+
+
+def _run_einsum(query, key, value, n_prefix, scaling, sliding_window, softcap, dropout, training):
+    return einsum_thought_attention(
+        query, key, value, n_prefix, scaling, sliding_window, softcap, dropout, training
+    )
+
+
+# Kernels by the names users type (``quiet_star.attention``; "sparse" chooses among them and
+# "dense" is the model's own eager attention over :func:`dense_thought_mask`).
+KERNELS = {"flex": _run_flex, "fused": _run_fused, "einsum": _run_einsum}
+
+
 def _hf_sparse_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
 ):
@@ -410,73 +454,35 @@ def _hf_sparse_attention(
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if layout.kernel == "flex" or (layout.kernel == "auto" and query.is_cuda and dropout == 0.0):
-        out = flex_thought_attention(
-            query,
-            key,
-            value,
-            layout.n_prefix,
-            scaling,
-            kwargs.get("sliding_window"),
-            kwargs.get("softcap"),
-        )
-        return out, None
-    sliding_window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-    if (
-        layout.kernel == "auto"
-        and not query.is_cuda
-        and sliding_window is None
-        and softcap is None
-        and (dropout == 0.0 or not module.training)
-    ):
-        return fused_thought_attention(query, key, value, layout.n_prefix, scaling), None
-    out = sparse_thought_attention(
-        query,
-        key,
-        value,
-        layout.n_prefix,
-        scaling,
-        sliding_window=kwargs.get("sliding_window"),
-        softcap=kwargs.get("softcap"),
-        dropout=dropout,
-        training=module.training,
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    name = choose_kernel(layout.kernel, query.is_cuda, window, softcap, dropout, module.training)
+    out = KERNELS[name](
+        query, key, value, layout.n_prefix, scaling, window, softcap, dropout, module.training
     )
     return out, None
 
 
-_REGISTERED = False
-
-
 def register() -> None:
-    """Register the sparse kernel with transformers' attention interface (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTN_NAME, _hf_sparse_attention)
-    _REGISTERED = True
+    """Register the thought kernels with transformers' attention interface (idempotent)."""
+    hf.register_attention(ATTN_NAME, _hf_sparse_attention)
 
 
 @contextlib.contextmanager
 def thought_attention(model, n_prefix: int, implementation: str) -> Iterator[None]:
     """Within this block, ``model``'s attention follows the thought layout.
 
-    ``implementation`` is ``"sparse"`` (no mask is built; FlexAttention with a block mask on CUDA,
-    elsewhere the fused kernel, or the einsum kernel for sliding windows, softcapping or
-    dropout), ``"flex"`` (FlexAttention everywhere), ``"einsum"`` (the einsum
-    kernel everywhere) or ``"dense"`` (the model's eager attention; the caller passes
-    :func:`dense_thought_mask` as ``attention_mask``).
-    The model's previous attention implementation is restored on exit.
+    ``implementation`` is a :data:`KERNELS` name as users type it in ``quiet_star.attention``:
+    ``"sparse"`` (no mask is built; FlexAttention with a block mask on CUDA, elsewhere the fused
+    kernel, or the einsum kernel for sliding windows, softcapping or dropout), ``"flex"``,
+    ``"einsum"``, or ``"dense"`` (the model's eager attention; the caller passes
+    :func:`dense_thought_mask` as ``attention_mask``). The model's previous attention
+    implementation is restored on exit.
     """
     register()
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = "eager" if implementation == "dense" else ATTN_NAME
-    kernel = {"sparse": "auto", "flex": "flex"}.get(implementation, "einsum")
-    token = _LAYOUT.set(ThoughtLayout(n_prefix=n_prefix, kernel=kernel))
+    name = "eager" if implementation == "dense" else ATTN_NAME
+    token = _LAYOUT.set(ThoughtLayout(n_prefix=n_prefix, kernel=implementation))
     try:
-        yield
+        with hf.attention_implementation(model, name):
+            yield
     finally:
         _LAYOUT.reset(token)
-        config._attn_implementation = previous

@@ -15,6 +15,7 @@ Step 3 recomputes what step 2 computed, which is what lets step 2 keep no activa
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
 
 from qstar.config import QuietStarConfig
-from qstar.core import learn, think
+from qstar.core import hf, learn, think
 from qstar.core.attention import dense_thought_mask, positions_thought_mask, thought_attention
 from qstar.core.talk import MixingHead, get_mixer
 from qstar.core.think import draw_uniforms, sample_from_logits
@@ -92,8 +92,31 @@ class QuietStar(nn.Module):
             torch.zeros(2, hidden, dtype=ref.dtype, device=ref.device)
         )
         self.mixing_head = MixingHead(hidden).to(device=ref.device, dtype=ref.dtype)
-        self._mixer = get_mixer(config.mixing)
         self.fill_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @property
+    def _mixer(self):
+        return get_mixer(self.config.mixing)
+
+    # the meta tokens and their scale are part of the weights: they cannot change for a block
+    FIXED_FIELDS = ("start_token", "end_token", "meta_init_text", "meta_scale")
+
+    @contextlib.contextmanager
+    def using(self, **changes):
+        """Run a block with ``config.replace(**changes)`` (validated), restored on exit: e.g.
+        ``with qs.using(thought_len=8, attention="dense"): ...``. Nothing else sees the change
+        once the block ends, so a shared model is never left modified."""
+        fixed = sorted(set(changes) & set(self.FIXED_FIELDS))
+        if fixed:
+            raise ValueError(
+                f"{', '.join(fixed)} belong to the trained weights; they cannot change"
+            )
+        previous = self.config
+        self.config = previous.replace(**changes)
+        try:
+            yield self
+        finally:
+            self.config = previous
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -212,7 +235,7 @@ class QuietStar(nn.Module):
         """``(B, L) -> (B, L, H)``: the model's input embeddings with the trained meta tokens."""
         emb_layer = self.base_model.get_input_embeddings()
         emb = emb_layer(input_ids)
-        scale = getattr(emb_layer, "embed_scale", 1.0)  # Gemma scales inside its embedding
+        scale = hf.embedding_scale(emb_layer)  # Gemma scales inside its embedding
         meta = self.meta_embeddings * self.config.meta_scale * scale  # (2, H)
         meta = meta.to(emb.dtype)
         emb = torch.where((input_ids == self.start_id).unsqueeze(-1), meta[0], emb)
@@ -323,13 +346,13 @@ class QuietStar(nn.Module):
         out = self.backbone(
             inputs_embeds=self.embed(input_ids),
             attention_mask=attention_mask,
-            cache=DynamicCache(),
+            cache=hf.new_cache(),
             use_cache=True,
         )
         return out.last_hidden_state, out.cache
 
     def _thought_pass(
-        self, tokens: torch.Tensor, cache: DynamicCache, n_prefix: int, first_block: int
+        self, tokens: torch.Tensor, cache: hf.Cache, n_prefix: int, first_block: int
     ) -> torch.Tensor:
         """Feed ``nq`` depth blocks at once.
 
@@ -378,21 +401,10 @@ class QuietStar(nn.Module):
             }
         return dense_thought_mask(L, m, nq, dtype, window if not layer_types else None, device)
 
-    @staticmethod
-    def _repeat_cache(cache: DynamicCache, k: int, detach: bool) -> DynamicCache:
-        """A new cache with every row repeated ``k`` times (``repeat_interleave`` order)."""
-        data = []
-        for layer in cache.layers:
-            key, value = layer.keys, layer.values
-            if detach:
-                key, value = key.detach(), value.detach()
-            data.append((key.repeat_interleave(k, dim=0), value.repeat_interleave(k, dim=0)))
-        return DynamicCache(ddp_cache_data=data)
-
     @torch.no_grad()
     def _sample(
         self,
-        cache: DynamicCache,
+        cache: hf.Cache,
         n_prefix: int,
         batch: int,
         greedy: bool,
@@ -523,7 +535,7 @@ class QuietStar(nn.Module):
         return logits
 
     def _positions_pass(
-        self, tokens: torch.Tensor, cache: DynamicCache, positions: torch.Tensor, L: int, d: int
+        self, tokens: torch.Tensor, cache: hf.Cache, positions: torch.Tensor, L: int, d: int
     ) -> torch.Tensor:
         """Feed block ``d`` of thought tokens at ``positions`` (``(B, m)``); extends ``cache``."""
         cfg = self.base_model.config
@@ -586,7 +598,7 @@ class QuietStar(nn.Module):
             inputs_embeds=self.embed(input_ids),
             attention_mask=mask,
             position_ids=pos,
-            cache=DynamicCache(),
+            cache=hf.new_cache(),
             use_cache=True,
         )
         cache, h_last, next_pos = out.cache, out.last_hidden_state[:, -1], pos[:, -1] + 1
@@ -606,7 +618,7 @@ class QuietStar(nn.Module):
 
         for _ in range(max_new_tokens):
             if think:
-                base_len = cache.get_seq_length()
+                base_len = hf.cache_length(cache)
                 tok = torch.full((B,), self.start_id, dtype=torch.long, device=device)
                 m = mask
                 for d in range(t + 2):  # <start>, c_1..c_t, <end>
@@ -620,7 +632,7 @@ class QuietStar(nn.Module):
                         tok = self.to_vocab(idx)
                     else:
                         tok = torch.full((B,), self.end_id, dtype=torch.long, device=device)
-                _crop_cache(cache, base_len)
+                hf.crop_cache(cache, base_len)
                 logits, _ = self._mixer(self.mixing_head(h_last, h), h_last, h, self.lm_logits)
             else:
                 logits = self.lm_logits(h_last)
@@ -682,7 +694,7 @@ class QuietStar(nn.Module):
         del base_logits
 
         # 2. think: sample without gradient (no activations kept)
-        sample_cache = self._repeat_cache(cache, k, detach=True)
+        sample_cache = hf.repeat_cache(cache, k, detach=True)
         thoughts = self._sample(sample_cache, L, B * k, greedy, generator)  # (Bk, L, t)
         del sample_cache
 
@@ -691,7 +703,7 @@ class QuietStar(nn.Module):
         block = think.thought_block_tokens(
             ids_k, thoughts, self.start_id, self.end_id, n, self.fill_id
         )
-        h = self._thought_pass(block, self._repeat_cache(cache, k, detach=False), L, first_block=0)
+        h = self._thought_pass(block, hf.repeat_cache(cache, k, detach=False), L, first_block=0)
         # h: (Bk, D, L, H); depth 0 = <start> ... t = c_t, t+1 = <end>, t+1+j = x_{i+j}
 
         # policy log-probs of c_1..c_t, predicted at depths 0..t-1, at the policy temperature
@@ -754,13 +766,6 @@ class QuietStar(nn.Module):
             thoughts=thoughts.view(B, k, L, t),
             target_valid=target_valid,
         )
-
-
-def _crop_cache(cache: DynamicCache, length: int) -> None:
-    """Cut every layer of ``cache`` back to its first ``length`` positions."""
-    for layer in cache.layers:
-        layer.keys = layer.keys[..., :length, :]
-        layer.values = layer.values[..., :length, :]
 
 
 def _token_id(tokenizer, token: str) -> int:

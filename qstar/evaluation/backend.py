@@ -57,7 +57,9 @@ def _register(name: str):
 class QStarLM(TemplateLM):
     """lm-eval model ``qstar``: ``pretrained`` (hub id, directory, GGUF, run dir, QuietStar dir),
     ``think`` (default true), ``thought_len`` (inference override), ``greedy_thoughts`` (default
-    true), ``seed``, ``batch_size``, ``max_length``, ``device``, ``dtype``."""
+    true), ``seed``, ``batch_size``, ``max_length``, ``device``, ``dtype``; ``overrides``: any
+    ``QuietStarConfig`` fields for inference (applied around each call with
+    :meth:`QuietStar.using`, so a shared model is left as it was)."""
 
     def __init__(
         self,
@@ -72,6 +74,7 @@ class QStarLM(TemplateLM):
         device: str | None = None,
         dtype: str = "float32",
         max_gen_toks: int = 256,
+        overrides: dict | None = None,
         **kwargs,
     ):
         super().__init__()
@@ -86,8 +89,10 @@ class QStarLM(TemplateLM):
             )
             model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.qs = model
-        if thought_len is not None and int(thought_len) != model.config.thought_len:
-            self.qs.config = model.config.replace(thought_len=int(thought_len))
+        # an inference-time override, applied around each call (the model may be shared)
+        self.overrides = dict(overrides or {})
+        if thought_len is not None:
+            self.overrides["thought_len"] = int(thought_len)
         self.think = bool(think)
         self.greedy = bool(greedy_thoughts)
         self.seed = int(seed)
@@ -96,7 +101,8 @@ class QStarLM(TemplateLM):
         self.tokenizer = model.tokenizer
         cfg = model.base_model.config
         limit = getattr(cfg, "max_position_embeddings", None) or 2048
-        self._max_length = int(max_length or min(2048, limit - model.config.thought_block - 1))
+        block = model.config.replace(**self.overrides).thought_block  # validates the override
+        self._max_length = int(max_length or min(2048, limit - block - 1))
 
     # -- TemplateLM plumbing
     @property
@@ -123,8 +129,11 @@ class QStarLM(TemplateLM):
     def _generator(self) -> torch.Generator | None:
         return None if self.greedy else torch.Generator().manual_seed(self.seed)
 
-    @torch.no_grad()
     def _logprobs(self, rows: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
+        with torch.no_grad(), self.qs.using(**self.overrides):
+            return self._logprobs_now(rows, starts)
+
+    def _logprobs_now(self, rows: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
         """Log-probabilities ``(len(row) - start, V)`` of the next token at positions
         ``start..len(row)-1`` of each row.
 
@@ -262,7 +271,17 @@ class QStarLM(TemplateLM):
             texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=False)
             return torch.tensor([any(s in t for s in stops) for t in texts])
 
-        new = self.qs.generate(
+        with self.qs.using(**self.overrides):
+            new = self._generate_now(ids, mask, max_new, do_sample, temperature, stop)
+        out = []
+        for row in new.tolist():
+            text = self.tokenizer.decode(row, skip_special_tokens=False)
+            cut = min([text.index(s) for s in stops if s in text], default=len(text))
+            out.append(text[:cut])
+        return out
+
+    def _generate_now(self, ids, mask, max_new, do_sample, temperature, stop):
+        return self.qs.generate(
             ids.to(self.device),
             mask.to(self.device),
             max_new_tokens=max_new,
@@ -273,12 +292,6 @@ class QStarLM(TemplateLM):
             generator=self._generator(),
             stop=stop,
         )
-        out = []
-        for row in new.tolist():
-            text = self.tokenizer.decode(row, skip_special_tokens=False)
-            cut = min([text.index(s) for s in stops if s in text], default=len(text))
-            out.append(text[:cut])
-        return out
 
 
 def resolve_model_path(name: str) -> str:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from qstar.core import hf
+
 
 @dataclass(frozen=True)
 class Context:
@@ -85,22 +87,12 @@ def wrap(
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a Hugging Face model (its ``_no_split_modules`` classes)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    base = getattr(model, "base_model", model)
-    names = set(getattr(base, "_no_split_modules", None) or ())
-    layers = [m for m in base.modules() if type(m).__name__ in names]
-    return layers or [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
 def shard(qs: torch.nn.Module) -> None:
     """FSDP2 in place: each decoder layer is a unit, the root holds the rest (embeddings, LM head,
     meta tokens, mixing head: what QuietStar reads outside the layers)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    layers = decoder_layers(qs)
+    layers = hf.decoder_layers(qs)
     if not layers:
         raise ValueError(
             f"{type(qs.base_model).__name__}: found no decoder layers to shard; use train.parallel=ddp"

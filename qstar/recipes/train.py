@@ -83,9 +83,9 @@ def build_model(cfg: RunConfig, device: torch.device) -> QuietStar:
 def compile_layers(qs: QuietStar) -> int:
     """``torch.compile`` each decoder layer in place (regional compilation, dynamic shapes: the
     thought passes change the key length at every depth). Returns the number of layers."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    from qstar.core import hf
 
-    layers = [m for m in qs.backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = hf.decoder_layers(qs.base_model)
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
