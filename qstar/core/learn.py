@@ -25,6 +25,27 @@ def token_nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def logprob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` under ``softmax(logits)`` in fp32: ``(..., V), (...) -> (...)``
+    (cross-entropy's fused log-softmax, so no ``(..., V)`` log-probabilities are kept)."""
+    flat = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    )
+    return -flat.view(targets.shape)
+
+
+def weighted_loss(
+    base: torch.Tensor,
+    mixed: torch.Tensor,
+    policy: torch.Tensor,
+    base_weight: float,
+    mixed_weight: float,
+    policy_weight: float,
+) -> torch.Tensor:
+    """``base_w * NLL_base + mixed_w * NLL_mixed + policy_w * L_policy`` (the module docstring)."""
+    return base_weight * base + mixed_weight * mixed + policy_weight * policy
+
+
 def base_nll(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Next-token NLL of the base pass, averaged over real targets.
 

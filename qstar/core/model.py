@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,8 @@ from torch import nn
 
 from qstar.config import QuietStarConfig
 from qstar.core import hf, learn, think
-from qstar.core.attention import dense_thought_mask, positions_thought_mask, thought_attention
+from qstar.core.attention import dense_thought_mask, thought_attention
 from qstar.core.talk import MixingHead, get_mixer
-from qstar.core.think import draw_uniforms, sample_from_logits
 
 CONFIG_FILE = "qstar_config.json"
 HEADS_FILE = "qstar_heads.safetensors"
@@ -65,6 +63,17 @@ class QuietStarOutput:
             "mixing_weight_mean": float(w.mean()) if w.numel() else 0.0,
             "mixing_weight_std": float(w.std()) if w.numel() > 1 else 0.0,
         }
+
+
+@dataclass
+class LMOutput:
+    """What the no-thought baseline's forward returns."""
+
+    loss: torch.Tensor
+    base_nll: torch.Tensor
+
+    def stats(self) -> dict[str, float]:
+        return {"loss": float(self.loss.detach()), "base_nll": float(self.base_nll)}
 
 
 class QuietStar(nn.Module):
@@ -411,29 +420,23 @@ class QuietStar(nn.Module):
         generator: torch.Generator | None,
         uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sample ``t`` thought tokens at every position; extends ``cache`` by ``t`` blocks.
-
-        Returns ``(batch, L, t)``.
-        """
+        """Sample ``t`` thought tokens at every position (:func:`qstar.core.think.sample`);
+        extends ``cache`` by ``t`` blocks. Returns token ids ``(batch, L, t)``."""
         L, t = n_prefix, self.config.thought_len
         device = self.meta_embeddings.device
-        self._head_cache = (
-            None  # one meta-free head per sampling (sharded weights move between calls)
-        )
+        self._head_cache = None  # one meta-free head per sampling (sharded weights move)
         if not greedy and uniforms is None:
             uniforms = think.draw_uniforms((batch, t, L), generator, device)
-        tok = torch.full((batch, 1, L), self.start_id, dtype=torch.long, device=device)
-        out = []
-        for d in range(t):
-            h = self._thought_pass(tok, cache, n_prefix, first_block=d)[:, 0]  # (B, L, H)
-            logits = self.thought_logits(h)  # (B, L, V-2)
-            u = None if greedy else uniforms[:, d]
-            nxt = self.to_vocab(
-                think.sample_from_logits(logits, u, self.config.thought_temperature)
-            )  # (B, L)
-            out.append(nxt)
-            tok = nxt[:, None]
-        return torch.stack(out, dim=-1)
+
+        def step(idx: torch.Tensor, depth: int) -> torch.Tensor:  # (B, L) -> (B, L, H)
+            tok = idx if depth == 0 else self.to_vocab(idx)
+            return self._thought_pass(tok[:, None], cache, n_prefix, first_block=depth)[:, 0]
+
+        start = torch.full((batch, L), self.start_id, dtype=torch.long, device=device)
+        idx = think.sample(
+            step, self.thought_logits, start, t, uniforms, self.config.thought_temperature
+        )
+        return self.to_vocab(idx)
 
     # ------------------------------------------------------------------ public API
     def sample_thoughts(
@@ -490,7 +493,6 @@ class QuietStar(nn.Module):
         logits, _ = self._mixer(raw_w, h_base, h_end, self.lm_logits)
         return (logits, thoughts) if return_thoughts else logits
 
-    @torch.no_grad()
     def mixed_logits_at(
         self,
         input_ids: torch.Tensor,
@@ -499,67 +501,13 @@ class QuietStar(nn.Module):
         greedy: bool = True,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """:meth:`mixed_logits` at chosen positions only: ``(B, L), (B, m) -> (B, m, V)``.
+        """Mixed logits at chosen positions only: ``(B, L), (B, m) -> (B, m, V)``
+        (:func:`qstar.core.inference.mixed_logits_at`)."""
+        from qstar.core import inference
 
-        A thought at position ``i`` depends on ``x_0..x_i`` alone, so scoring a short answer after
-        a long prompt needs thoughts at the answer's positions only: one base pass over the
-        sequence, then ``t + 2`` passes of ``m`` tokens per row instead of ``L`` (the dense-mask
-        layout of :func:`qstar.core.attention.positions_thought_mask`). Row ``r`` equals row
-        ``positions[b, r]`` of :meth:`mixed_logits` (for greedy thoughts; sampled thoughts use
-        other draws). ``positions`` must lie inside each row's real tokens.
-        """
-        self._check_inputs(input_ids, attention_mask)
-        B, L = input_ids.shape
-        m = positions.shape[1]
-        if positions.shape[0] != B or positions.min() < 0 or positions.max() >= L:
-            raise ValueError(f"positions {tuple(positions.shape)} must be (B, m) in [0, {L})")
-        t = self.config.thought_len
-        device = input_ids.device
-        h_base, cache = self._base_pass(input_ids, attention_mask)  # (B, L, H)
-        h_b = h_base.gather(1, positions[..., None].expand(-1, -1, h_base.shape[-1]))  # (B, m, H)
-        uniforms = None if greedy else draw_uniforms((B, t, m), generator, device)
-        self._head_cache = None
-        tok = torch.full((B, m), self.start_id, dtype=torch.long, device=device)
-        for d in range(t + 2):  # feed <start>, c_1..c_t, <end>; block d sits at position p + d + 1
-            h = self._positions_pass(tok, cache, positions, L, d)  # (B, m, H)
-            if d < t:
-                u = None if greedy else uniforms[:, d]
-                idx = think.sample_from_logits(
-                    self.thought_logits(h), u, self.config.thought_temperature
-                )
-                tok = self.to_vocab(idx)
-            else:
-                tok = torch.full_like(tok, self.end_id)
-        raw_w = self.mixing_head(h_b, h)  # h: the hidden state at <end>
-        logits, _ = self._mixer(raw_w, h_b, h, self.lm_logits)
-        return logits
-
-    def _positions_pass(
-        self, tokens: torch.Tensor, cache: hf.Cache, positions: torch.Tensor, L: int, d: int
-    ) -> torch.Tensor:
-        """Feed block ``d`` of thought tokens at ``positions`` (``(B, m)``); extends ``cache``."""
-        cfg = self.base_model.config
-        dtype = self.meta_embeddings.dtype
-        window = getattr(cfg, "sliding_window", None)
-        layer_types = getattr(cfg, "layer_types", None) or []
-        if "sliding_attention" in layer_types:
-            mask = {
-                "full_attention": positions_thought_mask(positions, L, d + 1, dtype),
-                "sliding_attention": positions_thought_mask(positions, L, d + 1, dtype, window),
-            }
-        else:
-            mask = positions_thought_mask(
-                positions, L, d + 1, dtype, window if not layer_types else None
-            )
-        with thought_attention(self.base_model, L, "dense"):  # eager attention, float mask
-            out = self.backbone(
-                inputs_embeds=self.embed(tokens),
-                position_ids=positions + d + 1,
-                attention_mask=mask,
-                cache=cache,
-                use_cache=True,
-            )
-        return out.last_hidden_state
+        return inference.mixed_logits_at(
+            self, input_ids, positions, attention_mask, greedy, generator
+        )
 
     @torch.no_grad()
     def base_logits(
@@ -569,85 +517,12 @@ class QuietStar(nn.Module):
         out = self.backbone(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask)
         return self.lm_logits(out.last_hidden_state)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        think: bool = True,
-        greedy_thoughts: bool = True,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """KV-cached batch generation that thinks before every emitted token.
+    def generate(self, input_ids: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+        """KV-cached batch generation that thinks before every emitted token: ``(B, P) -> (B, n)``
+        new tokens (:func:`qstar.core.inference.generate`; its keyword arguments)."""
+        from qstar.core import inference
 
-        ``input_ids`` may be left-padded (``attention_mask`` zeros first). Before each new token
-        the model decodes ``<start> c_1..c_t <end>`` after the last position on a scratch copy of
-        the cache (``t + 2`` single-token passes, then the cache is cut back), mixes the base and
-        post-thought predictions, and emits a token. ``stop(tokens (B, n)) -> (B,)`` bool marks
-        finished rows; generation ends when all are finished. Returns ``(B, n)`` new tokens.
-        """
-        B, P = input_ids.shape
-        device = input_ids.device
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.backbone(
-            inputs_embeds=self.embed(input_ids),
-            attention_mask=mask,
-            position_ids=pos,
-            cache=hf.new_cache(),
-            use_cache=True,
-        )
-        cache, h_last, next_pos = out.cache, out.last_hidden_state[:, -1], pos[:, -1] + 1
-        ones = torch.ones((B, 1), dtype=mask.dtype, device=device)
-        emitted = torch.empty((B, 0), dtype=torch.long, device=device)
-        t = self.config.thought_len
-
-        def step(tokens: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-            o = self.backbone(
-                inputs_embeds=self.embed(tokens[:, None]),
-                attention_mask=m,
-                position_ids=p[:, None],
-                cache=cache,
-                use_cache=True,
-            )
-            return o.last_hidden_state[:, -1]
-
-        for _ in range(max_new_tokens):
-            if think:
-                base_len = hf.cache_length(cache)
-                tok = torch.full((B,), self.start_id, dtype=torch.long, device=device)
-                m = mask
-                for d in range(t + 2):  # <start>, c_1..c_t, <end>
-                    m = torch.cat([m, ones], dim=1)
-                    h = step(tok, m, next_pos + d)
-                    if d < t:
-                        u = None if greedy_thoughts else draw_uniforms((B,), generator, device)
-                        idx = sample_from_logits(
-                            self.thought_logits(h), u, self.config.thought_temperature
-                        )
-                        tok = self.to_vocab(idx)
-                    else:
-                        tok = torch.full((B,), self.end_id, dtype=torch.long, device=device)
-                hf.crop_cache(cache, base_len)
-                logits, _ = self._mixer(self.mixing_head(h_last, h), h_last, h, self.lm_logits)
-            else:
-                logits = self.lm_logits(h_last)
-            if do_sample:
-                u = draw_uniforms((B,), generator, device)
-                nxt = sample_from_logits(logits, u, temperature)
-            else:
-                nxt = logits.argmax(-1)
-            emitted = torch.cat([emitted, nxt[:, None]], dim=1)
-            if stop is not None and bool(stop(emitted).all()):
-                break
-            mask = torch.cat([mask, ones], dim=1)
-            h_last = step(nxt, mask, next_pos)
-            next_pos = next_pos + 1
-        return emitted
+        return inference.generate(self, input_ids, attention_mask, **kwargs)
 
     def forward(
         self,
@@ -656,105 +531,53 @@ class QuietStar(nn.Module):
         greedy: bool = False,
         generator: torch.Generator | None = None,
         objective: str = "quiet_star",
-    ) -> QuietStarOutput:
-        """One Quiet-STaR training forward: loss and its parts (see the module docstring).
+    ) -> QuietStarOutput | LMOutput:
+        """One training forward: think -> talk -> learn (see the module docstring).
 
-        ``objective="lm"`` is the no-thought baseline: the base model's NLL alone, through the
-        same module (so data-parallel wrappers see it)."""
-        cfg = self.config
+        ``objective="lm"`` is the no-thought baseline (:meth:`lm_forward`), through the same
+        module so that data-parallel wrappers see it."""
         valid = self._check_inputs(input_ids, attention_mask)
-        B, L = input_ids.shape
-        k, t, n = cfg.n_thoughts, cfg.thought_len, cfg.n_true
         if objective == "lm":
-            h = self.backbone(
-                inputs_embeds=self.embed(input_ids), attention_mask=attention_mask
-            ).last_hidden_state
-            nll = learn.base_nll(self.lm_logits(h), input_ids, valid)
-            empty = torch.zeros((B, 0, L), device=input_ids.device)
-            return QuietStarOutput(
-                loss=nll,
-                base_nll=nll.detach(),
-                mixed_nll=nll.detach() * float("nan"),
-                policy_loss=nll.detach() * 0,
-                rewards=empty,
-                mixing_weight=empty[..., None],
-                thoughts=empty[..., None].long(),
-                target_valid=empty[..., None].bool(),
-            )
+            return self.lm_forward(input_ids, attention_mask, valid)
+        cfg = self.config
         if cfg.attention == "flex" and torch.is_grad_enabled() and not input_ids.is_cuda:
             raise ValueError(
                 "quiet_star.attention=flex has no backward on CPU (a FlexAttention limit); "
                 "use attention=sparse, which picks FlexAttention on CUDA by itself"
             )
+        B, L = input_ids.shape
+        k, t, n = cfg.n_thoughts, cfg.thought_len, cfg.n_true
 
-        # 1. base pass, once per sequence
-        h_base, cache = self._base_pass(input_ids, attention_mask)  # (B, L, H)
-        base_logits = self.lm_logits(h_base)
-        base_nll = learn.base_nll(base_logits, input_ids, valid)
-        del base_logits
-
-        # 2. think: sample without gradient (no activations kept)
-        sample_cache = hf.repeat_cache(cache, k, detach=True)
-        thoughts = self._sample(sample_cache, L, B * k, greedy, generator)  # (Bk, L, t)
-        del sample_cache
-
-        # 3. recompute all D depths at once, with gradient
-        ids_k = input_ids.repeat_interleave(k, dim=0)
-        block = think.thought_block_tokens(
-            ids_k, thoughts, self.start_id, self.end_id, n, self.fill_id
+        # base pass, once per sequence: (B, L, H) and its KV cache
+        h_base, cache = self._base_pass(input_ids, attention_mask)
+        base_nll = learn.base_nll(self.lm_logits(h_base), input_ids, valid)
+        # think: (Bk, L, t) thoughts, then (Bk, D, L, H) hidden states of every depth
+        thoughts, h = self._think(input_ids, cache, k, greedy, generator)
+        # talk: mix base and post-thought predictions of x_{i+1..i+n}: (Bk, n, L, V), (.., 1)
+        h_b = h_base[:, think.lookahead_index(L, n, h.device)].repeat_interleave(k, dim=0)
+        logits, w = self._mixer(
+            self.mixing_head(h_b, h[:, t + 1 :]), h_b, h[:, t + 1 :], self.lm_logits
         )
-        h = self._thought_pass(block, hf.repeat_cache(cache, k, detach=False), L, first_block=0)
-        # h: (Bk, D, L, H); depth 0 = <start> ... t = c_t, t+1 = <end>, t+1+j = x_{i+j}
-
-        # policy log-probs of c_1..c_t, predicted at depths 0..t-1, at the policy temperature
-        pol_logits = self.thought_logits(
-            h[:, :t], cfg.policy_temperature
-        ).float()  # (Bk, t, L, V-2)
-        thought_lp = (
-            -nn.functional.cross_entropy(
-                pol_logits.flatten(0, 2),
-                self.from_vocab(thoughts.transpose(1, 2)).flatten(),
-                reduction="none",
-            )
-            .view(B, k, t, L)
-            .transpose(2, 3)
-        )  # (B, k, L, t)
-        del pol_logits
-
-        # 4. talk: mix base and post-thought predictions for x_{i+1..i+n}
-        h_talk = h[:, t + 1 :]  # (Bk, n, L, H)
-        idx = (
-            torch.arange(L, device=h.device)[None, :] + torch.arange(n, device=h.device)[:, None]
-        ).clamp(max=L - 1)
-        h_b = h_base[:, idx].repeat_interleave(
-            k, dim=0
-        )  # (Bk, n, L, H): base hidden predicting the same token
-        raw_w = self.mixing_head(h_b, h_talk)  # (Bk, n, L, 1)
-        logits, w = self._mixer(raw_w, h_b, h_talk, self.lm_logits)  # (Bk, n, L, V)
+        # learn
         targets = think.shifted_targets(input_ids, n, self.fill_id).transpose(1, 2)  # (B, n, L)
-        targets = targets.repeat_interleave(k, dim=0)
-        nll = (
-            nn.functional.cross_entropy(
-                logits.float().flatten(0, 2), targets.flatten(), reduction="none"
-            )
-            .view(B, k, n, L)
-            .transpose(2, 3)
-        )  # (B, k, L, n)
+        nll = -learn.logprob_of(logits, targets.repeat_interleave(k, dim=0))
+        nll = nll.view(B, k, n, L).transpose(2, 3)  # (B, k, L, n)
         del logits
-
-        # 5. learn
+        # policy log-probs of c_1..c_t, predicted at depths 0..t-1, at the policy temperature
+        thought_lp = learn.logprob_of(
+            self.thought_logits(h[:, :t], cfg.policy_temperature),  # (Bk, t, L, V-2)
+            self.from_vocab(thoughts.transpose(1, 2)),
+        )
+        thought_lp = thought_lp.view(B, k, t, L).transpose(2, 3)  # (B, k, L, t)
         target_valid = think.shifted_valid(valid, n)[:, None]  # (B, 1, L, n)
         mixed = learn.mixed_nll(nll, target_valid)
         rewards = learn.thought_rewards(nll, target_valid, cfg.positive_rewards)  # (B, k, L)
         policy = learn.policy_loss(
             thought_lp, rewards, target_valid[..., 0], per_token=cfg.policy_logprob == "per_token"
         )
-        loss = (
-            cfg.base_loss_weight * base_nll
-            + cfg.mixed_loss_weight * mixed
-            + cfg.policy_weight * policy
+        loss = learn.weighted_loss(
+            base_nll, mixed, policy, cfg.base_loss_weight, cfg.mixed_loss_weight, cfg.policy_weight
         )
-        mixing_weight = w.detach().view(B, k, n, L).transpose(2, 3)  # (B, k, L, n)
         return QuietStarOutput(
             loss=loss,
             base_nll=base_nll.detach(),
@@ -762,10 +585,38 @@ class QuietStar(nn.Module):
             policy_loss=policy.detach(),
             policy_term=cfg.policy_weight * policy,
             rewards=rewards,
-            mixing_weight=mixing_weight,
+            mixing_weight=w.detach().view(B, k, n, L).transpose(2, 3),  # (B, k, L, n)
             thoughts=thoughts.view(B, k, L, t),
             target_valid=target_valid,
         )
+
+    def _think(self, input_ids, cache, k: int, greedy: bool, generator):
+        """Sample ``k`` thoughts per position without gradient (no activations kept), then
+        recompute every depth at once with gradient: ``(Bk, L, t)`` thoughts and hidden states
+        ``(Bk, D, L, H)``, depth 0 = ``<start>`` ... ``t`` = ``c_t``, ``t+1`` = ``<end>``,
+        ``t+1+j`` = ``x_{i+j}``."""
+        B, L = input_ids.shape
+        thoughts = self._sample(hf.repeat_cache(cache, k, detach=True), L, B * k, greedy, generator)
+        block = think.thought_block_tokens(
+            input_ids.repeat_interleave(k, dim=0),
+            thoughts,
+            self.start_id,
+            self.end_id,
+            self.config.n_true,
+            self.fill_id,
+        )
+        h = self._thought_pass(block, hf.repeat_cache(cache, k, detach=False), L, first_block=0)
+        return thoughts, h
+
+    def lm_forward(self, input_ids, attention_mask=None, valid=None) -> LMOutput:
+        """The no-thought baseline: the base model's next-token NLL on the same tokens."""
+        if valid is None:
+            valid = self._check_inputs(input_ids, attention_mask)
+        h = self.backbone(
+            inputs_embeds=self.embed(input_ids), attention_mask=attention_mask
+        ).last_hidden_state
+        nll = learn.base_nll(self.lm_logits(h), input_ids, valid)
+        return LMOutput(loss=nll, base_nll=nll.detach())
 
 
 def _token_id(tokenizer, token: str) -> int:

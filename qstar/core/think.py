@@ -12,6 +12,8 @@ the same (row, position, depth) draws the same thought (the parity test relies o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -96,3 +98,40 @@ def shifted_targets(input_ids: torch.Tensor, n: int, fill_id: int) -> torch.Tens
 def shifted_valid(valid: torch.Tensor, n: int) -> torch.Tensor:
     """``out[b, i, j]`` is true iff position ``i`` and target ``i + 1 + j`` are real tokens: ``(B, L, n)``."""
     return shifted_targets(valid.long(), n, 0).bool() & valid[:, :, None]
+
+
+def sample(
+    step: Callable[[torch.Tensor, int], torch.Tensor],
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    first: torch.Tensor,
+    t: int,
+    uniforms: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """Decode ``t`` thought tokens at every position, depth by depth.
+
+    Args:
+        step: ``(tokens (B, L), depth) -> hidden (B, L, H)``: feeds one depth block to the model
+            (extending its cache), as :meth:`qstar.QuietStar._thought_pass` does.
+        logits_of: ``hidden -> (B, L, V')`` sampling logits over the allowed vocabulary.
+        first: ``(B, L)`` the tokens fed at depth 0 (``<start>``).
+        uniforms: ``(B, t, L)`` draws for :func:`sample_from_logits`, or ``None`` for greedy.
+    Returns:
+        ``(B, L, t)`` indices into the allowed vocabulary of ``logits_of``.
+    """
+    tok, out = first, []
+    for d in range(t):
+        idx = sample_from_logits(
+            logits_of(step(tok, d)), None if uniforms is None else uniforms[:, d], temperature
+        )
+        out.append(idx)
+        tok = idx
+    return torch.stack(out, dim=-1)
+
+
+def lookahead_index(L: int, n: int, device) -> torch.Tensor:
+    """``(n, L)``: the position whose base hidden state predicts the same token as lookahead step
+    ``j`` after the thought at ``i`` (``i + j``, clamped to the window)."""
+    return (
+        torch.arange(L, device=device)[None, :] + torch.arange(n, device=device)[:, None]
+    ).clamp(max=L - 1)

@@ -1,0 +1,166 @@
+"""Inference entry points of :class:`qstar.QuietStar` beyond the training forward: mixed logits at
+chosen positions (evaluation) and KV-cached generation that thinks before every token.
+
+Notation: ``B`` sequences, ``L`` positions, ``m`` chosen positions per row, ``t`` thought tokens,
+``H`` hidden size, ``V`` vocabulary. The methods of the same names on ``QuietStar`` call these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from qstar.core import hf, think
+from qstar.core.attention import positions_thought_mask, thought_attention
+from qstar.core.think import draw_uniforms, sample_from_logits
+
+
+@torch.no_grad()
+def mixed_logits_at(
+    qs,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    greedy: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:meth:`mixed_logits` at chosen positions only: ``(B, L), (B, m) -> (B, m, V)``.
+
+    A thought at position ``i`` depends on ``x_0..x_i`` alone, so scoring a short answer after
+    a long prompt needs thoughts at the answer's positions only: one base pass over the
+    sequence, then ``t + 2`` passes of ``m`` tokens per row instead of ``L`` (the dense-mask
+    layout of :func:`qstar.core.attention.positions_thought_mask`). Row ``r`` equals row
+    ``positions[b, r]`` of :meth:`mixed_logits` (for greedy thoughts; sampled thoughts use
+    other draws). ``positions`` must lie inside each row's real tokens.
+    """
+    qs._check_inputs(input_ids, attention_mask)
+    B, L = input_ids.shape
+    m = positions.shape[1]
+    if positions.shape[0] != B or positions.min() < 0 or positions.max() >= L:
+        raise ValueError(f"positions {tuple(positions.shape)} must be (B, m) in [0, {L})")
+    t = qs.config.thought_len
+    device = input_ids.device
+    h_base, cache = qs._base_pass(input_ids, attention_mask)  # (B, L, H)
+    h_b = h_base.gather(1, positions[..., None].expand(-1, -1, h_base.shape[-1]))  # (B, m, H)
+    uniforms = None if greedy else think.draw_uniforms((B, t, m), generator, device)
+    qs._head_cache = None
+    tok = torch.full((B, m), qs.start_id, dtype=torch.long, device=device)
+    for d in range(t + 2):  # feed <start>, c_1..c_t, <end>; block d sits at position p + d + 1
+        h = _positions_pass(qs, tok, cache, positions, L, d)  # (B, m, H)
+        if d < t:
+            u = None if greedy else uniforms[:, d]
+            idx = think.sample_from_logits(qs.thought_logits(h), u, qs.config.thought_temperature)
+            tok = qs.to_vocab(idx)
+        else:
+            tok = torch.full_like(tok, qs.end_id)
+    raw_w = qs.mixing_head(h_b, h)  # h: the hidden state at <end>
+    logits, _ = qs._mixer(raw_w, h_b, h, qs.lm_logits)
+    return logits
+
+
+def _positions_pass(
+    qs, tokens: torch.Tensor, cache: hf.Cache, positions: torch.Tensor, L: int, d: int
+) -> torch.Tensor:
+    """Feed block ``d`` of thought tokens at ``positions`` (``(B, m)``); extends ``cache``."""
+    cfg = qs.base_model.config
+    dtype = qs.meta_embeddings.dtype
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if "sliding_attention" in layer_types:
+        mask = {
+            "full_attention": positions_thought_mask(positions, L, d + 1, dtype),
+            "sliding_attention": positions_thought_mask(positions, L, d + 1, dtype, window),
+        }
+    else:
+        mask = positions_thought_mask(
+            positions, L, d + 1, dtype, window if not layer_types else None
+        )
+    with thought_attention(qs.base_model, L, "dense"):  # eager attention, float mask
+        out = qs.backbone(
+            inputs_embeds=qs.embed(tokens),
+            position_ids=positions + d + 1,
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+        )
+    return out.last_hidden_state
+
+
+@torch.no_grad()
+def generate(
+    qs,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    think: bool = True,
+    greedy_thoughts: bool = True,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """KV-cached batch generation that thinks before every emitted token.
+
+    ``input_ids`` may be left-padded (``attention_mask`` zeros first). Before each new token
+    the model decodes ``<start> c_1..c_t <end>`` after the last position on a scratch copy of
+    the cache (``t + 2`` single-token passes, then the cache is cut back), mixes the base and
+    post-thought predictions, and emits a token. ``stop(tokens (B, n)) -> (B,)`` bool marks
+    finished rows; generation ends when all are finished. Returns ``(B, n)`` new tokens.
+    """
+    B, P = input_ids.shape
+    device = input_ids.device
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = qs.backbone(
+        inputs_embeds=qs.embed(input_ids),
+        attention_mask=mask,
+        position_ids=pos,
+        cache=hf.new_cache(),
+        use_cache=True,
+    )
+    cache, h_last, next_pos = out.cache, out.last_hidden_state[:, -1], pos[:, -1] + 1
+    ones = torch.ones((B, 1), dtype=mask.dtype, device=device)
+    emitted = torch.empty((B, 0), dtype=torch.long, device=device)
+    t = qs.config.thought_len
+
+    def step(tokens: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        o = qs.backbone(
+            inputs_embeds=qs.embed(tokens[:, None]),
+            attention_mask=m,
+            position_ids=p[:, None],
+            cache=cache,
+            use_cache=True,
+        )
+        return o.last_hidden_state[:, -1]
+
+    for _ in range(max_new_tokens):
+        if think:
+            base_len = hf.cache_length(cache)
+            tok = torch.full((B,), qs.start_id, dtype=torch.long, device=device)
+            m = mask
+            for d in range(t + 2):  # <start>, c_1..c_t, <end>
+                m = torch.cat([m, ones], dim=1)
+                h = step(tok, m, next_pos + d)
+                if d < t:
+                    u = None if greedy_thoughts else draw_uniforms((B,), generator, device)
+                    idx = sample_from_logits(qs.thought_logits(h), u, qs.config.thought_temperature)
+                    tok = qs.to_vocab(idx)
+                else:
+                    tok = torch.full((B,), qs.end_id, dtype=torch.long, device=device)
+            hf.crop_cache(cache, base_len)
+            logits, _ = qs._mixer(qs.mixing_head(h_last, h), h_last, h, qs.lm_logits)
+        else:
+            logits = qs.lm_logits(h_last)
+        if do_sample:
+            u = draw_uniforms((B,), generator, device)
+            nxt = sample_from_logits(logits, u, temperature)
+        else:
+            nxt = logits.argmax(-1)
+        emitted = torch.cat([emitted, nxt[:, None]], dim=1)
+        if stop is not None and bool(stop(emitted).all()):
+            break
+        mask = torch.cat([mask, ones], dim=1)
+        h_last = step(nxt, mask, next_pos)
+        next_pos = next_pos + 1
+    return emitted
