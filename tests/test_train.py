@@ -227,7 +227,7 @@ def test_cli_help_and_bad_config(tmp_path):
 def test_compiled_layers_give_the_same_losses(tiny_run_config):
     """torch.compile of the decoder layers (slow on CPU: minutes of compilation)."""
     from qstar.cli import resolve_config  # noqa: F401
-    from qstar.recipes.train import build_model, compile_layers
+    from qstar.recipes.common import build_model, compile_layers
 
     cfg = tiny_run_config()
     qs = build_model(cfg, torch.device("cpu"))

@@ -1,0 +1,104 @@
+"""Evaluation during training: held-out next-token NLL with and without thinking, and lm-eval
+tasks on the live model (what the training recipes call at every evaluation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qstar.config import RunConfig
+from qstar.core import learn
+from qstar.core.model import QuietStar
+from qstar.data import collate
+
+
+@torch.no_grad()
+def heldout_nll(
+    qs: QuietStar,
+    windows: list[list[int]],
+    batch_size: int,
+    device,
+    think: bool = True,
+    per_token: dict[str, list[list[float]]] | None = None,
+) -> dict[str, float]:
+    """Next-token NLL on fixed windows without thoughts and, if ``think``, after greedy thoughts.
+
+    ``per_token``: a dict that receives ``{"base": [[nll of each target] per window],
+    "thought": [...]}`` (what reports bootstrap over and split by token difficulty)."""
+    was_training = qs.training
+    qs.eval()
+    pad = qs.fill_id
+    sums = {"base": 0.0, "thought": 0.0}
+    tokens: dict[str, list[list[float]]] = {"base": [], "thought": []}
+    count = 0
+    try:
+        for i in range(0, len(windows), batch_size):
+            ids, mask = collate(windows[i : i + batch_size], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            valid = (mask[:, 1:] & mask[:, :-1]).bool()
+            targets = ids[:, 1:]
+            count += int(valid.sum())
+            scored = {"base": qs.base_logits(ids, mask)}
+            if think:
+                scored["thought"] = qs.mixed_logits(ids, mask)
+            for name, logits in scored.items():
+                lp = torch.log_softmax(logits[:, :-1].float(), -1)
+                nll = learn.token_nll(lp, targets)  # (b, L-1)
+                sums[name] += float(nll[valid].sum())
+                tokens[name] += [
+                    row[v].tolist() for row, v in zip(nll.cpu(), valid.cpu(), strict=True)
+                ]
+    finally:
+        qs.train(was_training)
+    out = {"eval/nll_base": sums["base"] / max(count, 1)}
+    if think:
+        out["eval/nll_thought"] = sums["thought"] / max(count, 1)
+        out["eval/nll_delta"] = out["eval/nll_thought"] - out["eval/nll_base"]
+    if per_token is not None:
+        per_token.update({k: v for k, v in tokens.items() if v})
+    return out
+
+
+def task_metrics(
+    qs: QuietStar, cfg: RunConfig, think: bool, samples_dir: Path | None = None
+) -> dict[str, float]:
+    """lm-eval ``eval.tasks`` on the live model: ``{"eval/TASK/METRIC": value}``.
+
+    Without thinking (``think=False``) on a Quiet-STaR run the keys are ``eval/TASK:nothink/...``.
+    ``samples_dir``: where to write each task's per-example metrics (``TASK[:nothink].jsonl``,
+    one ``{"doc_id", METRIC: value}`` row per example), for paired confidence intervals."""
+    from qstar.evaluation import backend as evaluation
+
+    was_training = qs.training
+    qs.eval()
+    try:
+        lm = evaluation.QStarLM(model=qs, think=think, batch_size=cfg.eval.batch_size)
+        results = evaluation.evaluate(
+            lm,
+            cfg.eval.tasks,
+            cfg.eval.limit,
+            cfg.eval.include_paths,
+            data_dir=cfg.data.data_dir,
+            seed=cfg.train.seed,
+            log_samples=samples_dir is not None,
+        )
+    finally:
+        qs.train(was_training)
+    suffix = "" if think or cfg.train.objective == "lm" else ":nothink"
+    table = evaluation.metric_table(results)
+    if samples_dir is not None:
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        for task, rows in (results.get("samples") or {}).items():
+            keep = set(table.get(task, {}))
+            lines = [
+                json.dumps({"doc_id": r.get("doc_id"), **{k: r[k] for k in sorted(keep) if k in r}})
+                for r in rows
+            ]
+            (samples_dir / f"{task}{suffix}.jsonl").write_text("\n".join(lines) + "\n")
+    return {
+        f"eval/{task}{suffix}/{metric}": value
+        for task, metrics in table.items()
+        for metric, value in metrics.items()
+    }

@@ -1,0 +1,452 @@
+"""What every training recipe shares: building the model and the data, the run directory, the
+optimiser and its schedule, resuming, checkpoints, the end of a run (:class:`Run`, :func:`setup`,
+:func:`save_checkpoint`, :func:`finish`, :func:`cleanup`). A new recipe (another training
+method) reuses these and writes only its own step and evaluation.
+
+Run directory (written before step 0, read by sweeps and reports):
+    config.yaml            the resolved configuration
+    run.json               provenance: git sha, versions, model and data sources, command
+    heldout.json           the validation windows (token ids) behind eval/nll_*
+    metrics.jsonl          one JSON row per step (kind "train") and per evaluation (kind "eval")
+    heldout/step_N.json    per-token held-out NLL of each evaluation
+    tasks/step_N/          per-example task scores
+    tb/                    TensorBoard events
+    checkpoints/step_N/    see :mod:`qstar.recipes.checkpoint`; checkpoints/latest names the newest
+    final/                 the trained model (``QuietStar.from_pretrained`` loads it)
+    summary.json           final figures
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qstar.config import RunConfig, load_run_config
+from qstar.core.model import QuietStar
+from qstar.data import DataError, WindowStream, fixed_windows, load_documents, tokenize
+from qstar.recipes import checkpoint, diagnostics, distributed
+from qstar.recipes.tracking import MetricsLogger, provenance
+
+NONFINITE_PARTS = (
+    ("base_nll", "base NLL"),
+    ("mixed_nll", "mixed NLL"),
+    ("policy_loss", "policy term"),
+    ("loss", "loss"),
+)
+
+
+def nonfinite_part(parts: dict[str, float], grad_norm: float) -> str | None:
+    """Which part of a step is not finite (``"policy term (nan)"``), or ``None``."""
+    for key, name in NONFINITE_PARTS:
+        value = parts.get(key)
+        if value is not None and not math.isfinite(value):
+            return f"{name} ({value})"
+    if not math.isfinite(grad_norm):
+        return f"gradient norm ({grad_norm})"
+    return None
+
+
+def weights_finite(params: list[torch.Tensor], ctx: distributed.Context) -> bool:
+    local = all(
+        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params
+    )
+    return distributed.mean({"bad": float(not local)}, ctx)["bad"] == 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available; use train.device=auto")
+    return torch.device(name)
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> QuietStar:
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    qs = QuietStar.from_pretrained(
+        cfg.model.name,
+        cfg.quiet_star,
+        dtype=dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    return qs.to(device)
+
+
+def compile_layers(qs: QuietStar) -> int:
+    """``torch.compile`` each decoder layer in place (regional compilation, dynamic shapes: the
+    thought passes change the key length at every depth). Returns the number of layers."""
+    from qstar.core import hf
+
+    layers = hf.decoder_layers(qs.base_model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def lr_lambda(cfg: RunConfig):
+    warmup, total, kind = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.schedule
+
+    def fn(step: int) -> float:  # step = optimiser steps taken so far
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> tuple[WindowStream, list[list[int]], dict[str, Any]]:
+    d = cfg.data
+    common = dict(
+        text_field=d.text_field,
+        template=d.template,
+        on_bad_row=d.on_bad_row,
+        configured_dir=d.data_dir,
+        hub_config=d.hub_config,
+        seed=cfg.train.seed,
+        shuffle_buffer=d.shuffle_buffer,
+    )
+    held_out = 0 if d.val_source else d.val_documents
+    limit = None if d.max_documents is None else d.max_documents + held_out
+    docs = load_documents(d.source, d.split, max_documents=limit, **common)
+    train_docs = tokenize(tokenizer, docs.texts)
+    if d.val_source:
+        val = load_documents(
+            d.val_source, d.val_split or d.split, max_documents=max(cfg.eval.windows, 1), **common
+        )
+        val_docs = tokenize(tokenizer, val.texts)
+    else:
+        order = list(range(len(train_docs)))
+        random.Random(cfg.train.seed).shuffle(order)
+        if held_out >= len(order):
+            raise DataError(
+                f"data.val_documents={held_out} leaves no training documents "
+                f"({len(order)} usable); lower it or set data.val_source"
+            )
+        val_docs = [train_docs[i] for i in order[:held_out]]
+        train_docs = [train_docs[i] for i in order[held_out:]]
+    eos = tokenizer.eos_token_id
+    stream = WindowStream(
+        train_docs, d.window, d.windowing, cfg.train.seed, pad_id=_pad_id(tokenizer), eos_id=eos
+    )
+    windows = (
+        fixed_windows(
+            val_docs,
+            d.window,
+            cfg.eval.windows,
+            cfg.train.seed if cfg.eval.heldout_seed is None else cfg.eval.heldout_seed,
+        )
+        if val_docs and cfg.eval.windows
+        else []
+    )
+    info = {
+        "data_source": docs.source,
+        "data_origin": docs.origin,
+        **({"val_data_source": val.source, "val_data_origin": val.origin} if d.val_source else {}),
+        "train_documents": len(train_docs),
+        "val_windows": len(windows),
+        "skipped_rows": docs.skipped,
+        "skipped_examples": docs.skipped_examples,
+    }
+    return stream, windows, info
+
+
+def tasks_due(cfg: RunConfig, step: int) -> bool:
+    """Whether ``eval.tasks`` run at this evaluation (``eval.tasks_at``)."""
+    last = step == cfg.train.steps
+    return {"every": True, "end": last, "start_end": last or step == 0}[cfg.eval.tasks_at]
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
+    tmp.replace(path)
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
+    """Refuse to overwrite a run; on resume, require the same config. Returns the checkpoint."""
+    existing = run_dir / "config.yaml"
+    if not resume:
+        if existing.exists() or (run_dir / "checkpoints").exists():
+            raise ValueError(
+                f"run directory {run_dir} already holds a run; pass --resume to continue "
+                "it, or choose another --run-dir"
+            )
+        return None
+    if existing.exists():
+        saved = load_run_config(str(existing)).to_dict()
+        diffs = _diff(saved, cfg.to_dict())
+        if diffs:
+            raise ValueError(
+                f"--resume with a different config than {existing}: {', '.join(diffs[:5])}; "
+                "resume with the same config and overrides"
+            )
+    return checkpoint.latest(run_dir)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out
+
+
+@dataclass
+class Run:
+    """The state of one training run that every recipe has."""
+
+    cfg: RunConfig
+    run_dir: Path
+    ctx: distributed.Context
+    device: torch.device
+    qs: QuietStar
+    model: torch.nn.Module  # what the step calls: qs, or a data-parallel wrapper around it
+    stream: WindowStream
+    val_windows: list[list[int]]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    params: list[torch.nn.Parameter]
+    roles: dict[str, list]
+    logger: MetricsLogger | None
+    autocast: Any
+    start: int
+    fsdp: bool
+    accum: int
+    tracker: diagnostics.ParamTracker | None = None
+    tokens_total: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+    last_row: dict[str, Any] = field(default_factory=dict)
+    first_eval: dict[str, float] | None = None
+    last_eval: dict[str, float] | None = None
+
+
+def setup(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context) -> Run:
+    """Model, data, run directory, optimiser, schedule and (on ``resume``) the last checkpoint.
+    A bad model or data source fails before anything is written."""
+    micro = cfg.train.micro_batch_size
+    if cfg.train.batch_size % (micro * ctx.world):
+        raise ValueError(
+            f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+            f"micro_batch_size x processes ({micro} x {ctx.world})"
+        )
+    accum = cfg.train.batch_size // (micro * ctx.world)
+    ckpt = check_run_dir(run_dir, cfg, resume)  # every process checks before any writes
+    distributed.barrier(ctx)
+    device = distributed.device_for(ctx, pick_device(cfg.train.device))
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    strategy = cfg.train.parallel
+    fsdp = distributed.sharded(ctx, strategy)
+    # Under FSDP the whole model is built in host memory and each layer moves to the device as it
+    # is sharded, so no device ever holds all of it.
+    qs = build_model(cfg, torch.device("cpu") if fsdp else device)
+    stream, val_windows, data_info = prepare_data(cfg, qs.tokenizer)
+    _write_run_dir(cfg, run_dir, ctx, resume, ckpt, qs, device, val_windows, data_info)
+
+    think = cfg.train.objective == "quiet_star"
+    if cfg.train.trainable == "heads":
+        if not think:
+            raise ValueError(
+                "train.trainable=heads freezes the language model, so train.objective=lm would "
+                "train nothing; use train.trainable=all for the no-thought baseline"
+            )
+        qs.base_model.requires_grad_(False)
+    if ckpt is not None and fsdp:
+        checkpoint.load_weights(ckpt, qs)  # whole tensors, before sharding
+    qs.train()
+    if cfg.train.compile:
+        compile_layers(qs)
+    model = distributed.wrap(qs, ctx, find_unused=not think, strategy=strategy)
+    named = [(n, p) for n, p in qs.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    roles = diagnostics.parameter_roles(qs)
+    generator = torch.Generator().manual_seed(cfg.train.seed + ctx.rank)
+
+    start, keep_lines = 0, None
+    if ckpt is not None:
+        state = checkpoint.load(
+            ckpt,
+            None if fsdp else qs,
+            optimizer,
+            scheduler,
+            generator,
+            rank=ctx.rank,
+            load_named_optimizer=(
+                (lambda st: distributed.load_full_optimizer_state(qs, optimizer, st))
+                if fsdp
+                else None
+            ),
+            param_names=[n for n, _ in named],
+        )
+        start, keep_lines = int(state["step"]), int(state["metrics_lines"])
+        stream.load_state(state["data"])
+        if ctx.main:
+            print(f"qstar: resumed from {ckpt} (step {start})", file=sys.stderr)
+    logger = None
+    if ctx.main:
+        logger = MetricsLogger(
+            run_dir,
+            cfg.logging.tensorboard,
+            cfg.logging.mlflow,
+            cfg.logging.mlflow_tracking_uri,
+            cfg.logging.experiment,
+            params=cfg.to_dict(),
+            keep_lines=keep_lines or 0,
+        )
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.train.precision == "bf16-autocast"
+        else contextlib.nullcontext()
+    )
+    return Run(
+        cfg,
+        run_dir,
+        ctx,
+        device,
+        qs,
+        model,
+        stream,
+        val_windows,
+        optimizer,
+        scheduler,
+        generator,
+        params,
+        roles,
+        logger,
+        autocast,
+        start,
+        fsdp,
+        accum,
+        # made after a resume: changed_frac then counts from the resumed weights
+        tracker=diagnostics.ParamTracker(roles) if cfg.logging.param_stats else None,
+    )
+
+
+def _write_run_dir(cfg, run_dir, ctx, resume, ckpt, qs, device, val_windows, data_info) -> None:
+    if ctx.main:
+        if resume and ckpt is None:
+            print(f"qstar: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if ctx.main and ckpt is None:
+        info = {
+            "model": cfg.model.name,
+            "model_class": type(qs.base_model).__name__,
+            "device": str(device),
+            "processes": ctx.world,
+            **data_info,
+        }
+        (run_dir / "run.json").write_text(json.dumps(provenance(info), indent=2) + "\n")
+        # the held-out windows as token ids, so reports can analyse the run without its data source
+        (run_dir / "heldout.json").write_text(json.dumps({"windows": val_windows}) + "\n")
+    if ctx.main and data_info["skipped_rows"]:
+        print(
+            f"qstar: skipped {data_info['skipped_rows']} bad rows, e.g. {data_info['skipped_examples'][0]}",
+            file=sys.stderr,
+        )
+
+
+def save_checkpoint(run: Run, step: int) -> Path | None:
+    """Every process takes part (their sampling generators are saved too); the main one writes.
+    Refuses to save non-finite weights. Returns the checkpoint on the main process."""
+    from qstar.errors import TrainingDiverged
+
+    ctx, strategy = run.ctx, run.cfg.train.parallel
+    if not weights_finite(run.params, ctx):
+        raise TrainingDiverged(
+            f"training diverged at step {step}: non-finite weights after the update; "
+            f"last good checkpoint: {checkpoint.latest(run.run_dir) or 'none'}; lower optim.lr"
+        )
+    states = distributed.gather(run.generator.get_state(), ctx)
+    model_state = distributed.full_model_state(run.qs, ctx, strategy)
+    optimizer_state = distributed.full_optimizer_state(run.qs, run.optimizer, ctx, strategy)
+    saved = None
+    if ctx.main:
+        saved = checkpoint.save(
+            run.run_dir,
+            step,
+            run.qs,
+            run.optimizer,
+            run.scheduler,
+            run.generator,
+            {"data": run.stream.state(), "metrics_lines": run.logger.line_count()},
+            run.cfg.train.keep_checkpoints,
+            rank_generators=states,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
+        )
+    distributed.barrier(ctx)
+    return saved
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Write ``final/`` and ``summary.json``; returns the summary (``{}`` on other processes)."""
+    ctx, cfg = run.ctx, run.cfg
+    final_state = distributed.full_model_state(run.qs, ctx, cfg.train.parallel)
+    if not ctx.main:
+        distributed.barrier(ctx)
+        return {}
+    final_dir = run.qs.save_pretrained(run.run_dir / "final", state_dict=final_state)
+    elapsed = time.perf_counter() - run.t_start
+    summary = {
+        "run_dir": str(run.run_dir),
+        "steps": cfg.train.steps,
+        "resumed_from": run.start or None,
+        "processes": ctx.world,
+        "seconds": elapsed,
+        "tokens_per_s": run.tokens_total / elapsed if elapsed else None,
+        "peak_mem_mb": peak_memory_mb(run.device),
+        "final": {k: v for k, v in run.last_row.items() if k != "kind"},
+        "eval_first": run.first_eval,
+        "eval_last": run.last_eval,
+        "final_model": str(final_dir),
+    }
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    distributed.barrier(ctx)
+    return summary
+
+
+def cleanup(run: Run) -> None:
+    if run.logger is not None:
+        run.logger.close()
