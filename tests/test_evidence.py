@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qstar.analysis import evidence, stats
+from qstar.analysis import content, evidence, stats
 from qstar.analysis.report import load_experiment
 
 
@@ -124,12 +124,12 @@ def test_content_control_scores_a_pause_thought_and_caches(tmp_path, tiny_run_co
 
     run = tmp_path / "run"
     train(tiny_run_config("train.steps=3", "eval.every=3"), run)
-    first = evidence.content_control(run)
+    first = content.content_control(run)
     assert set(first) == {"base", "thought", "fixed"} and len(first["base"]) == 4
     flat = {k: np.concatenate(v) for k, v in first.items()}
     logged = json.loads((run / "heldout" / "step_3.json").read_text())
     assert flat["base"].mean() == pytest.approx(np.concatenate(logged["base"]).mean(), rel=1e-5)
     assert not np.allclose(flat["thought"], flat["fixed"])  # content and pause differ
     assert (run / "analysis" / "content_control.json").is_file()
-    again = evidence.content_control(run)
+    again = content.content_control(run)
     assert all(np.allclose(a, b) for a, b in zip(first["fixed"], again["fixed"], strict=True))

@@ -12,359 +12,31 @@ single ``qstar train`` run directory (one trial). Tables:
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from qstar.analysis.plotting import _plt, save
-from qstar.recipes.tracking import flatten, run_status
-
-HELDOUT = "heldout"
-TRAIN_CURVES = ("base_nll", "mixed_nll", "policy_loss", "reward_mean", "mixing_weight_mean")
-CURVE_LABELS = {
-    "base_nll": "base NLL (nats/token)",
-    "mixed_nll": "mixed NLL (nats/token)",
-    "policy_loss": "policy loss",
-    "reward_mean": "mean reward (nats)",
-    "mixing_weight_mean": "mixing weight",
-}
-
-
-@dataclass
-class Experiment:
-    path: Path
-    trials: pd.DataFrame
-    steps: pd.DataFrame
-    evals: pd.DataFrame
-    configs: dict[str, dict[str, Any]]
-    provenance: dict[str, dict[str, Any]]
-    notes: list[str] = field(default_factory=list)
-
-
-def read_jsonl(path: Path, allow_partial_last: bool = True) -> tuple[list[dict], str | None]:
-    """Rows of a JSON-lines file. A malformed line raises ``ValueError`` naming file and line; a
-    crashed run's last partial line (no trailing newline) is dropped and reported instead."""
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows, note = [], None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise json.JSONDecodeError("not an object", line, 0)
-            rows.append(row)
-        except json.JSONDecodeError as exc:
-            is_last_partial = i == len(lines) and not text.endswith("\n")
-            if allow_partial_last and is_last_partial:
-                note = f"{path}:{i}: dropped a partial last line (a crashed or killed run)"
-                continue
-            raise ValueError(f"{path}:{i}: malformed metrics row ({exc.msg})") from None
-    return rows, note
-
-
-def _trial_dirs(path: Path) -> list[tuple[str, Path, dict[str, Any]]]:
-    if (path / "trials.json").is_file():
-        spec = json.loads((path / "trials.json").read_text())
-        return [
-            (t["trial_id"], path / "trials" / t["trial_id"], t["params"]) for t in spec["trials"]
-        ]
-    if (path / "metrics.jsonl").is_file() or (path / "config.yaml").is_file():
-        return [(path.name, path, {})]
-    raise FileNotFoundError(
-        f"{path} is neither a sweep experiment (trials.json) nor a run directory (metrics.jsonl)"
-    )
-
-
-LABEL_KEYS = {"quiet_star.thought_len", "quiet_star.n_true", "train.objective", "train.seed"}
-
-
-def label_of(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> str:
-    """``"4 thought tokens, n_true 2"``, plus any other varying parameter of the trial."""
-    from qstar.experiments.sweep import _fmt
-
-    extra = ", ".join(
-        f"{k.split('.')[-1]} {_fmt(v)}"
-        for k, v in (params or {}).items()
-        if k not in LABEL_KEYS and not k.startswith(("eval.", "logging."))
-    )
-    if cfg.get("train", {}).get("objective") == "lm":
-        base = "no thought (baseline)"
-    else:
-        qs = cfg.get("quiet_star", {})
-        base = f"{qs.get('thought_len')} thought tokens, n_true {qs.get('n_true')}"
-    return f"{base}, {extra}" if extra else base
-
-
-def load_experiment(path: str | Path) -> Experiment:
-    """Read an experiment (or one run) into tidy DataFrames; see the module docstring."""
-    path = Path(path)
-    notes: list[str] = []
-    trial_rows, step_rows, eval_rows = [], [], []
-    configs, provenance = {}, {}
-    for trial_id, run_dir, params in _trial_dirs(path):
-        cfg = (
-            yaml.safe_load((run_dir / "config.yaml").read_text())
-            if (run_dir / "config.yaml").is_file()
-            else {}
-        )
-        configs[trial_id] = cfg
-        if (run_dir / "run.json").is_file():
-            provenance[trial_id] = json.loads((run_dir / "run.json").read_text())
-        status = run_status(run_dir)
-        baseline = cfg.get("train", {}).get("objective") == "lm"
-        thought_len = 0 if baseline else cfg.get("quiet_star", {}).get("thought_len")
-        trial_rows.append(
-            {
-                "trial_id": trial_id,
-                "status": status,
-                "label": label_of(cfg, params) if cfg else trial_id,
-                "thought_len": thought_len,
-                "baseline": baseline,
-                "seed": cfg.get("train", {}).get("seed"),
-                **params,
-            }
-        )
-        metrics = run_dir / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        rows, note = read_jsonl(metrics)
-        if note:
-            notes.append(note)
-        flat_cfg = {
-            k: ",".join(map(str, v)) if isinstance(v, list) else v
-            for k, v in flatten(cfg, "cfg.").items()
-        }
-        for row in rows:
-            if row.get("kind") == "eval":
-                for key, value in row.items():
-                    if not key.startswith("eval/") or not isinstance(value, int | float):
-                        continue
-                    parts = key.split("/")
-                    task, metric = (
-                        (HELDOUT, parts[1]) if len(parts) == 2 else (parts[1], "/".join(parts[2:]))
-                    )
-                    eval_rows.append(
-                        {
-                            "trial_id": trial_id,
-                            "step": row["step"],
-                            "task": task,
-                            "metric": metric,
-                            "value": float(value),
-                        }
-                    )
-            else:
-                step_rows.append(
-                    {
-                        "trial_id": trial_id,
-                        **{k: v for k, v in row.items() if k != "kind"},
-                        **flat_cfg,
-                    }
-                )
-    trials = pd.DataFrame(trial_rows)
-    steps = pd.DataFrame(step_rows)
-    evals = pd.DataFrame(eval_rows, columns=["trial_id", "step", "task", "metric", "value"])
-    if not evals.empty:
-        evals = evals.merge(
-            trials[["trial_id", "label", "thought_len", "baseline", "seed"]], on="trial_id"
-        )
-    return Experiment(path, trials, steps, evals, configs, provenance, notes)
-
-
-# ---------------------------------------------------------------------------- figures
-def _trial_order(exp: Experiment) -> list[str]:
-    t = exp.trials.sort_values(["baseline", "thought_len", "trial_id"], na_position="last")
-    return list(t["trial_id"])
-
-
-def fig_accuracy_vs_step(exp: Experiment, metrics=("soft_score", "acc")):
-    """Figure 2 style: task accuracy against training step, one line per trial, baseline dashed."""
-    plt = _plt()
-    tasks = (
-        sorted(t for t in exp.evals["task"].unique() if t != HELDOUT) if not exp.evals.empty else []
-    )
-    if not tasks:
-        return None
-    fig, axes = plt.subplots(
-        len(tasks), len(metrics), figsize=(5.5 * len(metrics), 3.6 * len(tasks)), squeeze=False
-    )
-    for r, task in enumerate(tasks):
-        for c, metric in enumerate(metrics):
-            ax = axes[r][c]
-            for trial_id in _trial_order(exp):
-                d = exp.evals[
-                    (exp.evals.trial_id == trial_id)
-                    & (exp.evals.task == task)
-                    & (exp.evals.metric == metric)
-                ]
-                if d.empty:
-                    continue
-                d = d.sort_values("step")
-                ax.plot(
-                    d["step"],
-                    d["value"] * 100,
-                    marker="o",
-                    linestyle="--" if d["baseline"].iloc[0] else "-",
-                    label=d["label"].iloc[0],
-                )
-            ax.set_title(f"{task}: {metric}")
-            ax.set_xlabel("training step")
-            ax.set_ylabel(f"{metric} (%)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(
-            handles,
-            labels,
-            loc="lower center",
-            ncol=min(4, len(labels)),
-            bbox_to_anchor=(0.5, -0.02),
-        )
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return fig
-
-
-def final_values(exp: Experiment, task: str, metric: str) -> pd.DataFrame:
-    """The last evaluation of each trial for ``task``/``metric``."""
-    d = exp.evals[(exp.evals.task == task) & (exp.evals.metric == metric)]
-    if d.empty:
-        return d
-    return d.sort_values("step").groupby("trial_id").tail(1)
-
-
-def fig_final_vs_thought_tokens(exp: Experiment, metrics=("soft_score", "acc")):
-    """Final accuracy against the number of thought tokens (0 = the baseline), spread over seeds."""
-    plt = _plt()
-    tasks = (
-        sorted(t for t in exp.evals["task"].unique() if t != HELDOUT) if not exp.evals.empty else []
-    )
-    pairs = [(t, m) for t in tasks for m in metrics] or [(HELDOUT, "nll_base")]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.8 * len(pairs), 3.6), squeeze=False)
-    for ax, (task, metric) in zip(axes[0], pairs, strict=True):
-        d = final_values(exp, task, metric)
-        if d.empty:
-            continue
-        scale = 1 if task == HELDOUT else 100
-        g = d.groupby("thought_len")["value"].agg(["mean", "std", "count"]).reset_index()
-        g["std"] = g["std"].fillna(0.0)
-        ax.errorbar(
-            g["thought_len"], g["mean"] * scale, yerr=g["std"] * scale, marker="o", capsize=4
-        )
-        ax.set_xlabel("thought tokens (0 = no-thought baseline)")
-        ax.set_ylabel(f"final {metric}" + (" (%)" if scale == 100 else ""))
-        ax.set_title(
-            f"{task}: {metric}"
-            + (f" (n={int(g['count'].max())} seeds)" if g["count"].max() > 1 else "")
-        )
-    fig.tight_layout()
-    return fig
-
-
-def fig_training_curves(exp: Experiment, keys=TRAIN_CURVES):
-    """Base NLL, mixed NLL, policy loss, mean reward and mixing weight against step."""
-    plt = _plt()
-    keys = [k for k in keys if k in exp.steps.columns]
-    if not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
-    labels = dict(zip(exp.trials.trial_id, exp.trials.label, strict=True))
-    for ax, key in zip(axes[0], keys, strict=True):
-        for trial_id in _trial_order(exp):
-            d = exp.steps[exp.steps.trial_id == trial_id].dropna(subset=[key])
-            if not d.empty:
-                ax.plot(d["step"], d[key], label=labels.get(trial_id, trial_id))
-        ax.set_xlabel("training step")
-        ax.set_ylabel(CURVE_LABELS.get(key, key))
-        if key == "policy_loss":
-            ax.set_yscale("symlog", linthresh=1e-4)
-    handles, lab = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(
-            handles, lab, loc="lower center", ncol=min(4, len(lab)), bbox_to_anchor=(0.5, -0.04)
-        )
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return fig
-
-
-def fig_where_thinking_helps(token_losses: pd.DataFrame, bins: int = 10):
-    """Mean loss improvement (base - with thought) by the base model's per-token loss percentile."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    d = token_losses.copy()
-    d["percentile_bin"] = pd.qcut(d["base_nll"].rank(method="first"), bins, labels=False)
-    d["improvement"] = d["base_nll"] - d["thought_nll"]
-    g = d.groupby("percentile_bin")["improvement"].agg(["mean", "sem"]).reset_index()
-    x = (g["percentile_bin"] + 0.5) * (100 / bins)
-    ax.bar(x, g["mean"], width=100 / bins * 0.85, yerr=g["sem"].fillna(0), capsize=3)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("base-model token loss percentile (harder ->)")
-    ax.set_ylabel("loss improvement with thought (nats)")
-    fig.tight_layout()
-    return fig
-
-
-# ---------------------------------------------------------------------------- model-based analyses
-def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, top: int = 8):
-    """Per-token base and post-thought NLL on held-out windows, and the highest-reward thoughts.
-
-    Uses the trial's final model; thoughts for the loss table are greedy, those for the reward
-    table are sampled (``k`` per position, seeded) as in training.
-    """
-    import torch
-
-    from qstar.core.model import QuietStar
-    from qstar.data import collate
-
-    saved = run_dir / "heldout.json"
-    if not saved.is_file():
-        raise ValueError(f"{run_dir} has no heldout.json (the windows qstar train evaluated on)")
-    qs = QuietStar.from_pretrained(run_dir / "final").eval()
-    windows = json.loads(saved.read_text())["windows"][:n_windows]
-    if not windows:
-        raise ValueError(f"{run_dir} has no held-out windows to analyse")
-    ids, mask = collate(windows, qs.fill_id)
-    loss_rows, thought_rows = [], []
-    with torch.no_grad():
-        base = torch.log_softmax(qs.base_logits(ids, mask)[:, :-1].float(), -1)
-        mixed = torch.log_softmax(qs.mixed_logits(ids, mask)[:, :-1].float(), -1)
-        tgt = ids[:, 1:]
-        valid = (mask[:, 1:] & mask[:, :-1]).bool()
-        b = -base.gather(-1, tgt[..., None])[..., 0]
-        m = -mixed.gather(-1, tgt[..., None])[..., 0]
-        for w, i in valid.nonzero().tolist():
-            loss_rows.append(
-                {
-                    "window": w,
-                    "position": i,
-                    "base_nll": float(b[w, i]),
-                    "thought_nll": float(m[w, i]),
-                }
-            )
-        out = qs(ids, attention_mask=mask, generator=torch.Generator().manual_seed(seed))
-    r = out.rewards  # (B, k, L)
-    flat = [
-        (float(r[w, s, i]), w, s, i)
-        for w, s, i in (out.target_valid[..., 0].expand_as(r)).nonzero().tolist()
-    ]
-    decode = qs.tokenizer.decode
-    for reward, w, s, i in sorted(flat, reverse=True)[:top]:
-        n_true = qs.config.n_true
-        thought_rows.append(
-            {
-                "reward": reward,
-                "context": decode(ids[w, max(0, i - 11) : i + 1].tolist()),
-                "thought": decode(out.thoughts[w, s, i].tolist()),
-                "next tokens": decode(ids[w, i + 1 : i + 1 + n_true].tolist()),
-            }
-        )
-    return pd.DataFrame(loss_rows), pd.DataFrame(thought_rows)
-
+from qstar.analysis.content import token_losses_and_thoughts
+from qstar.analysis.experiment import (  # noqa: F401  (the report's data, re-exported)
+    HELDOUT,
+    Experiment,
+    _trial_dirs,
+    label_of,
+    load_experiment,
+    read_jsonl,
+)
+from qstar.analysis.figures import (  # noqa: F401
+    _trial_order,
+    fig_accuracy_vs_step,
+    fig_final_vs_thought_tokens,
+    fig_training_curves,
+    fig_where_thinking_helps,
+    final_values,
+)
+from qstar.analysis.plotting import save
 
 # ---------------------------------------------------------------------------- the report
 _INT_COLUMNS = {
@@ -526,6 +198,7 @@ def write_report(
 def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = True) -> list[str]:
     """ "Does it learn?": held-out and task estimates with intervals, when the runs saved
     per-token held-out losses (:mod:`qstar.evidence`); optimisation diagnostics when logged."""
+    from qstar.analysis import content, dynamics, figures
     from qstar.analysis import evidence as ev
 
     run_dirs = {t: d for t, d, _ in _trial_dirs(exp.path) if d.is_dir()}
@@ -560,17 +233,17 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
             (
                 "heldout_vs_step",
                 "Held-out NLL and the gain of thinking against step",
-                ev.fig_heldout_vs_step(curves),
+                figures.fig_heldout_vs_step(curves),
             ),
             (
                 "gain_vs_thought_tokens",
                 "Final gain against thought tokens",
-                ev.fig_gain_vs_thought_tokens(curves),
+                figures.fig_gain_vs_thought_tokens(curves),
             ),
             (
                 "gain_by_difficulty",
                 "Gain by token difficulty (final step)",
-                ev.fig_gain_by_difficulty(
+                figures.fig_gain_by_difficulty(
                     {
                         a.label: ev.gain_by_difficulty(a, a.steps()[-1])
                         for a in arms
@@ -595,7 +268,7 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
             figs_dir.parent.mkdir(parents=True, exist_ok=True)
             curves.to_csv(figs_dir.parent / "curves.csv", index=False, float_format="%.6f")
         if analyse_model:
-            content = ev.content_table(arms)
+            content = content.content_table(arms)
             if not content.empty:
                 out += [
                     "### Does the content of the thought matter?",
@@ -619,7 +292,7 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
                 _md_table(tasks.map(ev.fmt_cell)),
                 "",
             ]
-    mix = ev.mixing_reward_table(exp)
+    mix = dynamics.mixing_reward_table(exp)
     if not mix.empty:
         out += [
             "### Mixing weight and rewards over training",
@@ -631,7 +304,7 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
             _md_table(mix, ".3g"),
             "",
         ]
-    diag = ev.diagnostics_table(exp, run_dirs)
+    diag = dynamics.diagnostics_table(exp, run_dirs)
     if not diag.empty:
         out += [
             "## Optimisation diagnostics",

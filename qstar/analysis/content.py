@@ -1,0 +1,144 @@
+"""Analyses that load a trial's final model: the content control (the same model with its own
+thoughts and with a content-free pause thought) and the highest-reward thoughts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qstar.analysis.evidence import Arm, _all, _combine
+
+
+def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.ndarray]] | None:
+    """Per-token held-out NLL of the trial's final model without thinking (``base``), after its
+    greedy thought (``thought``) and after a content-free thought that repeats the pause token
+    ``---`` (``fixed``): the same mixing head and passes, nothing to think. In fp32; cached in
+    ``RUN_DIR/analysis/content_control.json`` (keyed by the final model file)."""
+    import torch
+
+    from qstar.core.model import QuietStar
+    from qstar.data import collate
+
+    run_dir = Path(run_dir)
+    final = run_dir / "final"
+    weights = next(iter(sorted(final.glob("*.safetensors"))), None)
+    windows_file = run_dir / "heldout.json"
+    if weights is None or not windows_file.is_file():
+        return None
+    key = f"{weights.stat().st_size}-{int(weights.stat().st_mtime)}"
+    cache = run_dir / "analysis" / "content_control.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return {k: [np.asarray(w) for w in v] for k, v in saved["tokens"].items()}
+    windows = json.loads(windows_file.read_text())["windows"]
+    if not windows:
+        return None
+    qs = QuietStar.from_pretrained(final).eval()
+    pause = qs.tokenizer.encode(qs.config.meta_init_text, add_special_tokens=False)[0]
+    out: dict[str, list[np.ndarray]] = {"base": [], "thought": [], "fixed": []}
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            ids, mask = collate(windows[i : i + batch_size], qs.fill_id)
+            valid = (mask[:, 1:] & mask[:, :-1]).bool()
+            tgt = ids[:, 1:, None]
+            for name, logits in (
+                ("base", qs.base_logits(ids, mask)),
+                ("thought", qs.mixed_logits(ids, mask)),
+                ("fixed", qs.mixed_logits(ids, mask, fixed_thought=pause)),
+            ):
+                nll = -torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt)[..., 0]
+                out[name] += [row[v].double().numpy() for row, v in zip(nll, valid, strict=True)]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(
+        json.dumps({"key": key, "tokens": {k: [w.tolist() for w in v] for k, v in out.items()}})
+    )
+    return out
+
+
+def content_table(arms: list[Arm]) -> pd.DataFrame:
+    """Per arm (final models): the gain of its thoughts, of a content-free pause thought, and the
+    difference -- what the thoughts' *content* adds -- each bootstrapped over windows."""
+    rows = []
+    for arm in arms:
+        if arm.baseline:
+            continue
+        per_seed = [content_control(d) for d in arm.trials.values()]
+        per_seed = [t for t in per_seed if t is not None]
+        if not per_seed:
+            continue
+
+        def combine(fn, seeds=per_seed):
+            return _combine([_all([fn(t, w) for w in range(len(t["base"]))]) for t in seeds])
+
+        rows.append(
+            {
+                "arm": arm.label,
+                "seeds": len(per_seed),
+                "gain, its thoughts": combine(lambda t, w: t["base"][w] - t["thought"][w]),
+                "gain, pause thought": combine(lambda t, w: t["base"][w] - t["fixed"][w]),
+                "content: pause - its thoughts": combine(
+                    lambda t, w: t["fixed"][w] - t["thought"][w]
+                ),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, top: int = 8):
+    """Per-token base and post-thought NLL on held-out windows, and the highest-reward thoughts.
+
+    Uses the trial's final model; thoughts for the loss table are greedy, those for the reward
+    table are sampled (``k`` per position, seeded) as in training.
+    """
+    import torch
+
+    from qstar.core.model import QuietStar
+    from qstar.data import collate
+
+    saved = run_dir / "heldout.json"
+    if not saved.is_file():
+        raise ValueError(f"{run_dir} has no heldout.json (the windows qstar train evaluated on)")
+    qs = QuietStar.from_pretrained(run_dir / "final").eval()
+    windows = json.loads(saved.read_text())["windows"][:n_windows]
+    if not windows:
+        raise ValueError(f"{run_dir} has no held-out windows to analyse")
+    ids, mask = collate(windows, qs.fill_id)
+    loss_rows, thought_rows = [], []
+    with torch.no_grad():
+        base = torch.log_softmax(qs.base_logits(ids, mask)[:, :-1].float(), -1)
+        mixed = torch.log_softmax(qs.mixed_logits(ids, mask)[:, :-1].float(), -1)
+        tgt = ids[:, 1:]
+        valid = (mask[:, 1:] & mask[:, :-1]).bool()
+        b = -base.gather(-1, tgt[..., None])[..., 0]
+        m = -mixed.gather(-1, tgt[..., None])[..., 0]
+        for w, i in valid.nonzero().tolist():
+            loss_rows.append(
+                {
+                    "window": w,
+                    "position": i,
+                    "base_nll": float(b[w, i]),
+                    "thought_nll": float(m[w, i]),
+                }
+            )
+        out = qs(ids, attention_mask=mask, generator=torch.Generator().manual_seed(seed))
+    r = out.rewards  # (B, k, L)
+    flat = [
+        (float(r[w, s, i]), w, s, i)
+        for w, s, i in (out.target_valid[..., 0].expand_as(r)).nonzero().tolist()
+    ]
+    decode = qs.tokenizer.decode
+    for reward, w, s, i in sorted(flat, reverse=True)[:top]:
+        n_true = qs.config.n_true
+        thought_rows.append(
+            {
+                "reward": reward,
+                "context": decode(ids[w, max(0, i - 11) : i + 1].tolist()),
+                "thought": decode(out.thoughts[w, s, i].tolist()),
+                "next tokens": decode(ids[w, i + 1 : i + 1 + n_true].tolist()),
+            }
+        )
+    return pd.DataFrame(loss_rows), pd.DataFrame(thought_rows)
