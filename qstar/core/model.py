@@ -16,7 +16,6 @@ Step 3 recomputes what step 2 computed, which is what lets step 2 keep no activa
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +23,9 @@ import torch
 from torch import nn
 
 from qstar.config import QuietStarConfig
-from qstar.core import hf, learn, think
+from qstar.core import hf, learn, persistence, think
 from qstar.core.attention import dense_thought_mask, thought_attention
 from qstar.core.talk import MixingHead, get_mixer
-
-CONFIG_FILE = "qstar_config.json"
-HEADS_FILE = "qstar_heads.safetensors"
 
 
 @dataclass
@@ -132,19 +128,9 @@ class QuietStar(nn.Module):
     def from_base(
         cls, model: nn.Module, tokenizer, config: QuietStarConfig | None = None
     ) -> QuietStar:
-        """Add the meta tokens to ``tokenizer`` and ``model``, initialised from ``---``."""
-        config = config or QuietStarConfig()
-        tokenizer.add_tokens([config.start_token, config.end_token], special_tokens=True)
-        emb = model.get_input_embeddings()
-        if len(tokenizer) > emb.weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        qs = cls(model, tokenizer, config)
-        init_ids = tokenizer.encode(config.meta_init_text, add_special_tokens=False)
-        if not init_ids:
-            raise ValueError(f"meta_init_text {config.meta_init_text!r} encodes to no tokens")
-        qs._init_meta(init_ids[0])
-        qs._check_output_head()
-        return qs
+        """Add the meta tokens to ``tokenizer`` and ``model``, initialised from ``---``
+        (:func:`qstar.core.persistence.from_base`)."""
+        return persistence.from_base(cls, model, tokenizer, config)
 
     @classmethod
     def from_pretrained(
@@ -153,19 +139,9 @@ class QuietStar(nn.Module):
         """Load a saved QuietStar directory, or wrap a base model (hub id, directory, GGUF file).
 
         ``config`` overrides the saved configuration (the meta tokens and mixing head are still
-        restored). ``load_kwargs`` go to :func:`qstar.models.loading.load_model` (``dtype``, ``device``...).
-        """
-        from qstar.models.loading import load_model
-
-        path = Path(str(path_or_id)).expanduser()
-        if (path / CONFIG_FILE).is_file():
-            saved = QuietStarConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-            model, tokenizer = load_model(str(path), **load_kwargs)
-            qs = cls(model, tokenizer, config or saved)
-            qs._load_heads(path / HEADS_FILE)
-            return qs
-        model, tokenizer = load_model(str(path_or_id), **load_kwargs)
-        return cls.from_base(model, tokenizer, config)
+        restored). ``load_kwargs`` go to :func:`qstar.models.loading.load_model` (``dtype``,
+        ``device``...)."""
+        return persistence.from_pretrained(cls, path_or_id, config, **load_kwargs)
 
     def save_pretrained(
         self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
@@ -173,66 +149,8 @@ class QuietStar(nn.Module):
         """Write the HF model and tokenizer, ``qstar_config.json`` and ``qstar_heads.safetensors``.
 
         ``state_dict``: this module's weights as whole tensors, to write in place of its own
-        parameters (a sharded model gathers them first, see :mod:`qstar.distributed`)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if state_dict is None:
-            state_dict = {k: v.detach() for k, v in self.state_dict().items()}
-            base = None  # the model's own save_pretrained handles tied weights
-        else:
-            prefix = "base_model."
-            base = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        self.base_model.save_pretrained(directory, state_dict=base)
-        self.tokenizer.save_pretrained(directory)
-        heads = {
-            k: v
-            for k, v in state_dict.items()
-            if k == "meta_embeddings" or k.startswith("mixing_head.")
-        }
-        save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(directory / HEADS_FILE))
-        (directory / CONFIG_FILE).write_text(self.config.to_json() + "\n")
-        return directory
-
-    def _load_heads(self, file: Path) -> None:
-        from safetensors.torch import load_file
-
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"{file} is missing: this directory has no saved meta tokens/mixing head"
-            )
-        state = load_file(str(file))
-        with torch.no_grad():
-            self.meta_embeddings.copy_(state.pop("meta_embeddings"))
-        prefix = "mixing_head."
-        self.mixing_head.load_state_dict({k[len(prefix) :]: v for k, v in state.items()})
-
-    @torch.no_grad()
-    def _init_meta(self, init_id: int) -> None:
-        """Both meta tokens start at the embedding of ``init_id`` (the paper: "---", a pause)."""
-        emb = self.base_model.get_input_embeddings().weight
-        row = emb[init_id].clone()
-        self.meta_embeddings.copy_(row.expand(2, -1) / self.config.meta_scale)
-        emb[self.start_id] = row
-        emb[self.end_id] = row
-        out = self.base_model.get_output_embeddings()
-        if out is not None and out.weight.data_ptr() != emb.data_ptr():
-            out.weight[self.start_id] = out.weight[init_id]
-            out.weight[self.end_id] = out.weight[init_id]
-
-    @torch.no_grad()
-    def _check_output_head(self) -> None:
-        """Refuse models whose logits are not ``lm_logits(last_hidden_state)``."""
-        ids = torch.tensor([[1, 2, 3]], device=self.meta_embeddings.device)
-        ref = self.base_model(input_ids=ids).logits
-        ours = self.lm_logits(self.backbone(input_ids=ids).last_hidden_state)
-        tol = 1e-3 if ref.dtype == torch.float32 else 5e-2  # ours are fp32, a bf16 model's are not
-        if ref.shape != ours.shape or not torch.allclose(ref.float(), ours, atol=tol, rtol=tol):
-            raise ValueError(
-                f"{type(self.base_model).__name__}: its logits are not lm_head(last hidden state) "
-                "(+ final softcapping); qstar cannot wrap this architecture yet"
-            )
+        parameters (a sharded model gathers them first, see :mod:`qstar.recipes.distributed`)."""
+        return persistence.save_pretrained(self, directory, state_dict)
 
     # ------------------------------------------------------------------ model pieces
     @property

@@ -1,0 +1,116 @@
+"""Building, saving and loading a :class:`qstar.QuietStar`: the meta tokens added to a model and
+initialised from ``---``, and the directory layout ``save_pretrained`` writes (the Hugging Face
+model and tokenizer, ``qstar_config.json``, ``qstar_heads.safetensors``). ``QuietStar``'s
+``from_base`` / ``from_pretrained`` / ``save_pretrained`` call these."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qstar.config import QuietStarConfig
+
+CONFIG_FILE = "qstar_config.json"
+HEADS_FILE = "qstar_heads.safetensors"
+
+
+def from_base(cls, model: nn.Module, tokenizer, config: QuietStarConfig | None = None):
+    """Add the meta tokens to ``tokenizer`` and ``model``, initialised from ``---``."""
+    config = config or QuietStarConfig()
+    tokenizer.add_tokens([config.start_token, config.end_token], special_tokens=True)
+    emb = model.get_input_embeddings()
+    if len(tokenizer) > emb.weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    qs = cls(model, tokenizer, config)
+    init_ids = tokenizer.encode(config.meta_init_text, add_special_tokens=False)
+    if not init_ids:
+        raise ValueError(f"meta_init_text {config.meta_init_text!r} encodes to no tokens")
+    init_meta(qs, init_ids[0])
+    check_output_head(qs)
+    return qs
+
+
+def from_pretrained(cls, path_or_id, config: QuietStarConfig | None = None, **load_kwargs):
+    """Load a saved QuietStar directory, or wrap a base model (hub id, directory, GGUF file)."""
+    from qstar.models.loading import load_model
+
+    path = Path(str(path_or_id)).expanduser()
+    if (path / CONFIG_FILE).is_file():
+        saved = QuietStarConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+        model, tokenizer = load_model(str(path), **load_kwargs)
+        qs = cls(model, tokenizer, config or saved)
+        load_heads(qs, path / HEADS_FILE)
+        return qs
+    model, tokenizer = load_model(str(path_or_id), **load_kwargs)
+    return from_base(cls, model, tokenizer, config)
+
+
+def save_pretrained(qs, directory, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the HF model and tokenizer, ``qstar_config.json`` and ``qstar_heads.safetensors``;
+    ``state_dict``: whole tensors to write in place of the module's own (a sharded model)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if state_dict is None:
+        state_dict = {k: v.detach() for k, v in qs.state_dict().items()}
+        base = None  # the model's own save_pretrained handles tied weights
+    else:
+        prefix = "base_model."
+        base = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    qs.base_model.save_pretrained(directory, state_dict=base)
+    qs.tokenizer.save_pretrained(directory)
+    heads = {
+        k: v
+        for k, v in state_dict.items()
+        if k == "meta_embeddings" or k.startswith("mixing_head.")
+    }
+    save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(directory / HEADS_FILE))
+    (directory / CONFIG_FILE).write_text(qs.config.to_json() + "\n")
+    return directory
+
+
+def load_heads(qs, file: Path) -> None:
+    """Restore the trained meta tokens and mixing head."""
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} is missing: this directory has no saved meta tokens/mixing head"
+        )
+    state = load_file(str(file))
+    with torch.no_grad():
+        qs.meta_embeddings.copy_(state.pop("meta_embeddings"))
+    prefix = "mixing_head."
+    qs.mixing_head.load_state_dict({k[len(prefix) :]: v for k, v in state.items()})
+
+
+@torch.no_grad()
+def init_meta(qs, init_id: int) -> None:
+    """Both meta tokens start at the embedding of ``init_id`` (the paper: "---", a pause)."""
+    emb = qs.base_model.get_input_embeddings().weight
+    row = emb[init_id].clone()
+    qs.meta_embeddings.copy_(row.expand(2, -1) / qs.config.meta_scale)
+    emb[qs.start_id] = row
+    emb[qs.end_id] = row
+    out = qs.base_model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != emb.data_ptr():
+        out.weight[qs.start_id] = out.weight[init_id]
+        out.weight[qs.end_id] = out.weight[init_id]
+
+
+@torch.no_grad()
+def check_output_head(qs) -> None:
+    """Refuse models whose logits are not ``lm_logits(last_hidden_state)``."""
+    ids = torch.tensor([[1, 2, 3]], device=qs.meta_embeddings.device)
+    ref = qs.base_model(input_ids=ids).logits
+    ours = qs.lm_logits(qs.backbone(input_ids=ids).last_hidden_state)
+    tol = 1e-3 if ref.dtype == torch.float32 else 5e-2  # ours are fp32, a bf16 model's are not
+    if ref.shape != ours.shape or not torch.allclose(ref.float(), ours, atol=tol, rtol=tol):
+        raise ValueError(
+            f"{type(qs.base_model).__name__}: its logits are not lm_head(last hidden state) "
+            "(+ final softcapping); qstar cannot wrap this architecture yet"
+        )
