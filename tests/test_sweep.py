@@ -287,20 +287,8 @@ def test_killed_trial_reads_error_and_resumes_with_retry_failed(tmp_path):
     """A trial process SIGKILLed mid-step (as Ray's memory monitor does): the trial ends `error`
     with Ray's cause, the other trial finishes, the sweep exits 1; --resume --retry-failed
     continues the killed one from its last checkpoint."""
-    f = tmp_path / "k.yaml"
-    f.write_text(
-        "name: k\nbase: debug_tiny\noverrides: [train.steps=30, eval.every=0, train.checkpoint_every=2]\n"
-        "grid:\n  quiet_star.thought_len: [1, 2]\nresources: {cpu: 1}\nmetric: eval/nll_base\n"
-    )
-    cmd = [sys.executable, "-m", "qstar.cli", "sweep", str(f), "--storage", str(tmp_path / "exp")]
-    exp = tmp_path / "exp" / "k"
+    cmd, exp, proc = _sweep_until_the_second_trial_checkpoints(tmp_path)
     victim = exp / "trials" / "t001-thought_len=2"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (victim / "checkpoints" / "latest").exists():
-        if proc.poll() is not None:
-            pytest.fail(f"sweep ended early: {proc.stderr.read().decode()[-800:]}")
-        time.sleep(0.2)
     os.kill(json.loads((victim / "run.json").read_text())["pid"], signal.SIGKILL)
     assert proc.wait(timeout=300) == 1
     rows = _rows(exp)
@@ -320,6 +308,21 @@ def test_killed_trial_reads_error_and_resumes_with_retry_failed(tmp_path):
 def test_killed_sweep_driver_resumes_every_trial_once(tmp_path):
     """SIGKILL of `qstar sweep` itself (no handler runs): Ray's workers go with it; --resume
     continues both trials from their checkpoints and every step is logged exactly once."""
+    cmd, exp, proc = _sweep_until_the_second_trial_checkpoints(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(5)  # Ray's raylet notices its driver is gone and ends the trial workers
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-1500:]
+    for trial in ("t000-thought_len=1", "t001-thought_len=2"):
+        rows = (exp / "trials" / trial / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(r)["step"] for r in rows if json.loads(r)["kind"] == "train"]
+        assert steps == list(range(1, 31)), trial
+    assert {r["status"] for r in _rows(exp).values()} == {"done"}
+
+
+def _sweep_until_the_second_trial_checkpoints(tmp_path):
+    """Start a two-trial `qstar sweep` and wait until its second trial has a checkpoint."""
     f = tmp_path / "k.yaml"
     f.write_text(
         "name: k\nbase: debug_tiny\noverrides: [train.steps=30, eval.every=0, train.checkpoint_every=2]\n"
@@ -336,13 +339,4 @@ def test_killed_sweep_driver_resumes_every_trial_once(tmp_path):
         if proc.poll() is not None:
             pytest.fail(f"sweep ended early: {proc.stderr.read().decode()[-800:]}")
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    time.sleep(5)  # Ray's raylet notices its driver is gone and ends the trial workers
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-1500:]
-    for trial in ("t000-thought_len=1", "t001-thought_len=2"):
-        rows = (exp / "trials" / trial / "metrics.jsonl").read_text().splitlines()
-        steps = [json.loads(r)["step"] for r in rows if json.loads(r)["kind"] == "train"]
-        assert steps == list(range(1, 31)), trial
-    assert {r["status"] for r in _rows(exp).values()} == {"done"}
+    return cmd, exp, proc

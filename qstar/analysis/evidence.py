@@ -367,6 +367,35 @@ def fmt_cell(value: Any, digits: int = 4) -> str:
 
 
 # ---------------------------------------------------------------------------- findings
+# (column of heldout_table, sentence up to the verdict, verdict if > 0, verdict if < 0)
+FINDINGS = (
+    (
+        "drift since step 0",
+        "NLL without thinking moved {value} since step 0 (",
+        "the language model got worse",
+        "the language model improved",
+    ),
+    (
+        "gain",
+        "thinking changes held-out NLL by {value} nats/token, without minus with (",
+        "thinking helps",
+        "thinking hurts",
+    ),
+    (
+        "gain, hardest 10%",
+        "on the hardest 10% of tokens the gain is {value} (",
+        "thinking helps",
+        "thinking hurts",
+    ),
+    (
+        "vs baseline",
+        "against the no-thought baseline at the same step, {value} (baseline minus with thinking: ",
+        "thinking beats training the plain LM",
+        "the plain LM is better",
+    ),
+)
+
+
 def findings(held: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
     """Plain sentences read off the tables: each names the estimate and its interval."""
     out = []
@@ -380,31 +409,13 @@ def findings(held: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
 
     for _, r in held.iterrows():
         arm, step = r["arm"], int(r["step"])
-        d = r.get("drift since step 0")
-        if isinstance(d, Row):
-            out.append(
-                f"{arm}, step {step}: NLL without thinking moved {d.est.fmt(4, sign=True)} since "
-                f"step 0 ({verdict(d, 'the language model got worse', 'the language model improved')})."
-            )
-        g = r.get("gain")
-        if isinstance(g, Row):
-            out.append(
-                f"{arm}, step {step}: thinking changes held-out NLL by {g.est.fmt(4, sign=True)} "
-                f"nats/token, without minus with ({verdict(g, 'thinking helps', 'thinking hurts')})."
-            )
-        h = r.get("gain, hardest 10%")
-        if isinstance(h, Row):
-            out.append(
-                f"{arm}, step {step}: on the hardest 10% of tokens the gain is {h.est.fmt(4, sign=True)} "
-                f"({verdict(h, 'thinking helps', 'thinking hurts')})."
-            )
-        b = r.get("vs baseline")
-        if isinstance(b, Row):
-            out.append(
-                f"{arm}, step {step}: against the no-thought baseline at the same step, "
-                f"{b.est.fmt(4, sign=True)} (baseline minus with thinking: "
-                f"{verdict(b, 'thinking beats training the plain LM', 'the plain LM is better')})."
-            )
+        for column, text, pos, neg in FINDINGS:
+            row = r.get(column)
+            if isinstance(row, Row):
+                value = row.est.fmt(4, sign=True)
+                out.append(
+                    f"{arm}, step {step}: {text.format(value=value)}{verdict(row, pos, neg)})."
+                )
     for _, r in tasks.iterrows() if not tasks.empty else []:
         diff = r.get("thinking - not")
         if isinstance(diff, Estimate):

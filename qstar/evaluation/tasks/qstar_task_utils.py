@@ -196,34 +196,33 @@ def load_csqa_local(**kwargs):
     )
 
 
-def load_gsm8k(**kwargs):
-    """GSM8K test as ``qstar.data.resolve`` finds it: the data folder, the hub's
-    ``openai/gsm8k``, or the bundled 300-row sample (said on stderr)."""
+def _resolved(hub_id: str, split: str, local_loader, hub_args: tuple, to_rows, **kwargs):
+    """``split`` of ``hub_id`` as ``qstar.data.resolve`` finds it: the data folder (through
+    ``local_loader``), the hub, or the bundled 300-row sample (said on stderr)."""
     from qstar.data import announce, resolve
 
-    found = resolve("openai/gsm8k", "test", kwargs.get("data_dir"))
+    found = resolve(hub_id, split, kwargs.get("data_dir"))
     if found.origin == "data_dir":
-        return load_gsm8k_local(**kwargs)
+        return local_loader(**kwargs)
     import datasets
 
     if found.kind == "hub":
-        return datasets.load_dataset("openai/gsm8k", "main")
+        return datasets.load_dataset(hub_id, *hub_args)
     announce(found)
-    return datasets.DatasetDict({"test": _gsm8k(_jsonl(found.where[0]))})
+    return datasets.DatasetDict({split: to_rows(_jsonl(found.where[0]))})
+
+
+def load_gsm8k(**kwargs):
+    """GSM8K test: local files, the hub's ``openai/gsm8k``, or the bundled sample."""
+    return _resolved("openai/gsm8k", "test", load_gsm8k_local, ("main",), _gsm8k, **kwargs)
 
 
 def load_csqa(**kwargs):
-    """CommonsenseQA validation as ``qstar.data.resolve`` finds it: the data folder, the hub's
-    ``tau/commonsense_qa``, or the bundled 300-row sample (said on stderr)."""
-    from qstar.data import announce, resolve
-
-    found = resolve("tau/commonsense_qa", "validation", kwargs.get("data_dir"))
-    if found.origin == "data_dir":
-        return load_csqa_local(**kwargs)
+    """CommonsenseQA validation: local files, the hub's ``tau/commonsense_qa``, or the bundled
+    sample."""
     import datasets
 
-    if found.kind == "hub":
-        return datasets.load_dataset("tau/commonsense_qa")
-    announce(found)
-    rows = [_csqa_row(r) for r in _jsonl(found.where[0])]
-    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
+    def rows(raw):
+        return datasets.Dataset.from_list([_csqa_row(r) for r in raw])
+
+    return _resolved("tau/commonsense_qa", "validation", load_csqa_local, (), rows, **kwargs)
