@@ -177,6 +177,7 @@ PARALLEL = ("ddp", "fsdp")
 TRAINABLE = ("all", "heads")
 TASKS_AT = ("every", "end", "start_end")
 ON_NONFINITE = ("error", "skip")
+FUSED_CE = ("off", "chunked")
 
 
 @dataclass
@@ -269,7 +270,10 @@ class TrainSection:
     freezes the language model (trunk, embeddings, LM head) and trains only the meta tokens and
     the mixing head: thoughts can then be learned but the model's own predictions cannot change. ``on_nonfinite``: a NaN/inf loss part, gradient
     norm or weight stops the run (``error``, keeping the last good checkpoint), or the update is
-    skipped and counted (``skip``), failing after ``skip_limit`` consecutive skips."""
+    skipped and counted (``skip``), failing after ``skip_limit`` consecutive skips. ``fused_ce:
+    chunked`` computes every ``log p(token)`` of the step through the fused, chunked LM head
+    (:mod:`qstar.core.head`; exact, about half the saved activations, a few percent slower on
+    CPU); ``off`` materialises the logits."""
 
     steps: int = 100
     batch_size: int = 8
@@ -286,6 +290,7 @@ class TrainSection:
     trainable: str = "all"
     on_nonfinite: str = "error"
     skip_limit: int = 5
+    fused_ce: str = "off"
 
     def validate(self) -> None:
         _int_in("steps", self.steps, 1, 1 << 30)
@@ -306,6 +311,7 @@ class TrainSection:
         _choice("trainable", self.trainable, TRAINABLE)
         _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         _int_in("skip_limit", self.skip_limit, 1, 1 << 30)
+        _choice("fused_ce", self.fused_ce, FUSED_CE)
 
 
 @dataclass
@@ -495,7 +501,9 @@ def _coerce(dotted: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on (no/yes) as a boolean
+            return "on" if value else "off"
+        if isinstance(value, int | float):
             return str(value)
         raise ValueError(f"{dotted} must be a string, got {value!r}")
     return value

@@ -28,8 +28,9 @@ def token_nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def logprob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``log p(target)`` under ``softmax(logits)`` in fp32: ``(..., V), (...) -> (...)``
     (cross-entropy's fused log-softmax, so no ``(..., V)`` log-probabilities are kept)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     flat = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
     )
     return -flat.view(targets.shape)
 
@@ -55,6 +56,11 @@ def base_nll(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor)
     lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = token_nll(lp, input_ids[:, 1:])
     return masked_mean(nll, valid[:, 1:] & valid[:, :-1])
+
+
+def next_token_nll(logprobs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`base_nll` from ``log p(x_{i+1})`` already computed: ``(B, L-1), (B, L) -> ()``."""
+    return masked_mean(-logprobs, valid[:, 1:] & valid[:, :-1])
 
 
 def mixed_nll(nll: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

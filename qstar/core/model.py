@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from qstar.config import QuietStarConfig
-from qstar.core import hf, learn, persistence, think
+from qstar.core import hf, learn, persistence, talk, think
 from qstar.core.attention import dense_thought_mask, thought_attention
+from qstar.core.head import linear_logprob
 from qstar.core.talk import MixingHead, get_mixer
 
 
@@ -179,13 +180,44 @@ class QuietStar(nn.Module):
         noise. The sampling and policy logits (:meth:`thought_logits`) keep autocast's dtype.
         """
         head = self.base_model.get_output_embeddings()
-        bias = None if head.bias is None else head.bias.float()
+        acc = torch.promote_types(head.weight.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        bias = None if head.bias is None else head.bias.to(acc)
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = nn.functional.linear(hidden.float(), head.weight.float(), bias)
+            logits = nn.functional.linear(hidden.to(acc), head.weight.to(acc), bias)
         cap = getattr(self.base_model.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    # "chunked": log p(token) through the fused, chunked head (qstar.core.head: about half the
+    # activation memory of a step, a few percent slower on CPU); "off": logits materialised (the
+    # reference path, the default for now). Set by train.fused_ce.
+    fused_ce: str = "off"
+
+    def _fused(self) -> bool:
+        return self.fused_ce != "off"
+
+    def token_logprob(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float = 1.0,
+        thought: bool = False,
+    ) -> torch.Tensor:
+        """``log p(target)`` at each row: ``(..., H), (...) -> (...)`` fp32, over the whole
+        vocabulary (:meth:`lm_logits`) or, with ``thought``, the meta-free thought vocabulary at
+        ``temperature`` (:meth:`thought_logits`; targets are indices in it). Fused and chunked
+        unless ``fused_ce="off"``: exact either way."""
+        if not self._fused():
+            logits = self.thought_logits(hidden, temperature) if thought else self.lm_logits(hidden)
+            return learn.logprob_of(logits, targets)
+        if thought:
+            weight, bias = self._thought_head()
+        else:
+            head = self.base_model.get_output_embeddings()
+            weight, bias = head.weight, head.bias
+        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
+        return linear_logprob(hidden, weight, bias, targets, temperature, cap)
 
     def thought_logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """``(..., H) -> (..., V - 2)``: logits over the vocabulary *without* the meta tokens.
@@ -468,24 +500,30 @@ class QuietStar(nn.Module):
 
         # base pass, once per sequence: (B, L, H) and its KV cache
         h_base, cache = self._base_pass(input_ids, attention_mask)
-        base_nll = learn.base_nll(self.lm_logits(h_base), input_ids, valid)
+        base_nll = learn.next_token_nll(self.token_logprob(h_base[:, :-1], input_ids[:, 1:]), valid)
         # think: (Bk, L, t) thoughts, then (Bk, D, L, H) hidden states of every depth
         thoughts, h = self._think(input_ids, cache, k, greedy, generator)
-        # talk: mix base and post-thought predictions of x_{i+1..i+n}: (Bk, n, L, V), (.., 1)
+        # talk: mix base and post-thought predictions of x_{i+1..i+n}, (Bk, n, L, 1) weights
         h_b = h_base[:, think.lookahead_index(L, n, h.device)].repeat_interleave(k, dim=0)
-        logits, w = self._mixer(
-            self.mixing_head(h_b, h[:, t + 1 :]), h_b, h[:, t + 1 :], self.lm_logits
-        )
-        # learn
         targets = think.shifted_targets(input_ids, n, self.fill_id).transpose(1, 2)  # (B, n, L)
-        nll = -learn.logprob_of(logits, targets.repeat_interleave(k, dim=0))
-        nll = nll.view(B, k, n, L).transpose(2, 3)  # (B, k, L, n)
-        del logits
+        targets = targets.repeat_interleave(k, dim=0)  # (Bk, n, L)
+        raw_w = self.mixing_head(h_b, h[:, t + 1 :])
+        if cfg.mixing == "hidden" and self._fused():
+            h_mix, w = talk.mix_hidden_state(raw_w, h_b, h[:, t + 1 :])
+            logprob = self.token_logprob(h_mix, targets)  # no (Bk, n, L, V) logits kept
+        else:
+            logits, w = self._mixer(raw_w, h_b, h[:, t + 1 :], self.lm_logits)  # (Bk, n, L, V)
+            logprob = learn.logprob_of(logits, targets)
+            del logits
+        # learn
+        nll = (-logprob).view(B, k, n, L).transpose(2, 3)  # (B, k, L, n)
         # policy log-probs of c_1..c_t, predicted at depths 0..t-1, at the policy temperature
-        thought_lp = learn.logprob_of(
-            self.thought_logits(h[:, :t], cfg.policy_temperature),  # (Bk, t, L, V-2)
+        thought_lp = self.token_logprob(
+            h[:, :t],
             self.from_vocab(thoughts.transpose(1, 2)),
-        )
+            cfg.policy_temperature,
+            thought=True,
+        )  # (Bk, t, L)
         thought_lp = thought_lp.view(B, k, t, L).transpose(2, 3)  # (B, k, L, t)
         target_valid = think.shifted_valid(valid, n)[:, None]  # (B, 1, L, n)
         mixed = learn.mixed_nll(nll, target_valid)
@@ -533,7 +571,7 @@ class QuietStar(nn.Module):
         h = self.backbone(
             inputs_embeds=self.embed(input_ids), attention_mask=attention_mask
         ).last_hidden_state
-        nll = learn.base_nll(self.lm_logits(h), input_ids, valid)
+        nll = learn.next_token_nll(self.token_logprob(h[:, :-1], input_ids[:, 1:]), valid)
         return LMOutput(loss=nll, base_nll=nll.detach())
 
 

@@ -47,9 +47,17 @@ def mix_hidden(
     early in training ``|w| ~ 1e-4``, and in bf16 both ``1 - w`` (= 1) and the thought's share
     of the mixture (far below the spacing of the hidden state's values) round away.
     """
-    w = raw_w.float()
-    h_base = h_base.float()
-    return lm_logits(h_base + w * (h_thought.float() - h_base)), w
+    h_mix, w = mix_hidden_state(raw_w, h_base, h_thought)
+    return lm_logits(h_mix), w
+
+
+def mix_hidden_state(
+    raw_w: torch.Tensor, h_base: torch.Tensor, h_thought: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden state :func:`mix_hidden` feeds the LM head: ``(h_mix (..., H) fp32, w)``."""
+    acc = torch.promote_types(h_base.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    w, h_base = raw_w.to(acc), h_base.to(acc)
+    return h_base + w * (h_thought.to(acc) - h_base), w
 
 
 def mix_logprob(

@@ -286,6 +286,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context)
     if ckpt is not None and fsdp:
         checkpoint.load_weights(ckpt, qs)  # whole tensors, before sharding
     qs.train()
+    qs.fused_ce = cfg.train.fused_ce
     if cfg.train.compile:
         compile_layers(qs)
     model = distributed.wrap(qs, ctx, find_unused=not think, strategy=strategy)

@@ -1,0 +1,133 @@
+"""The LM head and cross-entropy fused: ``log p(target)`` without materialising ``(N, V)`` logits.
+
+Notation: ``N`` rows (hidden states), ``H`` hidden size, ``V`` vocabulary (or the allowed part of
+it), ``T`` temperature, ``c`` final-logit softcap. For each row
+
+    z = softcap(h W^T + b) / T            (V,)    softcap(l) = c tanh(l / c), or l without one
+    log p(target) = z[target] - logsumexp(z)
+
+:class:`ChunkedLinearLogprob` computes this over chunks of rows, keeping only the per-row
+log-sum-exp; the backward recomputes each chunk's logits (one more head matmul) and forms
+``d z = g (onehot - softmax(z))`` in place, so peak memory holds one chunk's ``(rows, V)`` at a
+time instead of the logits, a log-softmax copy and the gradient of every row. Everything is
+computed in fp32 (the head runs in fp32 for compared logits; see ``QuietStar.lm_logits``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# rows per chunk: ~32M logits (128 MB in fp32) at a time
+CHUNK_ELEMENTS = 1 << 25
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _logits(h, weight, bias, temperature, softcap):
+    """``(rows, H) -> (rows, V)`` logits and, with a softcap, ``tanh(pre / c)`` for backward.
+
+    Without a softcap the temperature divides ``h`` (``H`` values a row) rather than the logits
+    (``V`` values a row)."""
+    if softcap is None:
+        if temperature != 1.0:
+            h = h / temperature
+            bias = None if bias is None else bias / temperature
+        return torch.nn.functional.linear(h, weight, bias), None
+    capped = torch.tanh(torch.nn.functional.linear(h, weight, bias) / softcap)
+    return capped * (softcap / temperature), capped
+
+
+class ChunkedLinearLogprob(torch.autograd.Function):
+    """``(N, H), (V, H), (V,) or None, (N,) -> (N,)`` log-probabilities of the targets."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, chunk):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        with torch.autocast(hidden.device.type, enabled=False):
+            h32, w32 = hidden.to(acc), weight.to(acc)
+            b32 = None if bias is None else bias.to(acc)
+            out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+            lse = torch.empty_like(out)
+            for s in range(0, hidden.shape[0], chunk):
+                z, _ = _logits(h32[s : s + chunk], w32, b32, temperature, softcap)
+                lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
+                out[s : s + chunk] = (
+                    z.gather(1, targets[s : s + chunk, None])[:, 0] - lse[s : s + chunk]
+                )
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.softcap, ctx.chunk = temperature, softcap, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        T, cap, chunk = ctx.temperature, ctx.softcap, ctx.chunk
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h32, w32 = hidden.to(acc), weight.to(acc)
+            b32 = None if bias is None else bias.to(acc)
+            g32 = grad_out.to(acc)
+            dh = torch.empty_like(h32) if ctx.needs_input_grad[0] else None
+            dw = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
+            db = torch.zeros_like(b32) if bias is not None and ctx.needs_input_grad[2] else None
+            for s in range(0, hidden.shape[0], chunk):
+                h = h32[s : s + chunk]
+                g = g32[s : s + chunk, None]
+                z, capped = _logits(h, w32, b32, T, cap)
+                # d logp / d z = g (onehot(target) - softmax(z)), built in place in z
+                dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)
+                dz.scatter_add_(1, targets[s : s + chunk, None], g)
+                if cap is None:  # z = (h / T) W^T + b / T: scale the (rows, H) side, not (rows, V)
+                    dl, scale = dz, 1.0 / T
+                else:
+                    dl, scale = dz.mul_((1 - capped.square()) / T), 1.0
+                if dh is not None:
+                    dh[s : s + chunk] = dl @ w32
+                    if scale != 1.0:
+                        dh[s : s + chunk] *= scale
+                if dw is not None:
+                    dw.addmm_(dl.t(), h, alpha=scale)
+                if db is not None:
+                    db.add_(dl.sum(0), alpha=scale)
+        return (
+            None if dh is None else dh.to(hidden.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """``log p(targets)`` under ``softmax(softcap(hidden W^T + b) / T)``: ``(..., H), (...) -> (...)``."""
+    shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    rows = chunk or _chunk_rows(weight.shape[0])
+    out = ChunkedLinearLogprob.apply(
+        h, weight, bias, targets.reshape(-1), float(temperature), softcap, rows
+    )
+    return out.view(shape)
+
+
+def reference_logprob(hidden, weight, bias, targets, temperature=1.0, softcap=None):
+    """The unfused path (logits materialised): what :func:`linear_logprob` must equal."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    logits = torch.nn.functional.linear(
+        hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc)
+    )
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits / temperature
+    return torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
