@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from qstar.config import CONFIG_DIR, resolve_config  # resolve_config: re-exported for callers
+from qstar.run_config import CONFIG_DIR, resolve_config  # resolve_config: re-exported for callers
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -20,8 +20,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from qstar.config import load_run_config
     from qstar.recipes.train import format_summary, train
+    from qstar.run_config import load_run_config
 
     config = args.config
     overrides = list(args.overrides)

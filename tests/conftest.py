@@ -32,7 +32,7 @@ def shared_data() -> Path:
 def tiny_run_config():
     """The shipped debug config with overrides, as the CLI would build it."""
     from qstar.cli import resolve_config
-    from qstar.config import load_run_config
+    from qstar.run_config import load_run_config
 
     def make(*overrides: str):
         return load_run_config(resolve_config("debug_tiny"), ["logging.progress=false", *overrides])

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def experiment(tmp_path_factory):
     """A sweep-shaped experiment of three tiny trials (two thought lengths and the baseline)."""
     from qstar.cli import resolve_config
-    from qstar.config import load_run_config
     from qstar.recipes.train import train
+    from qstar.run_config import load_run_config
 
     exp = tmp_path_factory.mktemp("exp") / "fixture"
     trials = [

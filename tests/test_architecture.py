@@ -10,6 +10,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qstar"
 # layer of each top-level module or sub-package: a module may import its own layer or lower ones
 LAYERS = {
     "config": 0,
+    "overrides": 0,
+    "run_config": 0,
     "errors": 0,
     "hub": 0,
     "version": 0,

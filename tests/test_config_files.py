@@ -3,7 +3,8 @@
 import pytest
 
 from qstar.cli import CONFIG_DIR
-from qstar.config import QuietStarConfig, load_run_config
+from qstar.config import QuietStarConfig
+from qstar.run_config import load_run_config
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 

@@ -217,7 +217,7 @@ def test_fsdp_scores_tasks_on_the_gathered_final_model(tmp_path):
 
 
 def test_fsdp_refuses_in_training_task_eval():
-    from qstar.config import load_run_config
+    from qstar.run_config import load_run_config
 
     with pytest.raises(ValueError, match="tasks_at=end"):
         load_run_config(None, ["train.parallel=fsdp", "eval.tasks=[gsm8k]"])

@@ -246,9 +246,9 @@ def test_trial_with_two_workers_runs_under_ray_train(tmp_path, ray_session):
     from safetensors.torch import load_file
 
     from qstar.cli import resolve_config
-    from qstar.config import load_run_config
     from qstar.experiments import tune_adapter
     from qstar.recipes.train import train
+    from qstar.run_config import load_run_config
 
     common = [
         "train.objective=lm",

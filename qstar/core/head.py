@@ -16,6 +16,9 @@ computed in fp32 (the head runs in fp32 for compared logits; see ``QuietStar.lm_
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from qstar.core import learn
 
 # rows per chunk: ~32M logits (128 MB in fp32) at a time
 CHUNK_ELEMENTS = 1 << 25
@@ -131,3 +134,115 @@ def reference_logprob(hidden, weight, bias, targets, temperature=1.0, softcap=No
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits / temperature
     return torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+
+
+class VocabularyHead:
+    """The LM head seen from the method (mixed into :class:`qstar.QuietStar`): fp32 logits for
+    everything that is compared, the meta-free thought vocabulary for sampling and the policy,
+    and ``log p(token)`` through either, fused and chunked or not.
+
+    Needs ``base_model``, ``start_id`` and ``end_id`` on the instance.
+    """
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., H) -> (..., V)`` fp32 logits: the LM head, with final logit softcapping where
+        the model has it, always in fp32 (autocast off).
+
+        These are the logits that are compared: base and mixed NLL, the REINFORCE rewards and
+        every evaluation. Under bf16 autocast a mixed hidden state ``h_b + w (h_t - h_b)`` with
+        ``|w| ~ 1e-4`` would be rounded to bf16 before the head (component spacing ~1e-2), so
+        the difference between two thoughts -- the whole reward -- would be mostly rounding
+        noise. The sampling and policy logits (:meth:`thought_logits`) keep autocast's dtype.
+        """
+        head = self.base_model.get_output_embeddings()
+        acc = torch.promote_types(head.weight.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        bias = None if head.bias is None else head.bias.to(acc)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = nn.functional.linear(hidden.to(acc), head.weight.to(acc), bias)
+        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # "chunked": log p(token) through the fused, chunked head (qstar.core.head: about half the
+    # activation memory of a step, a few percent slower on CPU); "off": logits materialised (the
+    # reference path, the default for now). Set by train.fused_ce.
+    fused_ce: str = "off"
+
+    def _fused(self) -> bool:
+        return self.fused_ce != "off"
+
+    def token_logprob(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float = 1.0,
+        thought: bool = False,
+    ) -> torch.Tensor:
+        """``log p(target)`` at each row: ``(..., H), (...) -> (...)`` fp32, over the whole
+        vocabulary (:meth:`lm_logits`) or, with ``thought``, the meta-free thought vocabulary at
+        ``temperature`` (:meth:`thought_logits`; targets are indices in it). Fused and chunked
+        unless ``fused_ce="off"``: exact either way."""
+        if not self._fused():
+            logits = self.thought_logits(hidden, temperature) if thought else self.lm_logits(hidden)
+            return learn.logprob_of(logits, targets)
+        if thought:
+            weight, bias = self._thought_head()
+        else:
+            head = self.base_model.get_output_embeddings()
+            weight, bias = head.weight, head.bias
+        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
+        return linear_logprob(hidden, weight, bias, targets, temperature, cap)
+
+    def thought_logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """``(..., H) -> (..., V - 2)``: logits over the vocabulary *without* the meta tokens.
+
+        Thought tokens are drawn from this vocabulary (the authors mask ``<start>``/``<end>``);
+        computing it with the head's other rows avoids masking full ``(..., V)`` tensors. Map
+        indices with :meth:`to_vocab` / :meth:`from_vocab`. For a bias-free head without
+        softcapping the temperature divides the hidden state (H values) instead of the logits.
+        """
+        weight, bias = self._thought_head()
+        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
+        if bias is None and cap is None:
+            return nn.functional.linear(
+                hidden / temperature if temperature != 1.0 else hidden, weight
+            )
+        logits = nn.functional.linear(hidden, weight, bias)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits / temperature if temperature != 1.0 else logits
+
+    def _thought_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight and bias without the meta rows (a view when they are last)."""
+        head = self.base_model.get_output_embeddings()
+        rows = head.weight.shape[0]
+        if (self.start_id, self.end_id) == (rows - 2, rows - 1):
+            return head.weight[:-2], None if head.bias is None else head.bias[:-2]
+        cached = getattr(self, "_head_cache", None)
+        key = (head.weight.data_ptr(), head.weight._version)
+        grad = torch.is_grad_enabled()
+        if (
+            not grad and cached is not None and cached[0] == key
+        ):  # sampling: one copy, not one per depth
+            return cached[1]
+        keep = torch.ones(rows, dtype=torch.bool)
+        keep[[self.start_id, self.end_id]] = False
+        keep = keep.nonzero().squeeze(1).to(head.weight.device)
+        value = (
+            head.weight.index_select(0, keep),
+            None if head.bias is None else head.bias.index_select(0, keep),
+        )
+        if not grad:
+            self._head_cache = (key, value)
+        return value
+
+    def to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
+        """Index in the meta-free vocabulary -> token id."""
+        lo, hi = sorted((self.start_id, self.end_id))
+        idx = idx + (idx >= lo).long()
+        return idx + (idx >= hi).long()
+
+    def from_vocab(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token id (not a meta token) -> index in the meta-free vocabulary."""
+        return ids - (ids > self.start_id).long() - (ids > self.end_id).long()

@@ -17,6 +17,39 @@ from qstar.core.think import draw_uniforms, sample_from_logits
 
 
 @torch.no_grad()
+def mixed_logits(
+    qs,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    greedy: bool = True,
+    generator: torch.Generator | None = None,
+    return_thoughts: bool = False,
+    fixed_thought: int | None = None,
+):
+    """:meth:`qstar.QuietStar.mixed_logits`: next-token logits after thinking at every position,
+    ``(B, L) -> (B, L, V)``."""
+    qs._check_inputs(input_ids, attention_mask)
+    B, L = input_ids.shape
+    t = qs.config.thought_len
+    h_base, cache = qs._base_pass(input_ids, attention_mask)
+    if fixed_thought is None:
+        thoughts = qs._sample(cache, L, B, greedy, generator)
+    else:  # feed <start>, c_1..c_{t-1} as the sampling passes would
+        thoughts = torch.full(
+            (B, L, t), int(fixed_thought), dtype=torch.long, device=input_ids.device
+        )
+        start = torch.full((B, 1, L), qs.start_id, dtype=torch.long, device=input_ids.device)
+        head = torch.cat([start, thoughts[:, :, :-1].transpose(1, 2)], dim=1)  # (B, t, L)
+        qs._thought_pass(head, cache, L, first_block=0)
+    end = torch.full((B, 1, L), qs.end_id, dtype=torch.long, device=input_ids.device)
+    tail = torch.cat([thoughts[:, :, -1][:, None], end], dim=1)  # (B, 2, L): c_t, <end>
+    h_end = qs._thought_pass(tail, cache, L, first_block=t)[:, 1]  # (B, L, H)
+    raw_w = qs.mixing_head(h_base, h_end)
+    logits, _ = qs._mixer(raw_w, h_base, h_end, qs.lm_logits)
+    return (logits, thoughts) if return_thoughts else logits
+
+
+@torch.no_grad()
 def mixed_logits_at(
     qs,
     input_ids: torch.Tensor,

@@ -25,7 +25,7 @@ from torch import nn
 from qstar.config import QuietStarConfig
 from qstar.core import hf, learn, persistence, talk, think
 from qstar.core.attention import dense_thought_mask, thought_attention
-from qstar.core.head import linear_logprob
+from qstar.core.head import VocabularyHead
 from qstar.core.talk import MixingHead, get_mixer
 
 
@@ -73,7 +73,7 @@ class LMOutput:
         return {"loss": float(self.loss.detach()), "base_nll": float(self.base_nll)}
 
 
-class QuietStar(nn.Module):
+class QuietStar(VocabularyHead, nn.Module):
     """A Hugging Face causal LM that thinks before each token.
 
     Build with :meth:`from_base` (a loaded model and tokenizer) or :meth:`from_pretrained`
@@ -168,109 +168,6 @@ class QuietStar(nn.Module):
         meta = meta.to(emb.dtype)
         emb = torch.where((input_ids == self.start_id).unsqueeze(-1), meta[0], emb)
         return torch.where((input_ids == self.end_id).unsqueeze(-1), meta[1], emb)
-
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``(..., H) -> (..., V)`` fp32 logits: the LM head, with final logit softcapping where
-        the model has it, always in fp32 (autocast off).
-
-        These are the logits that are compared: base and mixed NLL, the REINFORCE rewards and
-        every evaluation. Under bf16 autocast a mixed hidden state ``h_b + w (h_t - h_b)`` with
-        ``|w| ~ 1e-4`` would be rounded to bf16 before the head (component spacing ~1e-2), so
-        the difference between two thoughts -- the whole reward -- would be mostly rounding
-        noise. The sampling and policy logits (:meth:`thought_logits`) keep autocast's dtype.
-        """
-        head = self.base_model.get_output_embeddings()
-        acc = torch.promote_types(head.weight.dtype, torch.float32)  # fp32 (fp64 stays fp64)
-        bias = None if head.bias is None else head.bias.to(acc)
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = nn.functional.linear(hidden.to(acc), head.weight.to(acc), bias)
-        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    # "chunked": log p(token) through the fused, chunked head (qstar.core.head: about half the
-    # activation memory of a step, a few percent slower on CPU); "off": logits materialised (the
-    # reference path, the default for now). Set by train.fused_ce.
-    fused_ce: str = "off"
-
-    def _fused(self) -> bool:
-        return self.fused_ce != "off"
-
-    def token_logprob(
-        self,
-        hidden: torch.Tensor,
-        targets: torch.Tensor,
-        temperature: float = 1.0,
-        thought: bool = False,
-    ) -> torch.Tensor:
-        """``log p(target)`` at each row: ``(..., H), (...) -> (...)`` fp32, over the whole
-        vocabulary (:meth:`lm_logits`) or, with ``thought``, the meta-free thought vocabulary at
-        ``temperature`` (:meth:`thought_logits`; targets are indices in it). Fused and chunked
-        unless ``fused_ce="off"``: exact either way."""
-        if not self._fused():
-            logits = self.thought_logits(hidden, temperature) if thought else self.lm_logits(hidden)
-            return learn.logprob_of(logits, targets)
-        if thought:
-            weight, bias = self._thought_head()
-        else:
-            head = self.base_model.get_output_embeddings()
-            weight, bias = head.weight, head.bias
-        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
-        return linear_logprob(hidden, weight, bias, targets, temperature, cap)
-
-    def thought_logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """``(..., H) -> (..., V - 2)``: logits over the vocabulary *without* the meta tokens.
-
-        Thought tokens are drawn from this vocabulary (the authors mask ``<start>``/``<end>``);
-        computing it with the head's other rows avoids masking full ``(..., V)`` tensors. Map
-        indices with :meth:`to_vocab` / :meth:`from_vocab`. For a bias-free head without
-        softcapping the temperature divides the hidden state (H values) instead of the logits.
-        """
-        weight, bias = self._thought_head()
-        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
-        if bias is None and cap is None:
-            return nn.functional.linear(
-                hidden / temperature if temperature != 1.0 else hidden, weight
-            )
-        logits = nn.functional.linear(hidden, weight, bias)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits / temperature if temperature != 1.0 else logits
-
-    def _thought_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's weight and bias without the meta rows (a view when they are last)."""
-        head = self.base_model.get_output_embeddings()
-        rows = head.weight.shape[0]
-        if (self.start_id, self.end_id) == (rows - 2, rows - 1):
-            return head.weight[:-2], None if head.bias is None else head.bias[:-2]
-        cached = getattr(self, "_head_cache", None)
-        key = (head.weight.data_ptr(), head.weight._version)
-        grad = torch.is_grad_enabled()
-        if (
-            not grad and cached is not None and cached[0] == key
-        ):  # sampling: one copy, not one per depth
-            return cached[1]
-        keep = torch.ones(rows, dtype=torch.bool)
-        keep[[self.start_id, self.end_id]] = False
-        keep = keep.nonzero().squeeze(1).to(head.weight.device)
-        value = (
-            head.weight.index_select(0, keep),
-            None if head.bias is None else head.bias.index_select(0, keep),
-        )
-        if not grad:
-            self._head_cache = (key, value)
-        return value
-
-    def to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
-        """Index in the meta-free vocabulary -> token id."""
-        lo, hi = sorted((self.start_id, self.end_id))
-        idx = idx + (idx >= lo).long()
-        return idx + (idx >= hi).long()
-
-    def from_vocab(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token id (not a meta token) -> index in the meta-free vocabulary."""
-        return ids - (ids > self.start_id).long() - (ids > self.end_id).long()
 
     def _check_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -406,7 +303,6 @@ class QuietStar(nn.Module):
             _, cache = self._base_pass(input_ids, attention_mask)
             return self._sample(cache, input_ids.shape[1], input_ids.shape[0], greedy, generator)
 
-    @torch.no_grad()
     def mixed_logits(
         self,
         input_ids: torch.Tensor,
@@ -423,25 +319,11 @@ class QuietStar(nn.Module):
         the returned values are normalised log-probabilities. ``fixed_thought``: a token id that
         replaces every thought token (a control: the same mixing head and passes, no content).
         """
-        self._check_inputs(input_ids, attention_mask)
-        B, L = input_ids.shape
-        t = self.config.thought_len
-        h_base, cache = self._base_pass(input_ids, attention_mask)
-        if fixed_thought is None:
-            thoughts = self._sample(cache, L, B, greedy, generator)
-        else:  # feed <start>, c_1..c_{t-1} as the sampling passes would
-            thoughts = torch.full(
-                (B, L, t), int(fixed_thought), dtype=torch.long, device=input_ids.device
-            )
-            start = torch.full((B, 1, L), self.start_id, dtype=torch.long, device=input_ids.device)
-            head = torch.cat([start, thoughts[:, :, :-1].transpose(1, 2)], dim=1)  # (B, t, L)
-            self._thought_pass(head, cache, L, first_block=0)
-        end = torch.full((B, 1, L), self.end_id, dtype=torch.long, device=input_ids.device)
-        tail = torch.cat([thoughts[:, :, -1][:, None], end], dim=1)  # (B, 2, L): c_t, <end>
-        h_end = self._thought_pass(tail, cache, L, first_block=t)[:, 1]  # (B, L, H)
-        raw_w = self.mixing_head(h_base, h_end)
-        logits, _ = self._mixer(raw_w, h_base, h_end, self.lm_logits)
-        return (logits, thoughts) if return_thoughts else logits
+        from qstar.core import inference
+
+        return inference.mixed_logits(
+            self, input_ids, attention_mask, greedy, generator, return_thoughts, fixed_thought
+        )
 
     def mixed_logits_at(
         self,

@@ -22,8 +22,8 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from qstar.config import did_you_mean
 from qstar.data import collate
+from qstar.overrides import did_you_mean
 
 TASK_DIR = Path(__file__).parent / "tasks"
 # Stock lm-eval tasks, unchanged except that their data come from local files.

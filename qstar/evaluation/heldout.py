@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from qstar.config import RunConfig
 from qstar.core import learn
 from qstar.core.model import QuietStar
 from qstar.data import collate
+from qstar.run_config import RunConfig
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ A sweep file (YAML, strict keys)::
     smoke: {overrides: [...], ...}        # replaces top-level keys under --smoke
 
 Expansion (pure, no Ray): paired x grid x random samples x seeds, in that order, each trial
-validated as a full :class:`qstar.config.RunConfig` before anything runs.
+validated as a full :class:`qstar.run_config.RunConfig` before anything runs.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from typing import Any
 
 import yaml
 
-from qstar.config import RunConfig, did_you_mean, load_run_config
+from qstar.overrides import did_you_mean
+from qstar.run_config import RunConfig, load_run_config
 
 SWEEP_KEYS = {
     "name",
@@ -129,7 +130,7 @@ def _as_overrides(path: Path, value: Any) -> list[str]:
 
 
 def _resolve_base(path: Path, base: Any) -> str:
-    from qstar.config import resolve_config
+    from qstar.run_config import resolve_config
 
     if not isinstance(base, str) or not base:
         raise _fail(path, "base must name a shipped config or a YAML file")

@@ -128,7 +128,7 @@ def _train_worker(job: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from qstar.config import load_run_config
+    from qstar.run_config import load_run_config
     from qstar.recipes.train import train
 
     torch.set_num_threads(max(1, int(job["cpus"])))
@@ -181,7 +181,7 @@ def _make_trainable(sweep: Sweep, exp_dir: Path):
         import torch
         from ray import tune
 
-        from qstar.config import load_run_config
+        from qstar.run_config import load_run_config
         from qstar.recipes.train import train
 
         torch.set_num_threads(max(1, int(cpus)))

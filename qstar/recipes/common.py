@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from qstar.config import RunConfig, load_run_config
 from qstar.core.model import QuietStar
 from qstar.data import DataError, WindowStream, fixed_windows, load_documents, tokenize
 from qstar.recipes import checkpoint, diagnostics, distributed
 from qstar.recipes.tracking import MetricsLogger, provenance
+from qstar.run_config import RunConfig, load_run_config
 
 NONFINITE_PARTS = (
     ("base_nll", "base NLL"),

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from qstar.config import RunConfig
 from qstar.core.model import QuietStar
 from qstar.errors import TrainingDiverged
 from qstar.evaluation.heldout import heldout_nll, task_metrics
@@ -32,6 +31,7 @@ from qstar.recipes.common import (
     write_json,
 )
 from qstar.recipes.tracking import MetricsLogger
+from qstar.run_config import RunConfig
 
 
 def train(
