@@ -50,6 +50,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from qstar.evaluation import backend as ev
+    from qstar.evaluation import results as evres
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -79,7 +80,7 @@ def _eval(args: argparse.Namespace) -> int:
         results = ev.evaluate(
             lm, tasks, args.limit, args.include_path, args.data_dir, args.seed, args.log_samples
         )
-        runs[label] = ev.metric_table(results)
+        runs[label] = evres.metric_table(results)
         payload["runs"][label] = {
             key: results.get(key)
             for key in ("results", "versions", "n-samples", "configs", "timing", "samples")
@@ -90,13 +91,13 @@ def _eval(args: argparse.Namespace) -> int:
             f"({timing['examples_per_s'] or 0:.2f} examples/s)",
             file=sys.stderr,
         )
-    payload["provenance"] = ev.provenance_block(args.model, lm, tasks, results)
+    payload["provenance"] = evres.provenance_block(args.model, lm, tasks, results)
     payload["provenance"].update(
         limit=args.limit, include_paths=args.include_path, data_dir=args.data_dir
     )
     payload["table"] = runs
-    path = ev.write_results(Path(args.output), payload)
-    print(ev.format_table(runs))
+    path = evres.write_results(Path(args.output), payload)
+    print(evres.format_table(runs))
     print(f"results: {path}")
     return 0
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from qstar import QuietStar, QuietStarConfig
-from qstar.evaluation.backend import QStarLM, TaskError, check_task_file, evaluate, resolve_tasks
+from qstar.evaluation.backend import QStarLM, evaluate
+from qstar.evaluation.lookup import TaskError, check_task_file, resolve_tasks
 from qstar.evaluation.tasks import qstar_task_utils as tu
 from qstar.models.random import tiny_model
 

@@ -322,7 +322,7 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
 
 
 def _task_versions(exp: Experiment) -> dict[str, Any]:
-    from qstar.evaluation.backend import TASK_DIR
+    from qstar.evaluation.lookup import TASK_DIR
 
     versions = {}
     tasks = set(exp.evals["task"]) - {HELDOUT} if not exp.evals.empty else set()

@@ -1,4 +1,5 @@
-"""lm-evaluation-harness adapter: the ``qstar`` model backend, task lookup, and runs.
+"""lm-evaluation-harness adapter: the ``qstar`` model backend and runs (task lookup in
+:mod:`qstar.evaluation.lookup`, result files and tables in :mod:`qstar.evaluation.results`).
 
 Every lm-eval call of the project goes through this module (lm-eval's API moves between
 releases). The backend scores with thoughts at every token (``QuietStar.mixed_logits``) or,
@@ -8,13 +9,7 @@ before every emitted token (``QuietStar.generate``).
 
 from __future__ import annotations
 
-import datetime as _dt
-import difflib
-import functools
-import json
-import os
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +18,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from qstar.data import collate
-from qstar.overrides import did_you_mean
-
-TASK_DIR = Path(__file__).parent / "tasks"
-# Stock lm-eval tasks, unchanged except that their data come from local files.
-LOCAL_STOCK = {
-    "gsm8k_local": ("gsm8k", "load_gsm8k_local"),
-    "commonsense_qa_local": ("commonsense_qa", "load_csqa_local"),
-}
-
-
-class TaskError(ValueError):
-    """An unknown task or a broken task file; the message names the task/file and the fix."""
+from qstar.evaluation.lookup import TaskError, resolve_tasks
 
 
 # ---------------------------------------------------------------------------- the model backend
@@ -302,99 +286,6 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-# ---------------------------------------------------------------------------- tasks
-def task_manager(include_paths: list[str] | None = None, data_dir: str | None = None):
-    """A TaskManager over qstar's tasks, ``include_paths`` and ``$QSTAR_TASK_PATH`` (cached)."""
-    extra = [p for p in os.environ.get("QSTAR_TASK_PATH", "").split(os.pathsep) if p]
-    paths = [str(TASK_DIR), *[str(Path(p).expanduser()) for p in [*(include_paths or []), *extra]]]
-    for p in paths[1:]:
-        if not Path(p).is_dir():
-            raise TaskError(f"--include-path {p} is not a directory")
-    return _task_manager(tuple(paths), data_dir), paths
-
-
-@functools.lru_cache(maxsize=8)
-def _task_manager(paths: tuple[str, ...], data_dir: str | None):
-    from lm_eval.tasks import TaskManager  # indexing every lm-eval task takes seconds: cache it
-
-    return TaskManager(
-        include_path=list(paths), metadata={"data_dir": data_dir} if data_dir else None
-    )
-
-
-def check_task_file(path: Path) -> None:
-    """Load a task YAML and check its keys; raise :class:`TaskError` naming the file and key."""
-    from lm_eval.api.task import TaskConfig
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    try:
-        cfg = load_yaml(path)
-    except Exception as exc:
-        raise TaskError(
-            f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from None
-    if not isinstance(cfg, dict):
-        raise TaskError(f"{path}: a task file must be a mapping")
-    if "task" not in cfg and "group" not in cfg:
-        raise TaskError(f"{path}: missing key 'task' (the task's name)")
-    known = {f.name for f in fields(TaskConfig)} | {
-        "include",
-        "group",
-        "tag",
-        "task_alias",
-        "group_alias",
-    }
-    for key in cfg:
-        if key not in known:
-            raise TaskError(f"{path}: unknown task key {key!r}{did_you_mean(key, known)}")
-
-
-def resolve_tasks(
-    names: list[str], include_paths: list[str] | None = None, data_dir: str | None = None
-):
-    """``(task specs for simple_evaluate, TaskManager)``; unknown names list close matches."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    tm, searched = task_manager(include_paths, data_dir)
-    known = set(tm.all_tasks) | set(LOCAL_STOCK)
-    specs: list[Any] = []
-    for name in names:
-        if name in LOCAL_STOCK:
-            stock, loader = LOCAL_STOCK[name]
-            entry = tm.task_index[stock]
-            cfg = dict(
-                load_yaml(entry["yaml_path"] if isinstance(entry, dict) else entry.yaml_path)
-            )
-            from qstar.evaluation.tasks import qstar_task_utils
-
-            cfg.update(task=name, custom_dataset=getattr(qstar_task_utils, loader))
-            cfg.pop("dataset_path", None)
-            cfg.pop("dataset_name", None)
-            cfg["metadata"] = {
-                **(cfg.get("metadata") or {}),
-                **({"data_dir": data_dir} if data_dir else {}),
-            }
-            specs.append(cfg)
-            continue
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.5)
-            raise TaskError(
-                f"unknown task {name!r}"
-                + (f"; close matches: {', '.join(close)}" if close else "")
-                + f"; include paths searched: {', '.join(searched)}"
-            )
-        entry = tm.task_index.get(name)
-        yaml_path = (
-            entry.get("yaml_path") if isinstance(entry, dict) else getattr(entry, "yaml_path", None)
-        )
-        if isinstance(yaml_path, str | Path) and any(
-            Path(yaml_path).resolve().is_relative_to(Path(p).resolve()) for p in searched
-        ):
-            check_task_file(Path(yaml_path))  # ours and the user's; lm-eval's own are trusted
-        specs.append(name)
-    return specs, tm
-
-
 # ---------------------------------------------------------------------------- runs
 def evaluate(
     lm: QStarLM,
@@ -441,81 +332,3 @@ def evaluate(
         "examples_per_s": n / elapsed if elapsed else None,
     }
     return results
-
-
-def metric_table(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` from lm-eval's results (stderr entries dropped)."""
-    table = {}
-    for task, values in (results.get("results") or {}).items():
-        table[task] = {
-            k.replace(",none", ""): float(v)
-            for k, v in values.items()
-            if isinstance(v, int | float)
-            and not isinstance(v, bool)
-            and "_stderr" not in k
-            and k != "sample_len"
-        }
-    return table
-
-
-def provenance_block(
-    model: str, lm: QStarLM, tasks: list[str], results: dict[str, Any]
-) -> dict[str, Any]:
-    from qstar.recipes.tracking import provenance
-
-    return provenance(
-        {
-            "model": model,
-            "think": lm.think,
-            "quiet_star": lm.qs.config.to_dict(),
-            "greedy_thoughts": lm.greedy,
-            "seed": lm.seed,
-            "tasks": tasks,
-            "task_versions": results.get("versions"),
-            "lm_eval_version": _lm_eval_version(),
-        }
-    )
-
-
-def _lm_eval_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("lm_eval")
-    except Exception:
-        return None
-
-
-def write_results(output: Path, payload: dict[str, Any]) -> Path:
-    output.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = output / f"results_{stamp}.json"
-    i = 1
-    while path.exists():  # never overwrite earlier results
-        path = output / f"results_{stamp}_{i}.json"
-        i += 1
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def format_table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
-    """``runs``: ``{"think": table, "no-think": table}`` -> a text table with the difference."""
-    labels = list(runs)
-    tasks = sorted({t for table in runs.values() for t in table})
-    head = f"{'task':32} {'metric':14} " + " ".join(f"{lab:>10}" for lab in labels)
-    if len(labels) == 2:
-        head += f" {'delta':>10}"
-    lines = [head, "-" * len(head)]
-    for task in tasks:
-        metrics = sorted({m for table in runs.values() for m in table.get(task, {})})
-        for metric in metrics:
-            vals = [runs[lab].get(task, {}).get(metric) for lab in labels]
-            row = f"{task:32} {metric:14} " + " ".join(
-                f"{v:10.4f}" if v is not None else f"{'-':>10}" for v in vals
-            )
-            if len(labels) == 2 and None not in vals:
-                row += f" {vals[0] - vals[1]:+10.4f}"
-            lines.append(row)
-    return "\n".join(lines)

@@ -70,6 +70,7 @@ def task_metrics(
     ``samples_dir``: where to write each task's per-example metrics (``TASK[:nothink].jsonl``,
     one ``{"doc_id", METRIC: value}`` row per example), for paired confidence intervals."""
     from qstar.evaluation import backend as evaluation
+    from qstar.evaluation.results import metric_table
 
     was_training = qs.training
     qs.eval()
@@ -87,7 +88,7 @@ def task_metrics(
     finally:
         qs.train(was_training)
     suffix = "" if think or cfg.train.objective == "lm" else ":nothink"
-    table = evaluation.metric_table(results)
+    table = metric_table(results)
     if samples_dir is not None:
         samples_dir.mkdir(parents=True, exist_ok=True)
         for task, rows in (results.get("samples") or {}).items():
