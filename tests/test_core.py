@@ -412,7 +412,7 @@ def test_activation_memory_grows_linearly_with_thought_length():
     backward grow by the same amount per extra thought token (the fused CPU kernel keeps no
     scores; measured: equal increments), while the dense-mask path's increment grows (its masked
     scores over all earlier depths are quadratic in depth; measured: +67% from 2 to 14 tokens)."""
-    from qstar.analysis.bench import saved_activation_bytes
+    from qstar.analysis.bench_memory import saved_activation_bytes
 
     ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(0))
     saved = {"sparse": [], "dense": []}

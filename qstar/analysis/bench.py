@@ -20,7 +20,6 @@ lookahead: the saved bytes of one forward of the fast and the dense path for tho
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import platform
@@ -31,29 +30,17 @@ from pathlib import Path
 
 import torch
 
+from qstar.analysis.bench_memory import (
+    dense_attention_bytes,
+    fmt,
+    memory_growth,
+    saved_activation_bytes,
+    wrap_model,
+)
 from qstar.config import QuietStarConfig
 from qstar.models.random import mistral_shaped, tiny_tokenizer
 
 DEFAULT_CONFIGS = ((5, 4), (9, 4), (13, 8), (21, 12))
-
-
-@contextlib.contextmanager
-def saved_activation_bytes():
-    """Yield a dict whose ``"bytes"`` is the size of distinct tensors saved for backward."""
-    seen: dict[int, int] = {}
-    result = {"bytes": 0}
-
-    def pack(t: torch.Tensor):
-        try:
-            storage = t.untyped_storage()
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
-        except RuntimeError:
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield result
-    result["bytes"] = sum(seen.values())
 
 
 def _sync(device: torch.device) -> None:
@@ -68,13 +55,6 @@ def _plain_step(model, ids: torch.Tensor) -> None:
 
 def _qstar_step(qs, ids: torch.Tensor, gen: torch.Generator) -> None:
     qs(ids, generator=gen).loss.backward()
-
-
-def dense_attention_bytes(qcfg: QuietStarConfig, L: int, heads: int, layers: int, rows: int) -> int:
-    """Rough bytes that the dense path's eager attention keeps for backward (scores + probs)."""
-    D = qcfg.thought_block
-    per_layer = sum(heads * L * (d + 2) * L for d in range(D)) * rows * 4 * 2
-    return per_layer * layers
 
 
 def run(
@@ -118,7 +98,7 @@ def run(
                     **(overrides or {})
                 )
                 passes = qcfg.passes
-                qs = _wrap(model, tok, qcfg).to(dev)
+                qs = wrap_model(model, tok, qcfg).to(dev)
                 gen = torch.Generator().manual_seed(0)
                 steps = {
                     "plain": functools.partial(_plain_step, model, ids_k),
@@ -193,144 +173,6 @@ def run(
     return rows
 
 
-MEMORY_THOUGHT_LENS = (1, 2, 4, 8, 12, 16, 24)
-
-
-def memory_growth(
-    size: str = "tiny",
-    L: int = 128,
-    thought_lens=MEMORY_THOUGHT_LENS,
-    n_true: int = 4,
-    k: int = 2,
-    device: str | None = None,
-    dtype: str = "float32",
-    dense_limit_gb: float = 6.0,
-    out: Path | None = None,
-    overrides: dict | None = None,
-) -> list[dict]:
-    """Saved activation bytes of one training forward against thought length (n_true fixed)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    tok = tiny_tokenizer()
-    model = mistral_shaped(size, dtype=torch_dtype).to(dev)
-    model.train()
-    mcfg = model.config
-    ids = torch.randint(0, 32000, (1, L), generator=torch.Generator().manual_seed(0)).to(dev)
-    rows = []
-    print(f"# memory growth: model={size} L={L} n_true={n_true} k={k} device={dev} dtype={dtype}")
-    print(f"{'t':>3} {'passes':>6} {'act MB fast':>11} {'act MB dense':>12} {'dense/fast':>10}")
-    for t in thought_lens:
-        qcfg = QuietStarConfig(thought_len=t, n_true=n_true, n_thoughts=k).replace(
-            **(overrides or {})
-        )
-        qs = _wrap(model, tok, qcfg).to(dev)
-        row = {"thought_len": t, "n_true": n_true, "passes": qcfg.passes, "L": L, "k": k}
-        for name in ("fast", "dense"):
-            if (
-                name == "dense"
-                and dense_attention_bytes(
-                    qcfg, L, mcfg.num_attention_heads, mcfg.num_hidden_layers, k
-                )
-                > dense_limit_gb * 2**30
-            ):
-                row["act_mb_dense"] = None
-                continue
-            with qs.using(attention="sparse" if name == "fast" else "dense"):
-                with saved_activation_bytes() as acc:
-                    loss = qs(ids, generator=torch.Generator().manual_seed(0)).loss
-            del loss  # the graph (and what it saved) goes with it
-            row[f"act_mb_{name}"] = acc["bytes"] / 2**20
-        rows.append(row)
-        dense = row["act_mb_dense"]
-        print(
-            f"{t:>3} {row['passes']:>6} {row['act_mb_fast']:11.0f} {_fmt(dense, '12.0f')} "
-            f"{_fmt(dense / row['act_mb_fast'] if dense else None, '10.2f')}",
-            flush=True,
-        )
-    slopes = {name: _loglog_slope(rows, f"act_mb_{name}") for name in ("fast", "dense")}
-    print(
-        f"# growth exponent (act MB ~ passes^e): fast {slopes['fast']:.2f}, dense {_fmt(slopes['dense'], '.2f')}"
-    )
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"torch": torch.__version__, "model": size, "device": str(dev), "dtype": dtype}
-        (out / "memory.json").write_text(
-            json.dumps({"meta": meta, "rows": rows, "growth_exponent": slopes}, indent=2) + "\n"
-        )
-        (out / "memory.md").write_text(memory_markdown(rows, slopes, meta, " ".join(sys.argv)))
-        _memory_figure(rows, out / "memory.png")
-        print(f"# wrote {out / 'memory.md'}, memory.json and memory.png")
-    return rows
-
-
-def _loglog_slope(rows: list[dict], key: str) -> float | None:
-    """Least-squares slope of log(value) against log(passes) over the rows that have a value."""
-    import math
-
-    pts = [(math.log(r["passes"]), math.log(r[key])) for r in rows if r.get(key)]
-    if len(pts) < 2:
-        return None
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
-
-
-def memory_markdown(rows: list[dict], slopes: dict, meta: dict, command: str) -> str:
-    lines = [
-        "# Activation memory against thought length",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Environment: {json.dumps(meta)}",
-        "",
-        f"One training forward, L={rows[0]['L']}, n_true={rows[0]['n_true']}, "
-        f"k={rows[0]['k']}; activation MB = bytes autograd saves for backward. `passes = "
-        "thought_len + 2 + n_true`. Growth exponent e: act MB ~ passes^e (least squares over the "
-        "rows; 1 = linear, 2 = quadratic). A `-`: the dense path was skipped (its eager attention "
-        "would keep more than the limit).",
-        "",
-        "| thought_len | passes | act MB fast | MB per pass fast | act MB dense | MB per pass dense | dense/fast |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        fast, dense, p = r["act_mb_fast"], r["act_mb_dense"], r["passes"]
-        lines.append(
-            f"| {r['thought_len']} | {p} | {fast:.0f} | {fast / p:.1f} | {_fmt(dense, '.0f')} | "
-            f"{_fmt(dense / p if dense else None, '.1f')} | {_fmt(dense / fast if dense else None, '.2f')} |"
-        )
-    lines += [
-        "",
-        f"Growth exponent: fast **{slopes['fast']:.2f}**, dense **{_fmt(slopes['dense'], '.2f')}**.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _memory_figure(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    t = [r["thought_len"] for r in rows]
-    ax.plot(
-        t,
-        [r["act_mb_fast"] for r in rows],
-        "o-",
-        label="qstar (sampled without grad, one recompute)",
-    )
-    dense = [(r["thought_len"], r["act_mb_dense"]) for r in rows if r["act_mb_dense"]]
-    if dense:
-        ax.plot(*zip(*dense, strict=True), "s--", label="dense masks, one depth per call")
-    ax.set_xlabel("thought tokens")
-    ax.set_ylabel("activation MB saved for backward")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # dense bf16 peak TFLOP/s by device name (datasheet figures, without sparsity)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
@@ -350,15 +192,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return None
 
 
-def _wrap(model, tok, qcfg):
-    """Wrap ``model`` again for each config without re-adding tokens (they are already there)."""
-    from qstar.core.model import QuietStar
-
-    if qcfg.start_token in tok.get_vocab():
-        return QuietStar(model, tok, qcfg)
-    return QuietStar.from_base(model, tok, qcfg)
-
-
 def _dense_step(qs, ids, gen):
     with qs.using(attention="dense"):
         _qstar_step(qs, ids, gen)
@@ -372,10 +205,6 @@ def _time(fn, dev) -> float:
     return time.perf_counter() - t0
 
 
-def _fmt(x, spec):
-    return format(x, spec) if x is not None else "-".rjust(len(format(0, spec)))
-
-
 def _print_row(r: dict) -> None:
     if r.get("fast_mfu") is not None:
         print(
@@ -385,8 +214,8 @@ def _print_row(r: dict) -> None:
     print(
         f"{r['model']:6} {r['L']:>4} {str(r['thought_len']) + ',' + str(r['n_true']):>6} {r['passes']:>6} "
         f"{r['plain_s']:8.3f} {r['fast_s']:8.3f} {r['fast_over_passes_plain']:14.2f} "
-        f"{_fmt(r['dense_s'], '8.3f')} {_fmt(r['dense_over_fast'], '10.2f')} "
-        f"{r['act_mb_plain']:12.0f} {r['act_mb_fast']:11.0f} {_fmt(r['act_mb_dense'], '12.0f')}",
+        f"{fmt(r['dense_s'], '8.3f')} {fmt(r['dense_over_fast'], '10.2f')} "
+        f"{r['act_mb_plain']:12.0f} {r['act_mb_fast']:11.0f} {fmt(r['act_mb_dense'], '12.0f')}",
         flush=True,
     )
 
@@ -411,8 +240,8 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
         lines.append(
             f"| {r['model']} | {r['L']} | {r['thought_len']},{r['n_true']} | {r['passes']} | "
             f"{r['plain_s']:.3f} | {r['fast_s']:.3f} | {r['fast_over_passes_plain']:.2f} | "
-            f"{_fmt(r['dense_s'], '.3f')} | {_fmt(r['dense_over_fast'], '.2f')} | "
-            f"{r['act_mb_plain']:.0f} | {r['act_mb_fast']:.0f} | {_fmt(r['act_mb_dense'], '.0f')} |"
+            f"{fmt(r['dense_s'], '.3f')} | {fmt(r['dense_over_fast'], '.2f')} | "
+            f"{r['act_mb_plain']:.0f} | {r['act_mb_fast']:.0f} | {fmt(r['act_mb_dense'], '.0f')} |"
         )
     gpu = [r for r in rows if r.get("fast_mfu") is not None]
     if gpu:
