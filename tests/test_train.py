@@ -68,6 +68,8 @@ def test_run_directory_layout_and_metrics(tmp_path, tiny_run_config):
     assert train_rows[0]["lr"] == pytest.approx(cfg.optim.lr / cfg.optim.warmup_steps)
     provenance = json.loads((run / "run.json").read_text())
     assert provenance["git_sha"] is None or len(provenance["git_sha"]) == 40
+    assert provenance["model_source"] == "tiny:llama"  # which weights, whatever the name
+    assert provenance["data_origin"] in ("path", "builtin", "data_dir", "hub", "bundled")
     assert summary["eval_last"]["eval/nll_base"] < summary["eval_first"]["eval/nll_base"]
     kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert kept == ["step_000004", "step_000006"]  # keep_checkpoints=2

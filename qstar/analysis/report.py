@@ -168,12 +168,21 @@ def write_report(
                 "dirty": prov.get("git_dirty"),
                 "started": prov.get("started"),
                 "model": prov.get("model"),
+                "model source": _short_source(prov.get("model_source")),
                 "data": str(prov.get("data_source", ""))[-60:],
+                "data origin": prov.get("data_origin"),  # local, hub or bundled (issue 12)
                 "torch": prov.get("torch"),
                 "transformers": prov.get("transformers"),
             }
         )
-    sections += [_md_table(pd.DataFrame(prov_rows)), ""]
+    prov_table = pd.DataFrame(prov_rows)
+    for column in (
+        "model source",
+        "data origin",
+    ):  # absent from runs made before they were recorded
+        if prov_table[column].isna().all():
+            prov_table = prov_table.drop(columns=column)
+    sections += [_md_table(prov_table), ""]
     versions = _task_versions(exp)
     if versions:
         sections += [
@@ -334,3 +343,11 @@ def _task_versions(exp: Experiment) -> dict[str, Any]:
                 if line.strip().startswith("version:"):
                     versions[task] = line.split(":", 1)[1].strip()
     return versions
+
+
+def _short_source(source: str | None) -> str | None:
+    """``"gguf:/long/path/x.gguf"`` -> ``"gguf: x.gguf"`` (the kind and the file name)."""
+    if not source:
+        return None
+    kind, _, path = source.partition(":")
+    return f"{kind}: {Path(path).name}" if path else kind

@@ -77,6 +77,7 @@ def load_model(
                 f"unknown tiny model {arch!r}; choose tiny:" + " or tiny:".join(ARCHITECTURES)
             )
         model, tokenizer = tiny_model(arch, dtype=dtype)
+        model.qstar_source = f"tiny:{arch}"
         return (model.to(device) if device is not None else model), tokenizer
     source = _resolve(str(name_or_path))
     kind, path, gguf = source
@@ -95,6 +96,9 @@ def load_model(
         ) from exc
     if device is not None:
         model.to(device)
+    # where the weights came from (run.json records it): the default hub id may have been served
+    # by the offline GGUF fallback, which is the Instruct model dequantised from Q4_1
+    model.qstar_source = f"{kind}:{Path(path) / gguf if gguf else path}"
     return model.eval(), tokenizer
 
 

@@ -374,6 +374,7 @@ def _write_run_dir(cfg, run_dir, ctx, resume, ckpt, qs, device, val_windows, dat
         info = {
             "model": cfg.model.name,
             "model_class": type(qs.base_model).__name__,
+            "model_source": getattr(qs.base_model, "qstar_source", None),
             "device": str(device),
             "processes": ctx.world,
             **data_info,
