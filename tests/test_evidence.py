@@ -133,3 +133,28 @@ def test_content_control_scores_a_pause_thought_and_caches(tmp_path, tiny_run_co
     assert (run / "analysis" / "content_control.json").is_file()
     again = content.content_control(run)
     assert all(np.allclose(a, b) for a, b in zip(first["fixed"], again["fixed"], strict=True))
+
+
+def test_failed_trials_lead_the_report_and_are_not_evidence(experiment, tmp_path):
+    """A trial that ended in error is named at the top with its cause and gives no finding;
+    when every trial failed, the report says nothing in it is evidence."""
+    from qstar.analysis.report import write_report
+
+    exp_dir = next(iter(experiment[0].trials.values())).parent.parent
+    seed1 = exp_dir / "trials" / "t001-thought_len=4-seed=1"
+    (seed1 / "error.txt").write_text(
+        "Traceback (most recent call last):\n  ...\n"
+        "qstar.errors.TrainingDiverged: training diverged at step 7: non-finite policy term (nan)\n"
+    )
+    text = write_report(exp_dir, tmp_path / "out", analyse_model=False).read_text()
+    assert text.index("## Failed trials") < text.index("## Results")
+    assert "**1 of 3 trials ended in error.**" in text
+    assert "training diverged at step 7: non-finite policy term (nan)" in text
+    held = text[text.index("### Held-out text at the last step") :]
+    first_row = next(line for line in held.splitlines() if line.startswith("| 4 thought"))
+    assert first_row.split("|")[2].strip() == "1"  # one seed left in the arm
+    for trial in ("t000-thought_len=4-seed=0", "t002-objective=lm-seed=0"):
+        (exp_dir / "trials" / trial / "error.txt").write_text("RuntimeError: boom\n")
+    text = write_report(exp_dir, tmp_path / "out2", analyse_model=False).read_text()
+    assert "**No trial finished: all 3 ended in error.**" in text
+    assert "## Does it learn?" not in text

@@ -107,6 +107,7 @@ def write_report(
     sections = [f"# qstar report: {exp.path.name}", ""]
     for note in exp.notes:
         warnings.warn(note, stacklevel=2)
+    sections += _failed_section(exp)
     if reading is not None:
         sections += ["## Reading", "", Path(reading).read_text().strip(), ""]
     evidence_sections = _evidence_sections(exp, figs_dir, analyse_model)
@@ -180,7 +181,7 @@ def write_report(
         "model source",
         "data origin",
     ):  # absent from runs made before they were recorded
-        if prov_table[column].isna().all():
+        if column in prov_table and prov_table[column].isna().all():
             prov_table = prov_table.drop(columns=column)
     sections += [_md_table(prov_table), ""]
     versions = _task_versions(exp)
@@ -210,7 +211,8 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
     from qstar.analysis import content, dynamics, figures
     from qstar.analysis import evidence as ev
 
-    run_dirs = {t: d for t, d, _ in _trial_dirs(exp.path) if d.is_dir()}
+    failed = set(exp.trials.trial_id[exp.trials.status == "error"])
+    run_dirs = {t: d for t, d, _ in _trial_dirs(exp.path) if d.is_dir() and t not in failed}
     arms = ev.arms_of(exp, run_dirs)
     out: list[str] = []
     if any(arm.steps() for arm in arms):
@@ -351,3 +353,29 @@ def _short_source(source: str | None) -> str | None:
         return None
     kind, _, path = source.partition(":")
     return f"{kind}: {Path(path).name}" if path else kind
+
+
+def _failed_section(exp: Experiment) -> list[str]:
+    """A warning at the top when trials ended in error: which, and why (the last line of each
+    ``error.txt``); they are left out of the evidence, so a diverged arm cannot read as a finding."""
+    failed = exp.trials[exp.trials.status == "error"]
+    if failed.empty:
+        return []
+    dirs = {t: d for t, d, _ in _trial_dirs(exp.path)}
+    rows = []
+    for trial_id in failed.trial_id:
+        error = dirs[trial_id] / "error.txt"
+        lines = [ln.strip() for ln in error.read_text(errors="replace").splitlines() if ln.strip()]
+        rows.append({"trial": trial_id, "error": (lines[-1] if lines else "-")[:300]})
+    k, n = len(failed), len(exp.trials)
+    if k == n:
+        text = (
+            f"**No trial finished: all {n} ended in error.** Nothing in this report is evidence "
+            "about the method; the tables show only what the trials logged before they failed."
+        )
+    else:
+        text = (
+            f'**{k} of {n} trials ended in error.** They are left out of "Does it learn?"; the '
+            "Results table shows what they logged before they failed."
+        )
+    return ["## Failed trials", "", text, "", _md_table(pd.DataFrame(rows)), ""]
