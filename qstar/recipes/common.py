@@ -255,74 +255,29 @@ class Run:
 def setup(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context) -> Run:
     """Model, data, run directory, optimiser, schedule and (on ``resume``) the last checkpoint.
     A bad model or data source fails before anything is written."""
-    micro = cfg.train.micro_batch_size
-    if cfg.train.batch_size % (micro * ctx.world):
-        raise ValueError(
-            f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
-            f"micro_batch_size x processes ({micro} x {ctx.world})"
-        )
-    accum = cfg.train.batch_size // (micro * ctx.world)
+    accum = _accumulation(cfg, ctx)
     ckpt = check_run_dir(run_dir, cfg, resume)  # every process checks before any writes
     distributed.barrier(ctx)
     device = distributed.device_for(ctx, pick_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    strategy = cfg.train.parallel
-    fsdp = distributed.sharded(ctx, strategy)
+    fsdp = distributed.sharded(ctx, cfg.train.parallel)
     # Under FSDP the whole model is built in host memory and each layer moves to the device as it
     # is sharded, so no device ever holds all of it.
     qs = build_model(cfg, torch.device("cpu") if fsdp else device)
     stream, val_windows, data_info = prepare_data(cfg, qs.tokenizer)
     _write_run_dir(cfg, run_dir, ctx, resume, ckpt, qs, device, val_windows, data_info)
-
-    think = cfg.train.objective == "quiet_star"
-    if cfg.train.trainable == "heads":
-        if not think:
-            raise ValueError(
-                "train.trainable=heads freezes the language model, so train.objective=lm would "
-                "train nothing; use train.trainable=all for the no-thought baseline"
-            )
-        qs.base_model.requires_grad_(False)
-    if ckpt is not None and fsdp:
-        checkpoint.load_weights(ckpt, qs)  # whole tensors, before sharding
-    qs.train()
-    qs.fused_ce = cfg.train.fused_ce
-    if cfg.train.compile:
-        compile_layers(qs)
-    model = distributed.wrap(qs, ctx, find_unused=not think, strategy=strategy)
+    model = _prepare_for_training(cfg, qs, ctx, ckpt if fsdp else None)
     named = [(n, p) for n, p in qs.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    optimizer, scheduler = build_optimizer(cfg, params)
     roles = diagnostics.parameter_roles(qs)
     generator = torch.Generator().manual_seed(cfg.train.seed + ctx.rank)
-
-    start, keep_lines = 0, None
+    start, keep_lines = 0, 0
     if ckpt is not None:
-        state = checkpoint.load(
-            ckpt,
-            None if fsdp else qs,
-            optimizer,
-            scheduler,
-            generator,
-            rank=ctx.rank,
-            load_named_optimizer=(
-                (lambda st: distributed.load_full_optimizer_state(qs, optimizer, st))
-                if fsdp
-                else None
-            ),
-            param_names=[n for n, _ in named],
+        start, keep_lines = _restore(
+            ckpt, qs, named, optimizer, scheduler, generator, stream, ctx, fsdp
         )
-        start, keep_lines = int(state["step"]), int(state["metrics_lines"])
-        stream.load_state(state["data"])
-        if ctx.main:
-            print(f"qstar: resumed from {ckpt} (step {start})", file=sys.stderr)
     logger = None
     if ctx.main:
         logger = MetricsLogger(
@@ -332,7 +287,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context)
             cfg.logging.mlflow_tracking_uri,
             cfg.logging.experiment,
             params=cfg.to_dict(),
-            keep_lines=keep_lines or 0,
+            keep_lines=keep_lines,
         )
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
@@ -361,6 +316,74 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context)
         # made after a resume: changed_frac then counts from the resumed weights
         tracker=diagnostics.ParamTracker(roles) if cfg.logging.param_stats else None,
     )
+
+
+def _accumulation(cfg: RunConfig, ctx: distributed.Context) -> int:
+    """Micro-batches per optimiser step and process."""
+    micro = cfg.train.micro_batch_size
+    if cfg.train.batch_size % (micro * ctx.world):
+        raise ValueError(
+            f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+            f"micro_batch_size x processes ({micro} x {ctx.world})"
+        )
+    return cfg.train.batch_size // (micro * ctx.world)
+
+
+def _prepare_for_training(
+    cfg: RunConfig, qs: QuietStar, ctx: distributed.Context, fsdp_ckpt: Path | None
+) -> torch.nn.Module:
+    """Trainable parts, (sharded runs) the checkpoint's whole weights before sharding, training
+    mode, fused head, compilation; returns what the step calls (``qs`` or a wrapper around it)."""
+    think = cfg.train.objective == "quiet_star"
+    if cfg.train.trainable == "heads":
+        if not think:
+            raise ValueError(
+                "train.trainable=heads freezes the language model, so train.objective=lm would "
+                "train nothing; use train.trainable=all for the no-thought baseline"
+            )
+        qs.base_model.requires_grad_(False)
+    if fsdp_ckpt is not None:
+        checkpoint.load_weights(fsdp_ckpt, qs)  # whole tensors, before sharding
+    qs.train()
+    qs.fused_ce = cfg.train.fused_ce
+    if cfg.train.compile:
+        compile_layers(qs)
+    return distributed.wrap(qs, ctx, find_unused=not think, strategy=cfg.train.parallel)
+
+
+def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]):
+    """AdamW and the learning-rate schedule of ``cfg.optim``."""
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def _restore(
+    ckpt, qs, named, optimizer, scheduler, generator, stream, ctx, fsdp
+) -> tuple[int, int]:
+    """Load a checkpoint's optimiser, schedule, generator and data position (and, unsharded, its
+    weights); returns ``(step, metrics lines to keep)``."""
+    state = checkpoint.load(
+        ckpt,
+        None if fsdp else qs,
+        optimizer,
+        scheduler,
+        generator,
+        rank=ctx.rank,
+        load_named_optimizer=(
+            (lambda st: distributed.load_full_optimizer_state(qs, optimizer, st)) if fsdp else None
+        ),
+        param_names=[n for n, _ in named],
+    )
+    stream.load_state(state["data"])
+    if ctx.main:
+        print(f"qstar: resumed from {ckpt} (step {int(state['step'])})", file=sys.stderr)
+    return int(state["step"]), int(state["metrics_lines"])
 
 
 def _write_run_dir(cfg, run_dir, ctx, resume, ckpt, qs, device, val_windows, data_info) -> None:
