@@ -170,6 +170,35 @@ def _sample(path: Path, key: str, spec: Any, rng: random.Random) -> Any:
 def load_sweep(path: str | Path, smoke: bool = False) -> Sweep:
     """Parse, expand and validate a sweep file; raises ``ValueError`` naming file and key."""
     path = Path(path)
+    raw, data = _read_sweep_file(path, smoke)
+    base = _resolve_base(path, data.get("base"))
+    overrides = _as_overrides(path, data.get("overrides"))
+    if data.get("tasks"):
+        overrides.append(_override("eval.tasks", list(data["tasks"])))
+    if data.get("limit") is not None:
+        overrides.append(f"eval.limit={int(data['limit'])}")
+    sweep = Sweep(
+        name=str(data.get("name") or path.stem) + ("-smoke" if smoke else ""),
+        path=path.resolve(),
+        base=base,
+        overrides=overrides,
+        trials=_expand_trials(path, data),
+        metric=str(data.get("metric", "eval/nll_thought")),
+        mode=str(data.get("mode", "min")),
+        scheduler=data.get("scheduler"),
+        max_concurrent=data.get("max_concurrent"),
+        raw=raw,
+    )
+    if sweep.mode not in ("min", "max"):
+        raise _fail(path, f"mode must be min or max, got {sweep.mode!r}")
+    sweep.resources, sweep.workers = _resources(path, data.get("resources") or {})
+    _check_scheduler(path, sweep.scheduler)
+    _check_trials(path, sweep)
+    return sweep
+
+
+def _read_sweep_file(path: Path, smoke: bool) -> tuple[dict, dict]:
+    """``(raw, data)``: the file as written and with its ``smoke:`` section applied (``smoke``)."""
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} does not exist")
     try:
@@ -197,13 +226,11 @@ def load_sweep(path: str | Path, smoke: bool = False) -> Sweep:
                 f"unknown sweep key {key!r}{did_you_mean(key, SWEEP_KEYS)}"
                 f"; valid: {', '.join(sorted(SWEEP_KEYS))}",
             )
-    base = _resolve_base(path, data.get("base"))
-    overrides = _as_overrides(path, data.get("overrides"))
-    if data.get("tasks"):
-        overrides.append(_override("eval.tasks", list(data["tasks"])))
-    if data.get("limit") is not None:
-        overrides.append(f"eval.limit={int(data['limit'])}")
+    return raw, data
 
+
+def _expand_trials(path: Path, data: dict) -> list[Trial]:
+    """The product of the paired, grid and seeds axes, times ``num_samples`` draws of ``random``."""
     axes: list[list[dict[str, Any]]] = []
     for axis, entries in (data.get("paired") or {}).items():
         if (
@@ -240,22 +267,11 @@ def load_sweep(path: str | Path, smoke: bool = False) -> Sweep:
             trial_id = f"t{len(trials):03d}" + (f"-{label}" if label else "")
             trial_id = re.sub(r"[^A-Za-z0-9._=-]+", "_", trial_id)[:120]
             trials.append(Trial(trial_id, [_override(k, v) for k, v in params.items()], params))
+    return trials
 
-    sweep = Sweep(
-        name=str(data.get("name") or path.stem) + ("-smoke" if smoke else ""),
-        path=path.resolve(),
-        base=base,
-        overrides=overrides,
-        trials=trials,
-        metric=str(data.get("metric", "eval/nll_thought")),
-        mode=str(data.get("mode", "min")),
-        scheduler=data.get("scheduler"),
-        max_concurrent=data.get("max_concurrent"),
-        raw=raw,
-    )
-    if sweep.mode not in ("min", "max"):
-        raise _fail(path, f"mode must be min or max, got {sweep.mode!r}")
-    res = data.get("resources") or {}
+
+def _resources(path: Path, res: Any) -> tuple[dict[str, float], int]:
+    """``({"cpu", "gpu"}, workers)`` of a trial, checked."""
     keys = ("cpu", "gpu", "workers")
     unknown = sorted(map(str, set(res) - set(keys))) if isinstance(res, dict) else [""]
     if unknown:
@@ -265,25 +281,33 @@ def load_sweep(path: str | Path, smoke: bool = False) -> Sweep:
             + did_you_mean(unknown[0], keys),
         )
     try:
-        sweep.resources = {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))}
+        resources = {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))}
         workers = res.get("workers", 1)
         if isinstance(workers, bool) or int(workers) != workers:
             raise ValueError
     except (TypeError, ValueError):
         raise _fail(path, f"resources need numbers (workers a whole number), got {res!r}") from None
-    if sweep.resources["cpu"] <= 0 or sweep.resources["gpu"] < 0 or workers < 1:
+    if resources["cpu"] <= 0 or resources["gpu"] < 0 or workers < 1:
         raise _fail(path, f"resources need cpu > 0, gpu >= 0 and workers >= 1, got {res!r}")
-    sweep.workers = int(workers)
-    if sweep.scheduler is not None:
-        if not isinstance(sweep.scheduler, dict) or sweep.scheduler.get("type") not in SCHEDULERS:
-            raise _fail(path, f"scheduler.type must be one of {list(SCHEDULERS)}")
-        unknown = set(sweep.scheduler) - {"type", "grace_period", "reduction_factor", "max_t"}
-        if unknown:
-            raise _fail(
-                path,
-                f"unknown scheduler key(s) {sorted(unknown)}; valid: grace_period, reduction_factor, max_t",
-            )
-    for trial in trials:  # every trial is a valid run config, or nothing runs
+    return resources, int(workers)
+
+
+def _check_scheduler(path: Path, scheduler: Any) -> None:
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, dict) or scheduler.get("type") not in SCHEDULERS:
+        raise _fail(path, f"scheduler.type must be one of {list(SCHEDULERS)}")
+    unknown = set(scheduler) - {"type", "grace_period", "reduction_factor", "max_t"}
+    if unknown:
+        raise _fail(
+            path,
+            f"unknown scheduler key(s) {sorted(unknown)}; valid: grace_period, reduction_factor, max_t",
+        )
+
+
+def _check_trials(path: Path, sweep: Sweep) -> None:
+    """Every trial is a valid run config whose batch divides over its workers, or nothing runs."""
+    for trial in sweep.trials:
         try:
             cfg = sweep.run_config(trial)
         except (ValueError, FileNotFoundError) as exc:
@@ -295,7 +319,6 @@ def load_sweep(path: str | Path, smoke: bool = False) -> Sweep:
                 f"trial {trial.trial_id}: train.batch_size ({cfg.train.batch_size}) must be a "
                 f"multiple of micro_batch_size x resources.workers ({per_step})",
             )
-    return sweep
 
 
 def describe(sweep: Sweep) -> str:
