@@ -207,8 +207,8 @@ def write_report(
 
 def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = True) -> list[str]:
     """ "Does it learn?": held-out and task estimates with intervals, when the runs saved
-    per-token held-out losses (:mod:`qstar.evidence`); optimisation diagnostics when logged."""
-    from qstar.analysis import content, dynamics, figures
+    per-token held-out losses (:mod:`qstar.evidence`); optimisation diagnostics when logged.
+    Trials that ended in error are left out."""
     from qstar.analysis import evidence as ev
 
     failed = set(exp.trials.trial_id[exp.trials.status == "error"])
@@ -218,91 +218,132 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
     if any(arm.steps() for arm in arms):
         held = ev.heldout_table(arms)
         tasks = ev.task_table(arms)
+        out += _heldout_section(held, tasks)
+        out += _curve_sections(arms, figs_dir)
+        if analyse_model:
+            out += _content_section(arms)
+        out += _task_section(tasks)
+    return out + _dynamics_sections(exp, run_dirs)
+
+
+def _heldout_section(held: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
+    from qstar.analysis import evidence as ev
+
+    return [
+        "## Does it learn?",
+        "",
+        "Held-out next-token NLL (nats/token) on windows never trained on, thoughts greedy. "
+        "`gain` = without thinking - with thinking (> 0: thinking helps); `hardest 10%`: the "
+        "tokens whose step-0 loss is in the top decile; `vs baseline` = the no-thought "
+        "baseline's NLL - this arm's with thinking, same step (> 0: thinking beats training "
+        "the plain LM on the same tokens); `drift` = NLL without thinking - its step-0 value "
+        "(> 0: the language model got worse). Brackets: 95% percentile bootstrap over held-out "
+        "windows (2000 resamples) of the values averaged over seeds; each seed's own value "
+        "follows.",
+        "",
+        "### Findings",
+        "",
+        *[f"- {line}" for line in ev.findings(held, tasks)],
+        "",
+        "### Held-out text at the last step",
+        "",
+        _md_table(held.map(ev.fmt_cell) if not held.empty else held),
+        "",
+    ]
+
+
+def _curve_sections(arms, figs_dir: Path) -> list[str]:
+    """The held-out figures and every evaluation's estimates (also written to ``curves.csv``)."""
+    from qstar.analysis import evidence as ev
+    from qstar.analysis import figures
+
+    out: list[str] = []
+    curves = ev.curves(arms)
+    for name, title, fig in (
+        (
+            "heldout_vs_step",
+            "Held-out NLL and the gain of thinking against step",
+            figures.fig_heldout_vs_step(curves),
+        ),
+        (
+            "gain_vs_thought_tokens",
+            "Final gain against thought tokens",
+            figures.fig_gain_vs_thought_tokens(curves),
+        ),
+        (
+            "gain_by_difficulty",
+            "Gain by token difficulty (final step)",
+            figures.fig_gain_by_difficulty(
+                {
+                    a.label: ev.gain_by_difficulty(a, a.steps()[-1])
+                    for a in arms
+                    if not a.baseline and a.steps()
+                }
+            ),
+        ),
+    ):
+        if fig is not None:
+            save(fig, figs_dir, name)
+            out += [f"### {title}", "", f"![{title}](figures/{name}.png)", ""]
+    if not curves.empty:
+        wide = curves.pivot_table(
+            index=["arm", "step"], columns="quantity", values="value", sort=False
+        )
         out += [
-            "## Does it learn?",
+            "Every evaluation (point estimates; intervals in `curves.csv`):",
             "",
-            "Held-out next-token NLL (nats/token) on windows never trained on, thoughts greedy. "
-            "`gain` = without thinking - with thinking (> 0: thinking helps); `hardest 10%`: the "
-            "tokens whose step-0 loss is in the top decile; `vs baseline` = the no-thought "
-            "baseline's NLL - this arm's with thinking, same step (> 0: thinking beats training "
-            "the plain LM on the same tokens); `drift` = NLL without thinking - its step-0 value "
-            "(> 0: the language model got worse). Brackets: 95% percentile bootstrap over held-out "
-            "windows (2000 resamples) of the values averaged over seeds; each seed's own value "
-            "follows.",
-            "",
-            "### Findings",
-            "",
-            *[f"- {line}" for line in ev.findings(held, tasks)],
-            "",
-            "### Held-out text at the last step",
-            "",
-            _md_table(held.map(ev.fmt_cell) if not held.empty else held),
+            _md_table(wide.reset_index()),
             "",
         ]
-        curves = ev.curves(arms)
-        for name, title, fig in (
-            (
-                "heldout_vs_step",
-                "Held-out NLL and the gain of thinking against step",
-                figures.fig_heldout_vs_step(curves),
-            ),
-            (
-                "gain_vs_thought_tokens",
-                "Final gain against thought tokens",
-                figures.fig_gain_vs_thought_tokens(curves),
-            ),
-            (
-                "gain_by_difficulty",
-                "Gain by token difficulty (final step)",
-                figures.fig_gain_by_difficulty(
-                    {
-                        a.label: ev.gain_by_difficulty(a, a.steps()[-1])
-                        for a in arms
-                        if not a.baseline and a.steps()
-                    }
-                ),
-            ),
-        ):
-            if fig is not None:
-                save(fig, figs_dir, name)
-                out += [f"### {title}", "", f"![{title}](figures/{name}.png)", ""]
-        if not curves.empty:
-            wide = curves.pivot_table(
-                index=["arm", "step"], columns="quantity", values="value", sort=False
-            )
-            out += [
-                "Every evaluation (point estimates; intervals in `curves.csv`):",
-                "",
-                _md_table(wide.reset_index()),
-                "",
-            ]
-            figs_dir.parent.mkdir(parents=True, exist_ok=True)
-            curves.to_csv(figs_dir.parent / "curves.csv", index=False, float_format="%.6f")
-        if analyse_model:
-            content = content.content_table(arms)
-            if not content.empty:
-                out += [
-                    "### Does the content of the thought matter?",
-                    "",
-                    "Each arm's final model on the same held-out windows (fp32), with its own "
-                    "greedy thought and with a content-free thought that repeats the pause token "
-                    "`---` (the same mixing head and passes, nothing to think). `content` = NLL "
-                    "with the pause thought - NLL with its thought (> 0: what the thoughts say "
-                    "helps, beyond the extra computation and the mixing head).",
-                    "",
-                    _md_table(content.map(ev.fmt_cell)),
-                    "",
-                ]
-        if not tasks.empty:
-            out += [
-                "### Tasks (paper protocol, zero-shot)",
-                "",
-                "Scores in [0, 1] at each arm's last task evaluation; brackets: 95% bootstrap over "
-                "questions; `thinking - not` is paired on the same questions.",
-                "",
-                _md_table(tasks.map(ev.fmt_cell)),
-                "",
-            ]
+        figs_dir.parent.mkdir(parents=True, exist_ok=True)
+        curves.to_csv(figs_dir.parent / "curves.csv", index=False, float_format="%.6f")
+    return out
+
+
+def _content_section(arms) -> list[str]:
+    from qstar.analysis import content
+    from qstar.analysis import evidence as ev
+
+    out: list[str] = []
+    table = content.content_table(arms)
+    if not table.empty:
+        out += [
+            "### Does the content of the thought matter?",
+            "",
+            "Each arm's final model on the same held-out windows (fp32), with its own "
+            "greedy thought and with a content-free thought that repeats the pause token "
+            "`---` (the same mixing head and passes, nothing to think). `content` = NLL "
+            "with the pause thought - NLL with its thought (> 0: what the thoughts say "
+            "helps, beyond the extra computation and the mixing head).",
+            "",
+            _md_table(table.map(ev.fmt_cell)),
+            "",
+        ]
+    return out
+
+
+def _task_section(tasks: pd.DataFrame) -> list[str]:
+    from qstar.analysis import evidence as ev
+
+    out: list[str] = []
+    if not tasks.empty:
+        out += [
+            "### Tasks (paper protocol, zero-shot)",
+            "",
+            "Scores in [0, 1] at each arm's last task evaluation; brackets: 95% bootstrap over "
+            "questions; `thinking - not` is paired on the same questions.",
+            "",
+            _md_table(tasks.map(ev.fmt_cell)),
+            "",
+        ]
+    return out
+
+
+def _dynamics_sections(exp: Experiment, run_dirs: dict[str, Path]) -> list[str]:
+    """Mixing weight and rewards over training; optimisation diagnostics when logged."""
+    from qstar.analysis import dynamics
+
+    out: list[str] = []
     mix = dynamics.mixing_reward_table(exp)
     if not mix.empty:
         out += [
