@@ -113,83 +113,8 @@ def write_report(
     evidence_sections = _evidence_sections(exp, figs_dir, analyse_model)
     sections += ["## Results", "", _md_table(results_table(exp)), ""]
     sections += evidence_sections
-    figures = [
-        (
-            "accuracy_vs_step",
-            "Task accuracy against training step (Figure 2 style)",
-            fig_accuracy_vs_step(exp),
-        ),
-        (
-            "final_vs_thought_tokens",
-            "Final accuracy against thought tokens",
-            fig_final_vs_thought_tokens(exp),
-        ),
-        ("training_curves", "Training curves", fig_training_curves(exp)),
-    ]
-    thoughts = None
-    if analyse_model:
-        candidates = exp.trials[(~exp.trials.baseline) & (exp.trials.status == "done")]
-        if not candidates.empty:
-            best = candidates.sort_values("thought_len").iloc[-1]
-            run_dir = {t: d for t, d, _ in _trial_dirs(exp.path)}[best.trial_id]
-            try:
-                losses, thoughts = token_losses_and_thoughts(run_dir)
-                figures.append(
-                    (
-                        "where_thinking_helps",
-                        f"Where thinking helps ({best.label}, held-out windows)",
-                        fig_where_thinking_helps(losses),
-                    )
-                )
-            except (ValueError, OSError) as exc:  # e.g. a run whose data source is unreachable here
-                exp.notes.append(f"model analyses skipped: {str(exc).splitlines()[0]}")
-                warnings.warn(exp.notes[-1], stacklevel=2)
-    for name, title, fig in figures:
-        if fig is None:
-            continue
-        save(fig, figs_dir, name)
-        sections += [f"## {title}", "", f"![{title}](figures/{name}.png)", ""]
-    if thoughts is not None:
-        sections += [
-            "## Thoughts with the highest reward",
-            "",
-            "Held-out windows, sampled thoughts; reward = log-likelihood gain of the next tokens over "
-            "the mean of the position's thoughts (nats).",
-            "",
-            _md_table(thoughts, ".3f"),
-            "",
-        ]
-    sections += ["## Provenance", ""]
-    prov_rows = []
-    for trial_id, prov in sorted(exp.provenance.items()):
-        prov_rows.append(
-            {
-                "trial": trial_id,
-                "git_sha": (prov.get("git_sha") or "-")[:12],
-                "dirty": prov.get("git_dirty"),
-                "started": prov.get("started"),
-                "model": prov.get("model"),
-                "model source": _short_source(prov.get("model_source")),
-                "data": str(prov.get("data_source", ""))[-60:],
-                "data origin": prov.get("data_origin"),  # local, hub or bundled (issue 12)
-                "torch": prov.get("torch"),
-                "transformers": prov.get("transformers"),
-            }
-        )
-    prov_table = pd.DataFrame(prov_rows)
-    for column in (
-        "model source",
-        "data origin",
-    ):  # absent from runs made before they were recorded
-        if column in prov_table and prov_table[column].isna().all():
-            prov_table = prov_table.drop(columns=column)
-    sections += [_md_table(prov_table), ""]
-    versions = _task_versions(exp)
-    if versions:
-        sections += [
-            "Task versions: " + ", ".join(f"`{k}` {v}" for k, v in sorted(versions.items())),
-            "",
-        ]
+    sections += _figure_sections(exp, figs_dir, analyse_model)
+    sections += _provenance_section(exp)
     sections += [
         "Configs: each trial's resolved `config.yaml` is in its run directory; the sweep's varying "
         "parameters:",
@@ -394,6 +319,92 @@ def _short_source(source: str | None) -> str | None:
         return None
     kind, _, path = source.partition(":")
     return f"{kind}: {Path(path).name}" if path else kind
+
+
+def _figure_sections(exp: Experiment, figs_dir: Path, analyse_model: bool) -> list[str]:
+    """Task and training figures; with ``analyse_model``, where thinking helps and the thoughts
+    with the highest reward (the longest-thought finished arm's final model)."""
+    sections: list[str] = []
+    figures = [
+        (
+            "accuracy_vs_step",
+            "Task accuracy against training step (Figure 2 style)",
+            fig_accuracy_vs_step(exp),
+        ),
+        (
+            "final_vs_thought_tokens",
+            "Final accuracy against thought tokens",
+            fig_final_vs_thought_tokens(exp),
+        ),
+        ("training_curves", "Training curves", fig_training_curves(exp)),
+    ]
+    thoughts = None
+    if analyse_model:
+        candidates = exp.trials[(~exp.trials.baseline) & (exp.trials.status == "done")]
+        if not candidates.empty:
+            best = candidates.sort_values("thought_len").iloc[-1]
+            run_dir = {t: d for t, d, _ in _trial_dirs(exp.path)}[best.trial_id]
+            try:
+                losses, thoughts = token_losses_and_thoughts(run_dir)
+                figures.append(
+                    (
+                        "where_thinking_helps",
+                        f"Where thinking helps ({best.label}, held-out windows)",
+                        fig_where_thinking_helps(losses),
+                    )
+                )
+            except (ValueError, OSError) as exc:  # e.g. a run whose data source is unreachable here
+                exp.notes.append(f"model analyses skipped: {str(exc).splitlines()[0]}")
+                warnings.warn(exp.notes[-1], stacklevel=2)
+    for name, title, fig in figures:
+        if fig is None:
+            continue
+        save(fig, figs_dir, name)
+        sections += [f"## {title}", "", f"![{title}](figures/{name}.png)", ""]
+    if thoughts is not None:
+        sections += [
+            "## Thoughts with the highest reward",
+            "",
+            "Held-out windows, sampled thoughts; reward = log-likelihood gain of the next tokens over "
+            "the mean of the position's thoughts (nats).",
+            "",
+            _md_table(thoughts, ".3f"),
+            "",
+        ]
+    return sections
+
+
+def _provenance_section(exp: Experiment) -> list[str]:
+    """Code version, start time, model, weights and data of every trial; task versions."""
+    sections = ["## Provenance", ""]
+    prov_rows = []
+    for trial_id, prov in sorted(exp.provenance.items()):
+        prov_rows.append(
+            {
+                "trial": trial_id,
+                "git_sha": (prov.get("git_sha") or "-")[:12],
+                "dirty": prov.get("git_dirty"),
+                "started": prov.get("started"),
+                "model": prov.get("model"),
+                "model source": _short_source(prov.get("model_source")),
+                "data": str(prov.get("data_source", ""))[-60:],
+                "data origin": prov.get("data_origin"),  # local, hub or bundled (issue 12)
+                "torch": prov.get("torch"),
+                "transformers": prov.get("transformers"),
+            }
+        )
+    prov_table = pd.DataFrame(prov_rows)
+    for column in ("model source", "data origin"):  # absent from runs made before recording them
+        if column in prov_table and prov_table[column].isna().all():
+            prov_table = prov_table.drop(columns=column)
+    sections += [_md_table(prov_table), ""]
+    versions = _task_versions(exp)
+    if versions:
+        sections += [
+            "Task versions: " + ", ".join(f"`{k}` {v}" for k, v in sorted(versions.items())),
+            "",
+        ]
+    return sections
 
 
 def _failed_section(exp: Experiment) -> list[str]:
