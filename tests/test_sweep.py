@@ -166,6 +166,33 @@ def test_sweep_exit_status_says_a_trial_diverged(tmp_path, ray_session, capsys):
     assert "trial t001-lr=1e4 failed: " in err and "1 of 2 trial(s) failed" in err
 
 
+def test_memory_monitor_stopping_the_sweep_reads_one_line(
+    tmp_path, ray_session, monkeypatch, capsys
+):
+    """Ray Tune raises out of fit() when Ray's memory monitor kills a trial mid-task (seen on
+    this machine with two sweeps at once): one line saying what happened and how to continue,
+    exit 1, the summary written; nothing started is lost."""
+    from ray import exceptions, tune
+
+    from qstar.cli import main
+
+    def killed(self):
+        try:
+            raise exceptions.OutOfMemoryError("1 worker(s) were killed due to the node running low")
+        except exceptions.OutOfMemoryError as exc:
+            raise RuntimeError("Caught unexpected exception: 1 worker(s) were killed") from exc
+
+    monkeypatch.setattr(tune.Tuner, "fit", killed)
+    f = tmp_path / "s.yaml"
+    f.write_text("base: debug_tiny\noverrides: [train.steps=2]\ngrid:\n  optim.lr: [1.0e-3]\n")
+    rc = main(["sweep", str(f), "--storage", str(tmp_path / "exp"), "--verbose", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "Ray's memory monitor killed a trial" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert _rows(tmp_path / "exp" / "s")["t000-lr=0.001"]["status"] == "pending"
+
+
 def test_unreachable_sources_fail_before_ray_starts(tmp_path, monkeypatch, capsys):
     """Every distinct model and data source is resolved once, up front: one line each, exit 2,
     nothing written."""

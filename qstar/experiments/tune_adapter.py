@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qstar.errors import RunFailed
 from qstar.experiments.sweep import Sweep
 from qstar.recipes.tracking import STATUS_ERROR, run_status
 
@@ -310,7 +311,7 @@ def run_sweep(
             resume_errored=retry_failed,
             restart_errored=False,
         )
-        return _record_crashes(tuner.fit(), exp_dir)
+        return _fit(tuner, exp_dir)
     scheduler = None
     if sweep.scheduler:
         from ray.tune.schedulers import ASHAScheduler
@@ -342,7 +343,30 @@ def run_sweep(
             verbose=verbose,
         ),
     )
-    return _record_crashes(tuner.fit(), exp_dir)
+    return _fit(tuner, exp_dir)
+
+
+MEMORY_KILL = (
+    "Ray's memory monitor killed a trial (the machine passed 95% of its memory) and Ray Tune "
+    "stopped the whole sweep; finished trials and every checkpoint are kept: continue with "
+    "qstar sweep FILE --resume, running fewer trials at once (max_concurrent, or more "
+    "resources.cpu per trial) or with other memory-hungry programs stopped"
+)
+
+
+def _fit(tuner, exp_dir: Path):
+    """``tuner.fit()``. When Ray's memory monitor kills a trial while one of its actor tasks is in
+    flight, Ray Tune raises out of ``fit`` (an ``OutOfMemoryError`` it does not treat as a trial
+    failure) and every other trial stops with it: say so in one line instead of a traceback."""
+    try:
+        grid = tuner.fit()
+    except Exception as exc:
+        cause = f"{exc!r} {exc.__cause__!r}"
+        if "OutOfMemoryError" in cause or "running low on memory" in cause:
+            write_summary(exp_dir)
+            raise RunFailed(MEMORY_KILL) from None
+        raise
+    return _record_crashes(grid, exp_dir)
 
 
 def _record_crashes(grid, exp_dir: Path):
