@@ -430,6 +430,19 @@ def test_activation_memory_grows_linearly_with_thought_length():
     assert saved["dense"][-1] > 1.5 * saved["sparse"][-1]
 
 
+def test_peak_rss_is_measured_in_a_fresh_process():
+    """`qstar bench`'s peak-RSS columns: each step runs in its own process, so the figure is
+    that step's alone; a Quiet-STaR step (k thoughts of t + 2 + n passes) needs more than the
+    plain step on the same k sequences, and both need more than nothing."""
+    from qstar.analysis.bench_memory import peak_rss_increase
+
+    plain = peak_rss_increase("plain", "tiny", 64, 4, 2, 2, 1)
+    if plain is None:
+        pytest.skip("no /proc: resident memory is not measured on this platform")
+    fast = peak_rss_increase("fast", "tiny", 64, 4, 2, 2, 1)
+    assert 0 < plain < fast, (plain, fast)
+
+
 def test_config_is_frozen_and_using_restores_it():
     """Temporary changes go through `using` (validated, restored even on error), so a shared
     model is never left modified; the meta tokens belong to the weights and cannot change."""

@@ -34,6 +34,7 @@ from qstar.analysis.bench_memory import (
     dense_attention_bytes,
     fmt,
     memory_growth,
+    peak_rss_increase,
     saved_activation_bytes,
     wrap_model,
 )
@@ -70,8 +71,10 @@ def run(
     skip_dense: bool = False,
     out: Path | None = None,
     overrides: dict | None = None,
+    rss: bool = True,
 ) -> list[dict]:
-
+    """The benchmark table (see the module docstring). ``rss``: also measure each step's peak
+    resident-memory increase in a fresh process (CPU only; a few seconds per configuration)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tok = tiny_tokenizer()
@@ -79,7 +82,8 @@ def run(
     header = (
         f"{'model':6} {'L':>4} {'t,n':>6} {'passes':>6} {'plain s':>8} {'fast s':>8} "
         f"{'fast/(p*plain)':>14} {'dense s':>8} {'dense/fast':>10} "
-        f"{'act MB plain':>12} {'act MB fast':>11} {'act MB dense':>12}"
+        f"{'act MB plain':>12} {'act MB fast':>11} {'act MB dense':>12} "
+        f"{'RSS MB plain':>12} {'RSS MB fast':>11}"
     )
     print(
         f"# device={dev} dtype={dtype} k={k} batch={batch} repeats={repeats} torch={torch.__version__}"
@@ -151,6 +155,9 @@ def run(
                     "act_mb_plain": res["plain"]["saved"] / 2**20,
                     "act_mb_fast": res["fast"]["saved"] / 2**20,
                     "act_mb_dense": res["dense"]["saved"] / 2**20 if "dense" in res else None,
+                    **_rss_columns(
+                        rss and dev.type == "cpu", size, L, t, n, k, batch, dtype, overrides
+                    ),
                     "cuda_peak_mb": {k_: v["peak"] / 2**20 for k_, v in res.items()}
                     if dev.type == "cuda"
                     else None,
@@ -171,6 +178,16 @@ def run(
         (out / "bench.md").write_text(markdown(rows, meta, " ".join(sys.argv)))
         print(f"# wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return rows
+
+
+def _rss_columns(on, size, L, t, n, k, batch, dtype, overrides) -> dict[str, float | None]:
+    """Peak RSS increase (MB) of the plain and the fast step, each in a fresh process."""
+    if not on:
+        return {"rss_mb_plain": None, "rss_mb_fast": None}
+    return {
+        f"rss_mb_{kind}": peak_rss_increase(kind, size, L, t, n, k, batch, dtype, overrides)
+        for kind in ("plain", "fast")
+    }
 
 
 # dense bf16 peak TFLOP/s by device name (datasheet figures, without sparsity)
@@ -215,7 +232,8 @@ def _print_row(r: dict) -> None:
         f"{r['model']:6} {r['L']:>4} {str(r['thought_len']) + ',' + str(r['n_true']):>6} {r['passes']:>6} "
         f"{r['plain_s']:8.3f} {r['fast_s']:8.3f} {r['fast_over_passes_plain']:14.2f} "
         f"{fmt(r['dense_s'], '8.3f')} {fmt(r['dense_over_fast'], '10.2f')} "
-        f"{r['act_mb_plain']:12.0f} {r['act_mb_fast']:11.0f} {fmt(r['act_mb_dense'], '12.0f')}",
+        f"{r['act_mb_plain']:12.0f} {r['act_mb_fast']:11.0f} {fmt(r['act_mb_dense'], '12.0f')} "
+        f"{fmt(r.get('rss_mb_plain'), '12.0f')} {fmt(r.get('rss_mb_fast'), '11.0f')}",
         flush=True,
     )
 
@@ -230,18 +248,21 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
         "",
         "Ratios are measured side by side in one run. `passes = thought_len + 2 + n_true`; "
         "`fast/(passes x plain)` near 1 means a Quiet-STaR step costs about its model passes. "
-        "Activation MB = bytes autograd saves for backward.",
+        "Activation MB = bytes autograd saves for backward. Peak RSS MB = the increase of the "
+        "process's peak resident memory over its value after building the model and AdamW, for "
+        "two training steps in a fresh process (CPU; includes Adam's state and the gradients).",
         "",
         "| model | L | t,n | passes | plain s | fast s | fast/(passes x plain) | dense s | dense/fast "
-        "| act MB plain | act MB fast | act MB dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| act MB plain | act MB fast | act MB dense | peak RSS MB plain | peak RSS MB fast |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['L']} | {r['thought_len']},{r['n_true']} | {r['passes']} | "
             f"{r['plain_s']:.3f} | {r['fast_s']:.3f} | {r['fast_over_passes_plain']:.2f} | "
             f"{fmt(r['dense_s'], '.3f')} | {fmt(r['dense_over_fast'], '.2f')} | "
-            f"{r['act_mb_plain']:.0f} | {r['act_mb_fast']:.0f} | {fmt(r['act_mb_dense'], '.0f')} |"
+            f"{r['act_mb_plain']:.0f} | {r['act_mb_fast']:.0f} | {fmt(r['act_mb_dense'], '.0f')} | "
+            f"{fmt(r.get('rss_mb_plain'), '.0f')} | {fmt(r.get('rss_mb_fast'), '.0f')} |"
         )
     gpu = [r for r in rows if r.get("fast_mfu") is not None]
     if gpu:
@@ -279,6 +300,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--skip-dense", action="store_true", help="do not time the dense-mask path")
+    p.add_argument(
+        "--no-rss",
+        action="store_true",
+        help="skip the peak-RSS columns (each is a fresh process: a few seconds per configuration)",
+    )
     p.add_argument(
         "--dense-limit-gb",
         type=float,
@@ -340,6 +366,7 @@ def main(args: argparse.Namespace) -> int:
         batch=args.batch,
         repeats=args.repeats,
         skip_dense=args.skip_dense,
+        rss=not args.no_rss,
         **common,
     )
     return 0

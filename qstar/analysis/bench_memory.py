@@ -191,3 +191,104 @@ def _memory_figure(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- peak RSS
+def _current_rss_bytes() -> int | None:
+    """Resident memory now (Linux ``/proc``); ``None`` elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def rss_child(spec: dict) -> dict:
+    """In a fresh process: build the model and AdamW, note the resident memory, run two training
+    steps (the first allocates Adam's state), and return the peak resident memory's increase over
+    the noted value, in MB. What a user's ``top`` shows, unlike the bytes saved for backward."""
+    torch.manual_seed(0)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
+    model = mistral_shaped(spec["size"], dtype=dtype)
+    model.train()
+    L, k, batch = spec["L"], spec["k"], spec["batch"]
+    ids = torch.randint(0, 32000, (batch, L), generator=torch.Generator().manual_seed(0))
+    if spec["kind"] == "plain":
+        module = model
+        ids_k = ids.repeat_interleave(k, 0)
+
+        def step():
+            model(input_ids=ids_k, labels=ids_k).loss.backward()
+
+    else:
+        qcfg = QuietStarConfig(thought_len=spec["t"], n_true=spec["n"], n_thoughts=k).replace(
+            **spec.get("overrides", {})
+        )
+        module = wrap_model(model, tiny_tokenizer(), qcfg)
+        gen = torch.Generator().manual_seed(0)
+
+        def step():
+            module(ids, generator=gen).loss.backward()
+
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    before = _current_rss_bytes()
+    for _ in range(2):
+        step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = _peak_rss_bytes()
+    return {
+        "rss_before_mb": before / 2**20 if before else None,
+        "rss_increase_mb": (peak - before) / 2**20 if before else None,
+    }
+
+
+def peak_rss_increase(
+    kind: str,
+    size: str,
+    L: int,
+    t: int,
+    n: int,
+    k: int,
+    batch: int,
+    dtype: str = "float32",
+    overrides: dict | None = None,
+) -> float | None:
+    """Peak RSS increase (MB) of two training steps of ``kind`` (``"plain"`` or ``"fast"``) in a
+    fresh process (:func:`rss_child`); ``None`` where it cannot be measured (no ``/proc``)."""
+    import subprocess
+
+    spec = dict(
+        kind=kind,
+        size=size,
+        L=L,
+        t=t,
+        n=n,
+        k=k,
+        batch=batch,
+        dtype=dtype,
+        overrides=overrides or {},
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "qstar.analysis.bench_memory", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"peak RSS measurement of {kind} failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["rss_increase_mb"]
+
+
+if __name__ == "__main__":  # the fresh process of peak_rss_increase
+    print(json.dumps(rss_child(json.loads(sys.argv[1]))))
