@@ -1,19 +1,8 @@
 """What every training recipe shares: building the model and the data, the run directory, the
 optimiser and its schedule, resuming, checkpoints, the end of a run (:class:`Run`, :func:`setup`,
 :func:`save_checkpoint`, :func:`finish`, :func:`cleanup`). A new recipe (another training
-method) reuses these and writes only its own step and evaluation.
-
-Run directory (written before step 0, read by sweeps and reports):
-    config.yaml            the resolved configuration
-    run.json               provenance: git sha, versions, model and data sources, command
-    heldout.json           the validation windows (token ids) behind eval/nll_*
-    metrics.jsonl          one JSON row per step (kind "train") and per evaluation (kind "eval")
-    heldout/step_N.json    per-token held-out NLL of each evaluation
-    tasks/step_N/          per-example task scores
-    tb/                    TensorBoard events
-    checkpoints/step_N/    see :mod:`qstar.recipes.checkpoint`; checkpoints/latest names the newest
-    final/                 the trained model (``QuietStar.from_pretrained`` loads it)
-    summary.json           final figures
+method) reuses these and writes only its own step and evaluation. The run directory
+is written by :mod:`qstar.recipes.rundir`.
 """
 
 from __future__ import annotations
@@ -34,8 +23,9 @@ import torch
 from qstar.core.model import QuietStar
 from qstar.data import DataError, WindowStream, fixed_windows, load_documents, tokenize
 from qstar.recipes import checkpoint, diagnostics, distributed
-from qstar.recipes.tracking import MetricsLogger, provenance
-from qstar.run_config import RunConfig, load_run_config
+from qstar.recipes.rundir import check_run_dir, write_run_dir
+from qstar.recipes.tracking import MetricsLogger
+from qstar.run_config import RunConfig
 
 NONFINITE_PARTS = (
     ("base_nll", "base NLL"),
@@ -176,50 +166,11 @@ def tasks_due(cfg: RunConfig, step: int) -> bool:
     return {"every": True, "end": last, "start_end": last or step == 0}[cfg.eval.tasks_at]
 
 
-def write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
-    tmp.replace(path)
-
-
 def _pad_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if tid is not None:
             return int(tid)
     return 0
-
-
-def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
-    """Refuse to overwrite a run; on resume, require the same config. Returns the checkpoint."""
-    existing = run_dir / "config.yaml"
-    if not resume:
-        if existing.exists() or (run_dir / "checkpoints").exists():
-            raise ValueError(
-                f"run directory {run_dir} already holds a run; pass --resume to continue "
-                "it, or choose another --run-dir"
-            )
-        return None
-    if existing.exists():
-        saved = load_run_config(str(existing)).to_dict()
-        diffs = _diff(saved, cfg.to_dict())
-        if diffs:
-            raise ValueError(
-                f"--resume with a different config than {existing}: {', '.join(diffs[:5])}; "
-                "resume with the same config and overrides"
-            )
-    return checkpoint.latest(run_dir)
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
-    return out
 
 
 @dataclass
@@ -266,7 +217,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context)
     # is sharded, so no device ever holds all of it.
     qs = build_model(cfg, torch.device("cpu") if fsdp else device)
     stream, val_windows, data_info = prepare_data(cfg, qs.tokenizer)
-    _write_run_dir(cfg, run_dir, ctx, resume, ckpt, qs, device, val_windows, data_info)
+    write_run_dir(cfg, run_dir, ctx, resume, ckpt, qs, device, val_windows, data_info)
     model = _prepare_for_training(cfg, qs, ctx, ckpt if fsdp else None)
     named = [(n, p) for n, p in qs.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -384,32 +335,6 @@ def _restore(
     if ctx.main:
         print(f"qstar: resumed from {ckpt} (step {int(state['step'])})", file=sys.stderr)
     return int(state["step"]), int(state["metrics_lines"])
-
-
-def _write_run_dir(cfg, run_dir, ctx, resume, ckpt, qs, device, val_windows, data_info) -> None:
-    if ctx.main:
-        if resume and ckpt is None:
-            print(f"qstar: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    if ctx.main and ckpt is None:
-        info = {
-            "model": cfg.model.name,
-            "model_class": type(qs.base_model).__name__,
-            "model_source": getattr(qs.base_model, "qstar_source", None),
-            "device": str(device),
-            "processes": ctx.world,
-            **data_info,
-        }
-        (run_dir / "run.json").write_text(json.dumps(provenance(info), indent=2) + "\n")
-        # the held-out windows as token ids, so reports can analyse the run without its data source
-        (run_dir / "heldout.json").write_text(json.dumps({"windows": val_windows}) + "\n")
-    if ctx.main and data_info["skipped_rows"]:
-        print(
-            f"qstar: skipped {data_info['skipped_rows']} bad rows, e.g. {data_info['skipped_examples'][0]}",
-            file=sys.stderr,
-        )
 
 
 def save_checkpoint(run: Run, step: int) -> Path | None:

@@ -28,8 +28,8 @@ from qstar.recipes.common import (
     save_checkpoint,
     setup,
     tasks_due,
-    write_json,
 )
+from qstar.recipes.rundir import write_json
 from qstar.recipes.tracking import MetricsLogger
 from qstar.run_config import RunConfig
 
