@@ -72,6 +72,7 @@ def run(
     out: Path | None = None,
     overrides: dict | None = None,
     rss: bool = True,
+    fused_ce: str = "off",
 ) -> list[dict]:
     """The benchmark table (see the module docstring). ``rss``: also measure each step's peak
     resident-memory increase in a fresh process (CPU only; a few seconds per configuration)."""
@@ -102,7 +103,7 @@ def run(
                     **(overrides or {})
                 )
                 passes = qcfg.passes
-                qs = wrap_model(model, tok, qcfg).to(dev)
+                qs = wrap_model(model, tok, qcfg, fused_ce).to(dev)
                 gen = torch.Generator().manual_seed(0)
                 steps = {
                     "plain": functools.partial(_plain_step, model, ids_k),
@@ -156,7 +157,16 @@ def run(
                     "act_mb_fast": res["fast"]["saved"] / 2**20,
                     "act_mb_dense": res["dense"]["saved"] / 2**20 if "dense" in res else None,
                     **_rss_columns(
-                        rss and dev.type == "cpu", size, L, t, n, k, batch, dtype, overrides
+                        rss and dev.type == "cpu",
+                        size,
+                        L,
+                        t,
+                        n,
+                        k,
+                        batch,
+                        dtype,
+                        overrides,
+                        fused_ce,
                     ),
                     "cuda_peak_mb": {k_: v["peak"] / 2**20 for k_, v in res.items()}
                     if dev.type == "cuda"
@@ -171,6 +181,7 @@ def run(
         "python": platform.python_version(),
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
+        "fused_ce": fused_ce,
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -180,12 +191,16 @@ def run(
     return rows
 
 
-def _rss_columns(on, size, L, t, n, k, batch, dtype, overrides) -> dict[str, float | None]:
+def _rss_columns(
+    on, size, L, t, n, k, batch, dtype, overrides, fused_ce
+) -> dict[str, float | None]:
     """Peak RSS increase (MB) of the plain and the fast step, each in a fresh process."""
     if not on:
         return {"rss_mb_plain": None, "rss_mb_fast": None}
     return {
-        f"rss_mb_{kind}": peak_rss_increase(kind, size, L, t, n, k, batch, dtype, overrides)
+        f"rss_mb_{kind}": peak_rss_increase(
+            kind, size, L, t, n, k, batch, dtype, overrides, fused_ce
+        )
         for kind in ("plain", "fast")
     }
 
@@ -301,6 +316,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--skip-dense", action="store_true", help="do not time the dense-mask path")
     p.add_argument(
+        "--fused-ce",
+        default="off",
+        choices=["off", "chunked"],
+        help="the Quiet-STaR step's log-probabilities, as train.fused_ce (default: off)",
+    )
+    p.add_argument(
         "--no-rss",
         action="store_true",
         help="skip the peak-RSS columns (each is a fresh process: a few seconds per configuration)",
@@ -367,6 +388,7 @@ def main(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         skip_dense=args.skip_dense,
         rss=not args.no_rss,
+        fused_ce=args.fused_ce,
         **common,
     )
     return 0

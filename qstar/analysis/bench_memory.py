@@ -42,13 +42,17 @@ def dense_attention_bytes(qcfg: QuietStarConfig, L: int, heads: int, layers: int
     return per_layer * layers
 
 
-def wrap_model(model, tok, qcfg):
-    """Wrap ``model`` again for each config without re-adding tokens (they are already there)."""
+def wrap_model(model, tok, qcfg, fused_ce: str = "off"):
+    """Wrap ``model`` again for each config without re-adding tokens (they are already there);
+    ``fused_ce`` as ``train.fused_ce``."""
     from qstar.core.model import QuietStar
 
     if qcfg.start_token in tok.get_vocab():
-        return QuietStar(model, tok, qcfg)
-    return QuietStar.from_base(model, tok, qcfg)
+        qs = QuietStar(model, tok, qcfg)
+    else:
+        qs = QuietStar.from_base(model, tok, qcfg)
+    qs.fused_ce = fused_ce
+    return qs
 
 
 def fmt(x, spec):
@@ -233,7 +237,7 @@ def rss_child(spec: dict) -> dict:
         qcfg = QuietStarConfig(thought_len=spec["t"], n_true=spec["n"], n_thoughts=k).replace(
             **spec.get("overrides", {})
         )
-        module = wrap_model(model, tiny_tokenizer(), qcfg)
+        module = wrap_model(model, tiny_tokenizer(), qcfg, spec.get("fused_ce", "off"))
         gen = torch.Generator().manual_seed(0)
 
         def step():
@@ -262,6 +266,7 @@ def peak_rss_increase(
     batch: int,
     dtype: str = "float32",
     overrides: dict | None = None,
+    fused_ce: str = "off",
 ) -> float | None:
     """Peak RSS increase (MB) of two training steps of ``kind`` (``"plain"`` or ``"fast"``) in a
     fresh process (:func:`rss_child`); ``None`` where it cannot be measured (no ``/proc``)."""
@@ -277,6 +282,7 @@ def peak_rss_increase(
         batch=batch,
         dtype=dtype,
         overrides=overrides or {},
+        fused_ce=fused_ce,
     )
     proc = subprocess.run(
         [sys.executable, "-m", "qstar.analysis.bench_memory", json.dumps(spec)],
