@@ -436,10 +436,10 @@ def test_peak_rss_is_measured_in_a_fresh_process():
     plain step on the same k sequences, and both need more than nothing."""
     from qstar.analysis.bench_memory import peak_rss_increase
 
-    plain = peak_rss_increase("plain", "tiny", 64, 4, 2, 2, 1)
+    plain = peak_rss_increase("plain", "tiny", 64, 4, 2, 2, 1, processes=1)
     if plain is None:
         pytest.skip("no /proc: resident memory is not measured on this platform")
-    fast = peak_rss_increase("fast", "tiny", 64, 4, 2, 2, 1)
+    fast = peak_rss_increase("fast", "tiny", 64, 4, 2, 2, 1, processes=1)
     assert 0 < plain < fast, (plain, fast)
 
 

@@ -264,8 +264,8 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
         "Ratios are measured side by side in one run. `passes = thought_len + 2 + n_true`; "
         "`fast/(passes x plain)` near 1 means a Quiet-STaR step costs about its model passes. "
         "Activation MB = bytes autograd saves for backward. Peak RSS MB = the increase of the "
-        "process's peak resident memory over its value after building the model and AdamW, for "
-        "two training steps in a fresh process (CPU; includes Adam's state and the gradients).",
+        "peak resident memory of a training step over the memory after building the model and "
+        "AdamW (Adam's state and the gradients included), median of three fresh processes (CPU).",
         "",
         "| model | L | t,n | passes | plain s | fast s | fast/(passes x plain) | dense s | dense/fast "
         "| act MB plain | act MB fast | act MB dense | peak RSS MB plain | peak RSS MB fast |",
