@@ -135,10 +135,16 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_run_config):
     train(cfg, tmp_path / "straight")
     first = train(cfg, tmp_path / "resumed", stop_after=3)
     assert first["stopped_at"] == 3
-    train(cfg, tmp_path / "resumed", resume=True)
+    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    resumed = train(cfg, tmp_path / "resumed", resume=True)
     a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert _comparable(a) == _comparable(b)
+    # the summary covers the whole run, also when resumed (and resumed again at its end)
+    for summary in (resumed, train(cfg, tmp_path / "resumed", resume=True)):
+        for key in ("eval_first", "eval_last"):
+            assert summary[key] == pytest.approx(straight[key]), key
+        assert summary["final"]["loss"] == pytest.approx(straight["final"]["loss"])
     wa = load_file(str(tmp_path / "straight" / "checkpoints" / "step_000006" / "model.safetensors"))
     wb = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_000006" / "model.safetensors"))
     assert wa.keys() == wb.keys()

@@ -245,7 +245,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context)
         if cfg.train.precision == "bf16-autocast"
         else contextlib.nullcontext()
     )
-    return Run(
+    run = Run(
         cfg,
         run_dir,
         ctx,
@@ -266,6 +266,31 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context)
         accum,
         # made after a resume: changed_frac then counts from the resumed weights
         tracker=diagnostics.ParamTracker(roles) if cfg.logging.param_stats else None,
+    )
+    if ckpt is not None and ctx.main:  # the summary of a resumed run covers the whole run
+        run.first_eval, run.last_eval, run.last_row = _history(run_dir / "metrics.jsonl")
+    return run
+
+
+def _history(metrics: Path) -> tuple[dict | None, dict | None, dict[str, Any]]:
+    """``(first evaluation, last evaluation, last train row)`` already in ``metrics.jsonl``."""
+    rows = []
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    evals = [
+        {k: v for k, v in r.items() if k not in ("kind", "step")}
+        for r in rows
+        if r.get("kind") == "eval"
+    ]
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    return (
+        evals[0] if evals else None,
+        evals[-1] if evals else None,
+        train_rows[-1] if train_rows else {},
     )
 
 
