@@ -364,3 +364,16 @@ def test_crash_during_a_checkpoint_write_leaves_the_previous_one(
     train(cfg, run, resume=True)
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, cfg.train.steps + 1))
+
+
+def test_torch_save_on_a_full_disk_reads_as_a_write_failure():
+    """torch.save's zip writer does not raise OSError when the disk fills (seen here while
+    checkpointing a sweep trial): its RuntimeErrors must still become the one-line WriteFailed."""
+    from qstar.errors import is_write_error
+
+    assert is_write_error(RuntimeError("basic_ios::clear: iostream error"))
+    assert is_write_error(
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1078963904 vs 1")
+    )
+    assert is_write_error(OSError(28, "No space left on device"))
+    assert not is_write_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
