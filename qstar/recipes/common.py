@@ -24,7 +24,7 @@ from qstar.core.model import QuietStar
 from qstar.data import DataError, WindowStream, fixed_windows, load_documents, tokenize
 from qstar.recipes import checkpoint, diagnostics, distributed
 from qstar.recipes.rundir import check_run_dir, write_run_dir
-from qstar.recipes.tracking import MetricsLogger
+from qstar.recipes.tracking import MetricsLogger, read_metrics
 from qstar.run_config import RunConfig
 
 NONFINITE_PARTS = (
@@ -274,13 +274,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context)
 
 def _history(metrics: Path) -> tuple[dict | None, dict | None, dict[str, Any]]:
     """``(first evaluation, last evaluation, last train row)`` already in ``metrics.jsonl``."""
-    rows = []
-    if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    rows = read_metrics(metrics) if metrics.is_file() else []  # truncated to the checkpoint
     evals = [
         {k: v for k, v in r.items() if k not in ("kind", "step")}
         for r in rows
