@@ -443,6 +443,22 @@ def test_peak_rss_is_measured_in_a_fresh_process():
     assert 0 < plain < fast, (plain, fast)
 
 
+def test_bench_times_the_fused_and_unfused_step_side_by_side(tmp_path):
+    """`qstar bench --fused-ce chunked`: the unfused step is timed in the same loop and its
+    columns reach the table; the fused step keeps fewer activation bytes than the unfused one."""
+    from qstar.analysis import bench
+
+    rows = bench.run(
+        sizes=("tiny",), lengths=(32,), configs=((2, 2),), repeats=1, skip_dense=True,
+        out=tmp_path, rss=False, fused_ce="chunked", device="cpu",
+    )  # fmt: skip
+    (row,) = rows
+    assert row["unfused_s"] > 0 and row["unfused_over_fast"] > 0
+    assert row["act_mb_fast"] < row["act_mb_unfused"]
+    table = (tmp_path / "bench.md").read_text()
+    assert "unfused/fast" in table and "`fused_ce: chunked`" in table
+
+
 def test_config_is_frozen_and_using_restores_it():
     """Temporary changes go through `using` (validated, restored even on error), so a shared
     model is never left modified; the meta tokens belong to the weights and cannot change."""

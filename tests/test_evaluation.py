@@ -46,15 +46,19 @@ def test_loglikelihood_matches_mixed_logits_and_prefix_sharing(lm):
         assert greedy == all(int(lp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont))
     lm.think = False
     try:
-        base = lm.loglikelihood(reqs[:1])[0][0]
-        ctx, cont = lm._encode_pair(*reqs[0].args)
-        with torch.no_grad():
-            logits = lm.qs.base_model(input_ids=torch.tensor([ctx + cont])).logits[0]
-        lp = torch.log_softmax(logits, -1)
-        assert base == pytest.approx(
-            sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)), abs=1e-4
-        )
-        assert base != pytest.approx(got[0][0], abs=1e-4)  # thinking changes the score
+        base = lm.loglikelihood(reqs)  # rows of different lengths in one padded batch
+        for req, (ll, greedy) in zip(reqs, base, strict=True):
+            ctx, cont = lm._encode_pair(*req.args)
+            with torch.no_grad():
+                logits = lm.qs.base_model(input_ids=torch.tensor([ctx + cont])).logits[0]
+            lp = torch.log_softmax(logits, -1)
+            assert ll == pytest.approx(
+                sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)), abs=1e-4
+            )
+            assert greedy == all(
+                int(lp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont)
+            )
+        assert base[0][0] != pytest.approx(got[0][0], abs=1e-4)  # thinking changes the score
     finally:
         lm.think = True
 

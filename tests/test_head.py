@@ -111,3 +111,62 @@ def test_train_fused_ce_gives_the_same_run(tmp_path, tiny_run_config):
     for i, (a, b) in enumerate(zip(rows["off"], rows["chunked"], strict=True)):
         for key in ("loss", "base_nll", "mixed_nll", "policy_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5 if i == 0 else 1e-2, abs=1e-7), key
+
+
+@pytest.mark.parametrize(
+    "arch, mixing, overrides",
+    [("llama", "hidden", TIED), ("llama", "logprob", {}), ("gemma3", "logprob", SOFTCAP)],
+)
+def test_fused_step_keeps_no_vocabulary_wide_tensor_of_every_row(
+    arch, mixing, overrides, monkeypatch
+):
+    """What autograd saves for backward: with fused_ce=off the mixed logits of every row and
+    depth are kept (``(Bk, n, L, V)`` elements or more); chunked keeps no ``(rows, V)`` tensor."""
+    from qstar.core import head
+
+    qs = _model(arch, mixing, overrides, False)
+    V = qs.base_model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(head, "CHUNK_ELEMENTS", 8 * V)  # 8 rows a chunk
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+    k, n = qs.config.n_thoughts, qs.config.n_true
+    every_row = 2 * k * n * 9 * V
+    largest = {}
+    for mode in ("off", "chunked"):
+        qs.fused_ce = mode
+        sizes = []
+
+        def pack(x, sizes=sizes):
+            sizes.append(x.numel() if x.shape and x.shape[-1] >= V - 2 else 0)
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            qs(ids, generator=torch.Generator().manual_seed(2)).loss.backward()
+        largest[mode] = max(sizes)
+    assert largest["off"] >= every_row
+    assert largest["chunked"] == 0  # chunks' logits are recomputed in backward, never saved
+
+
+@pytest.mark.parametrize(
+    "arch, mixing, overrides",
+    [("llama", "hidden", TIED), ("llama", "logprob", {}), ("gemma3", "logprob", SOFTCAP)],
+)
+def test_next_token_logprobs_equal_the_logits_they_replace(arch, mixing, overrides, monkeypatch):
+    """Evaluation's fused path (held-out NLL) against log_softmax of the materialised logits."""
+    from qstar.core import head
+    from qstar.core.inference import next_token_logprobs
+
+    qs = _model(arch, mixing, overrides, True).eval()
+    V = qs.base_model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(head, "CHUNK_ELEMENTS", 5 * V)  # several chunks, a partial one
+    ids = torch.randint(0, 200, (3, 11), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # a padded row
+    with torch.no_grad():
+        for think, logits in (
+            (True, qs.mixed_logits(ids, mask)),
+            (False, qs.base_logits(ids, mask)),
+        ):
+            want = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+            got = next_token_logprobs(qs, ids, mask, think=think)
+            assert got.shape == (3, 10)
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)

@@ -114,6 +114,8 @@ def run(
                 )
                 if not skip_dense and dense_bytes < dense_limit_gb * 2**30:
                     steps["dense"] = functools.partial(_dense_step, qs, ids, gen)
+                if fused_ce != "off":  # the same step with logits materialised, side by side
+                    steps["unfused"] = functools.partial(_unfused_step, qs, ids, gen)
                 res = {name: {"times": [], "saved": 0, "peak": 0} for name in steps}
                 for name, fn in steps.items():  # warm-up run, which also measures memory
                     if dev.type == "cuda":
@@ -156,6 +158,9 @@ def run(
                     "act_mb_plain": res["plain"]["saved"] / 2**20,
                     "act_mb_fast": res["fast"]["saved"] / 2**20,
                     "act_mb_dense": res["dense"]["saved"] / 2**20 if "dense" in res else None,
+                    "unfused_s": med.get("unfused"),
+                    "unfused_over_fast": med["unfused"] / med["fast"] if "unfused" in med else None,
+                    "act_mb_unfused": res["unfused"]["saved"] / 2**20 if "unfused" in res else None,
                     **_rss_columns(
                         rss and dev.type == "cpu",
                         size,
@@ -196,13 +201,19 @@ def _rss_columns(
 ) -> dict[str, float | None]:
     """Peak RSS increase (MB) of the plain and the fast step, each in a fresh process."""
     if not on:
-        return {"rss_mb_plain": None, "rss_mb_fast": None}
-    return {
+        return {"rss_mb_plain": None, "rss_mb_fast": None, "rss_mb_unfused": None}
+    out = {
         f"rss_mb_{kind}": peak_rss_increase(
             kind, size, L, t, n, k, batch, dtype, overrides, fused_ce
         )
         for kind in ("plain", "fast")
     }
+    out["rss_mb_unfused"] = (
+        peak_rss_increase("fast", size, L, t, n, k, batch, dtype, overrides, "off")
+        if fused_ce != "off"
+        else None
+    )
+    return out
 
 
 # dense bf16 peak TFLOP/s by device name (datasheet figures, without sparsity)
@@ -229,6 +240,14 @@ def _dense_step(qs, ids, gen):
         _qstar_step(qs, ids, gen)
 
 
+def _unfused_step(qs, ids, gen):
+    mode, qs.fused_ce = qs.fused_ce, "off"
+    try:
+        _qstar_step(qs, ids, gen)
+    finally:
+        qs.fused_ce = mode
+
+
 def _time(fn, dev) -> float:
     _sync(dev)
     t0 = time.perf_counter()
@@ -248,7 +267,13 @@ def _print_row(r: dict) -> None:
         f"{r['plain_s']:8.3f} {r['fast_s']:8.3f} {r['fast_over_passes_plain']:14.2f} "
         f"{fmt(r['dense_s'], '8.3f')} {fmt(r['dense_over_fast'], '10.2f')} "
         f"{r['act_mb_plain']:12.0f} {r['act_mb_fast']:11.0f} {fmt(r['act_mb_dense'], '12.0f')} "
-        f"{fmt(r.get('rss_mb_plain'), '12.0f')} {fmt(r.get('rss_mb_fast'), '11.0f')}",
+        f"{fmt(r.get('rss_mb_plain'), '12.0f')} {fmt(r.get('rss_mb_fast'), '11.0f')}"
+        + (
+            f"  | unfused {r['unfused_s']:.3f} s ({r['unfused_over_fast']:.2f}x fused), "
+            f"act MB {r['act_mb_unfused']:.0f}, RSS MB {fmt(r.get('rss_mb_unfused'), '.0f')}"
+            if r.get("unfused_s") is not None
+            else ""
+        ),
         flush=True,
     )
 
@@ -267,18 +292,35 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
         "peak resident memory of a training step over the memory after building the model and "
         "AdamW (Adam's state and the gradients included), median of three fresh processes (CPU).",
         "",
-        "| model | L | t,n | passes | plain s | fast s | fast/(passes x plain) | dense s | dense/fast "
-        "| act MB plain | act MB fast | act MB dense | peak RSS MB plain | peak RSS MB fast |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    unfused = any(r.get("unfused_s") is not None for r in rows)
+    head = (
+        "| model | L | t,n | passes | plain s | fast s | fast/(passes x plain) | dense s | dense/fast "
+        "| act MB plain | act MB fast | act MB dense | peak RSS MB plain | peak RSS MB fast |"
+    )
+    if unfused:
+        lines += [
+            f"`fast` computes every log-probability through the fused head (`fused_ce: "
+            f"{meta.get('fused_ce')}`); `unfused` is the same step with the logits materialised "
+            "(`fused_ce: off`), timed in the same interleaved loop.",
+            "",
+        ]
+        head += " unfused s | unfused/fast | act MB unfused | peak RSS MB unfused |"
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['model']} | {r['L']} | {r['thought_len']},{r['n_true']} | {r['passes']} | "
             f"{r['plain_s']:.3f} | {r['fast_s']:.3f} | {r['fast_over_passes_plain']:.2f} | "
             f"{fmt(r['dense_s'], '.3f')} | {fmt(r['dense_over_fast'], '.2f')} | "
             f"{r['act_mb_plain']:.0f} | {r['act_mb_fast']:.0f} | {fmt(r['act_mb_dense'], '.0f')} | "
             f"{fmt(r.get('rss_mb_plain'), '.0f')} | {fmt(r.get('rss_mb_fast'), '.0f')} |"
         )
+        if unfused:
+            line += (
+                f" {fmt(r.get('unfused_s'), '.3f')} | {fmt(r.get('unfused_over_fast'), '.2f')} | "
+                f"{fmt(r.get('act_mb_unfused'), '.0f')} | {fmt(r.get('rss_mb_unfused'), '.0f')} |"
+            )
+        lines.append(line)
     gpu = [r for r in rows if r.get("fast_mfu") is not None]
     if gpu:
         lines += [

@@ -19,6 +19,7 @@ def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.nda
     ``RUN_DIR/analysis/content_control.json`` (keyed by the final model file)."""
     import torch
 
+    from qstar.core.inference import next_token_logprobs
     from qstar.core.model import QuietStar
     from qstar.data import collate
 
@@ -44,13 +45,12 @@ def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.nda
         for i in range(0, len(windows), batch_size):
             ids, mask = collate(windows[i : i + batch_size], qs.fill_id)
             valid = (mask[:, 1:] & mask[:, :-1]).bool()
-            tgt = ids[:, 1:, None]
-            for name, logits in (
-                ("base", qs.base_logits(ids, mask)),
-                ("thought", qs.mixed_logits(ids, mask)),
-                ("fixed", qs.mixed_logits(ids, mask, fixed_thought=pause)),
+            for name, lp in (  # log p(x_{i+1}) through the fused head: no (B, L, V) logits
+                ("base", next_token_logprobs(qs, ids, mask, think=False)),
+                ("thought", next_token_logprobs(qs, ids, mask)),
+                ("fixed", next_token_logprobs(qs, ids, mask, fixed_thought=pause)),
             ):
-                nll = -torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt)[..., 0]
+                nll = -lp
                 out[name] += [row[v].double().numpy() for row, v in zip(nll, valid, strict=True)]
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(
@@ -96,6 +96,7 @@ def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, 
     """
     import torch
 
+    from qstar.core.inference import next_token_logprobs
     from qstar.core.model import QuietStar
     from qstar.data import collate
 
@@ -109,12 +110,9 @@ def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, 
     ids, mask = collate(windows, qs.fill_id)
     loss_rows, thought_rows = [], []
     with torch.no_grad():
-        base = torch.log_softmax(qs.base_logits(ids, mask)[:, :-1].float(), -1)
-        mixed = torch.log_softmax(qs.mixed_logits(ids, mask)[:, :-1].float(), -1)
-        tgt = ids[:, 1:]
         valid = (mask[:, 1:] & mask[:, :-1]).bool()
-        b = -base.gather(-1, tgt[..., None])[..., 0]
-        m = -mixed.gather(-1, tgt[..., None])[..., 0]
+        b = -next_token_logprobs(qs, ids, mask, think=False)
+        m = -next_token_logprobs(qs, ids, mask)
         for w, i in valid.nonzero().tolist():
             loss_rows.append(
                 {

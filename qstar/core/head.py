@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from qstar.core import learn
+from qstar.core import learn, talk
 
 # rows per chunk: ~32M logits (128 MB in fp32) at a time
 CHUNK_ELEMENTS = 1 << 25
@@ -178,12 +179,13 @@ class VocabularyHead:
         targets: torch.Tensor,
         temperature: float = 1.0,
         thought: bool = False,
+        fused: bool | None = None,
     ) -> torch.Tensor:
         """``log p(target)`` at each row: ``(..., H), (...) -> (...)`` fp32, over the whole
         vocabulary (:meth:`lm_logits`) or, with ``thought``, the meta-free thought vocabulary at
         ``temperature`` (:meth:`thought_logits`; targets are indices in it). Fused and chunked
-        unless ``fused_ce="off"``: exact either way."""
-        if not self._fused():
+        unless ``fused_ce="off"`` (or ``fused`` says otherwise): exact either way."""
+        if not (self._fused() if fused is None else fused):
             logits = self.thought_logits(hidden, temperature) if thought else self.lm_logits(hidden)
             return learn.logprob_of(logits, targets)
         if thought:
@@ -193,6 +195,51 @@ class VocabularyHead:
             weight, bias = head.weight, head.bias
         cap = getattr(self.base_model.config, "final_logit_softcapping", None)
         return linear_logprob(hidden, weight, bias, targets, temperature, cap)
+
+    def mixed_token_logprob(
+        self,
+        mixing: str,
+        raw_w: torch.Tensor,
+        h_base: torch.Tensor,
+        h_thought: torch.Tensor,
+        targets: torch.Tensor,
+        fused: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log p_mix(target)`` of either mixing variant (:mod:`qstar.core.talk`) without keeping
+        ``(..., V)`` logits: ``(..., 1), (..., H), (..., H), (...) -> ((...), w (..., 1))``.
+
+        ``hidden`` mixes the hidden states and goes through :meth:`token_logprob`. ``logprob``
+        renormalises ``(1 - w) log p_base + w log p_thought``; the two log-sum-exps are constant
+        along the vocabulary, so this is ``log_softmax((1 - w) z_base + w z_thought)`` and, for a
+        head without softcapping (linear), the head applied to ``h_base + w (h_thought - h_base)``:
+        the same fused path, at the cost of the hidden mixture. With softcapping the logits are
+        not linear in ``h``; rows are then processed in chunks under activation checkpointing
+        (one chunk's two ``(rows, V)`` logits at a time, recomputed in backward: two more head
+        matmuls per row than the unfused path).
+        """
+        if mixing == "hidden":
+            h_mix, w = talk.mix_hidden_state(raw_w, h_base, h_thought)
+            return self.token_logprob(h_mix, targets, fused=fused), w
+        w = torch.sigmoid(raw_w.to(torch.promote_types(h_base.dtype, torch.float32)))
+        cap = getattr(self.base_model.config, "final_logit_softcapping", None)
+        if cap is None:
+            h_mix, _ = talk.mix_hidden_state(w, h_base, h_thought)
+            return self.token_logprob(h_mix, targets, fused=fused), w
+
+        def rows_logprob(w_, hb, ht, tgt):
+            lp, _ = talk.mix_logprob(w_, hb, ht, self.lm_logits, weight_is_raw=False)
+            return learn.logprob_of(lp, tgt)
+
+        shape = targets.shape
+        flat = [x.reshape(-1, x.shape[-1]) for x in (w.expand(*shape, 1), h_base, h_thought)] + [
+            targets.reshape(-1)
+        ]
+        rows = max(1, _chunk_rows(self.base_model.get_output_embeddings().weight.shape[0]) // 2)
+        out = [
+            checkpoint(rows_logprob, *(x[s : s + rows] for x in flat), use_reentrant=False)
+            for s in range(0, flat[-1].shape[0], rows)
+        ]
+        return torch.cat(out).view(shape), w
 
     def thought_logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """``(..., H) -> (..., V - 2)``: logits over the vocabulary *without* the meta tokens.

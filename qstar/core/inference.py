@@ -28,6 +28,42 @@ def mixed_logits(
 ):
     """:meth:`qstar.QuietStar.mixed_logits`: next-token logits after thinking at every position,
     ``(B, L) -> (B, L, V)``."""
+    h_base, h_end, raw_w, thoughts = _mixed_states(
+        qs, input_ids, attention_mask, greedy, generator, fixed_thought
+    )
+    logits, _ = qs._mixer(raw_w, h_base, h_end, qs.lm_logits)
+    return (logits, thoughts) if return_thoughts else logits
+
+
+@torch.no_grad()
+def next_token_logprobs(
+    qs,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    think: bool = True,
+    fixed_thought: int | None = None,
+) -> torch.Tensor:
+    """``log p(x_{i+1})`` at every position, after greedy thoughts (``think``) or from the base
+    model: ``(B, L) -> (B, L - 1)`` fp32, the values :func:`mixed_logits` / ``base_logits``
+    give for the true tokens, through the fused head (:mod:`qstar.core.head`): no ``(B, L, V)``
+    logits or log-softmax copy, one chunk of rows at a time."""
+    targets = input_ids[:, 1:]
+    if not think:
+        qs._check_inputs(input_ids, attention_mask)
+        out = qs.backbone(inputs_embeds=qs.embed(input_ids), attention_mask=attention_mask)
+        return qs.token_logprob(out.last_hidden_state[:, :-1], targets, fused=True)
+    h_base, h_end, raw_w, _ = _mixed_states(
+        qs, input_ids, attention_mask, True, None, fixed_thought
+    )
+    lp, _ = qs.mixed_token_logprob(
+        qs.config.mixing, raw_w[:, :-1], h_base[:, :-1], h_end[:, :-1], targets, fused=True
+    )
+    return lp
+
+
+def _mixed_states(qs, input_ids, attention_mask, greedy, generator, fixed_thought):
+    """What :func:`mixed_logits` mixes: ``h_base``, ``h_end`` ``(B, L, H)``, the raw mixing
+    weight ``(B, L, 1)`` and the thoughts ``(B, L, t)``."""
     qs._check_inputs(input_ids, attention_mask)
     B, L = input_ids.shape
     t = qs.config.thought_len
@@ -44,9 +80,7 @@ def mixed_logits(
     end = torch.full((B, 1, L), qs.end_id, dtype=torch.long, device=input_ids.device)
     tail = torch.cat([thoughts[:, :, -1][:, None], end], dim=1)  # (B, 2, L): c_t, <end>
     h_end = qs._thought_pass(tail, cache, L, first_block=t)[:, 1]  # (B, L, H)
-    raw_w = qs.mixing_head(h_base, h_end)
-    logits, _ = qs._mixer(raw_w, h_base, h_end, qs.lm_logits)
-    return (logits, thoughts) if return_thoughts else logits
+    return h_base, h_end, qs.mixing_head(h_base, h_end), thoughts
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qstar.config import QuietStarConfig
-from qstar.core import hf, learn, persistence, talk, think
+from qstar.core import hf, learn, persistence, think
 from qstar.core.attention import dense_thought_mask, thought_attention
 from qstar.core.head import VocabularyHead
 from qstar.core.talk import MixingHead, get_mixer
@@ -390,9 +390,8 @@ class QuietStar(VocabularyHead, nn.Module):
         targets = think.shifted_targets(input_ids, n, self.fill_id).transpose(1, 2)  # (B, n, L)
         targets = targets.repeat_interleave(k, dim=0)  # (Bk, n, L)
         raw_w = self.mixing_head(h_b, h[:, t + 1 :])
-        if cfg.mixing == "hidden" and self._fused():
-            h_mix, w = talk.mix_hidden_state(raw_w, h_b, h[:, t + 1 :])
-            logprob = self.token_logprob(h_mix, targets)  # no (Bk, n, L, V) logits kept
+        if self._fused():  # no (Bk, n, L, V) logits kept
+            logprob, w = self.mixed_token_logprob(cfg.mixing, raw_w, h_b, h[:, t + 1 :], targets)
         else:
             logits, w = self._mixer(raw_w, h_b, h[:, t + 1 :], self.lm_logits)  # (Bk, n, L, V)
             logprob = learn.logprob_of(logits, targets)

@@ -61,17 +61,23 @@ def mix_hidden_state(
 
 
 def mix_logprob(
-    raw_w: torch.Tensor, h_base: torch.Tensor, h_thought: torch.Tensor, lm_logits: LogitsFn
+    raw_w: torch.Tensor,
+    h_base: torch.Tensor,
+    h_thought: torch.Tensor,
+    lm_logits: LogitsFn,
+    weight_is_raw: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's text (Sec. 4.3): interpolate log-probabilities with ``w = sigmoid(raw) in [0, 1]``.
 
     ``log p = log_softmax((1 - w) log p_base + w log p_thought)`` (renormalised). Note that a
     zero-initialised head starts at ``w = 0.5`` here, not at the base model.
-    Returns ``(log-probs (..., V), w (..., 1))``; log-probs are valid logits.
+    Returns ``(log-probs (..., V), w (..., 1))``; log-probs are valid logits. With
+    ``weight_is_raw=False`` ``raw_w`` is ``w`` already.
     """
-    w = torch.sigmoid(raw_w.float())
-    lp_base = torch.log_softmax(lm_logits(h_base).float(), dim=-1)
-    lp_thought = torch.log_softmax(lm_logits(h_thought).float(), dim=-1)
+    acc = torch.promote_types(h_base.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    w = torch.sigmoid(raw_w.to(acc)) if weight_is_raw else raw_w.to(acc)
+    lp_base = torch.log_softmax(lm_logits(h_base).to(acc), dim=-1)
+    lp_thought = torch.log_softmax(lm_logits(h_thought).to(acc), dim=-1)
     return torch.log_softmax((1 - w) * lp_base + w * lp_thought, dim=-1), w
 
 

@@ -126,24 +126,24 @@ class QStarLM(TemplateLM):
         need no thoughts to score an answer after it."""
         ids, mask = collate(rows, self.qs.fill_id)  # right-padded
         ids, mask = ids.to(self.device), mask.to(self.device)
+        width = max(len(r) - s for r, s in zip(rows, starts, strict=True))
+        pos = torch.tensor(
+            [
+                [min(s + j, len(r) - 1) for j in range(width)]
+                for r, s in zip(rows, starts, strict=True)
+            ],
+            device=self.device,
+        )  # (B, width); short rows repeat their last position
         if self.think and self.greedy:
-            width = max(len(r) - s for r, s in zip(rows, starts, strict=True))
-            pos = torch.tensor(
-                [
-                    [min(s + j, len(r) - 1) for j in range(width)]
-                    for r, s in zip(rows, starts, strict=True)
-                ],
-                device=self.device,
-            )  # (B, width); short rows repeat their last position
             logits = self.qs.mixed_logits_at(ids, pos, mask)
+        elif not self.think:  # the head on the scored positions only, not (B, L, V)
+            qs = self.qs
+            h = qs.backbone(inputs_embeds=qs.embed(ids), attention_mask=mask).last_hidden_state
+            logits = qs.lm_logits(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))
+        if not self.think or self.greedy:
             lp = torch.log_softmax(logits.float(), dim=-1).cpu()
             return [lp[i, : len(r) - s] for i, (r, s) in enumerate(zip(rows, starts, strict=True))]
-        if self.think:
-            logits = self.qs.mixed_logits(
-                ids, mask, greedy=self.greedy, generator=self._generator()
-            )
-        else:
-            logits = self.qs.base_logits(ids, mask)
+        logits = self.qs.mixed_logits(ids, mask, greedy=self.greedy, generator=self._generator())
         lp = torch.log_softmax(logits.float(), dim=-1).cpu()
         return [lp[i, s : len(r)] for i, (r, s) in enumerate(zip(rows, starts, strict=True))]
 

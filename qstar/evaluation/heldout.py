@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from qstar.core import learn
+from qstar.core.inference import next_token_logprobs
 from qstar.core.model import QuietStar
 from qstar.data import collate
 from qstar.run_config import RunConfig
@@ -38,14 +38,13 @@ def heldout_nll(
             ids, mask = collate(windows[i : i + batch_size], pad)
             ids, mask = ids.to(device), mask.to(device)
             valid = (mask[:, 1:] & mask[:, :-1]).bool()
-            targets = ids[:, 1:]
             count += int(valid.sum())
-            scored = {"base": qs.base_logits(ids, mask)}
+            # log p(x_{i+1}) through the fused head: no (b, L, V) logits
+            scored = {"base": next_token_logprobs(qs, ids, mask, think=False)}
             if think:
-                scored["thought"] = qs.mixed_logits(ids, mask)
-            for name, logits in scored.items():
-                lp = torch.log_softmax(logits[:, :-1].float(), -1)
-                nll = learn.token_nll(lp, targets)  # (b, L-1)
+                scored["thought"] = next_token_logprobs(qs, ids, mask)
+            for name, lp in scored.items():
+                nll = -lp  # (b, L-1)
                 sums[name] += float(nll[valid].sum())
                 tokens[name] += [
                     row[v].tolist() for row, v in zip(nll.cpu(), valid.cpu(), strict=True)
