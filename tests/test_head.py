@@ -10,11 +10,12 @@ from qstar.core.head import linear_logprob, reference_logprob
 from qstar.models.random import tiny_model
 
 
+@pytest.mark.parametrize("zero_rows", [False, True])  # rows without gradient are skipped
 @pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 @pytest.mark.parametrize("bias", [False, True])
 def test_chunked_logprob_equals_the_unfused_head_in_values_and_gradients(
-    softcap, temperature, bias
+    softcap, temperature, bias, zero_rows
 ):
     torch.manual_seed(0)
     N, H, V = 37, 16, 53
@@ -23,6 +24,8 @@ def test_chunked_logprob_equals_the_unfused_head_in_values_and_gradients(
     b = torch.randn(V, dtype=torch.float64, requires_grad=True) if bias else None
     targets = torch.randint(0, V, (N,))
     g = torch.randn(N, dtype=torch.float64)
+    if zero_rows:
+        g[::3] = 0.0
     inputs = [h, w] + ([b] if bias else [])
     got = linear_logprob(h, w, b, targets, temperature, softcap, chunk=5)  # 8 chunks, 2 rows left
     want = reference_logprob(h, w, b, targets, temperature, softcap)

@@ -69,6 +69,13 @@ class ChunkedLinearLogprob(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         T, cap, chunk = ctx.temperature, ctx.softcap, ctx.chunk
         acc = torch.promote_types(hidden.dtype, torch.float32)
+        # rows whose gradient is zero (a thought token whose reward the filter zeroed, padding)
+        # contribute exactly nothing: recompute and back-propagate the others only
+        shape, rows = hidden.shape, (grad_out != 0).nonzero().squeeze(1)
+        every = rows.numel() == grad_out.numel()
+        if not every:
+            hidden, targets, lse = hidden[rows], targets[rows], lse[rows]
+            grad_out = grad_out[rows]
         with torch.autocast(hidden.device.type, enabled=False):
             h32, w32 = hidden.to(acc), weight.to(acc)
             b32 = None if bias is None else bias.to(acc)
@@ -95,6 +102,8 @@ class ChunkedLinearLogprob(torch.autograd.Function):
                     dw.addmm_(dl.t(), h, alpha=scale)
                 if db is not None:
                     db.add_(dl.sum(0), alpha=scale)
+        if dh is not None and not every:
+            dh = dh.new_zeros(shape).index_copy_(0, rows, dh)
         return (
             None if dh is None else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
