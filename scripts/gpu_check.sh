@@ -15,4 +15,4 @@ if python -c "import pytest" 2>/dev/null; then
     timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 timeout 300 python -m qstar.cli bench --sizes qwen2-0.5b --lengths 256 --configs 9:4,21:12 --k 2 --batch 4 \
-    --dtype bfloat16 --device cuda --repeats 3 --dense-limit-gb 60 --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+    --dtype bfloat16 --device cuda --repeats 3 --dense-limit-gb 60 --fused-ce chunked --out "$OUT" 2>&1 | tee "$OUT/bench.log"
