@@ -459,6 +459,18 @@ def test_bench_times_the_fused_and_unfused_step_side_by_side(tmp_path):
     assert "unfused/fast" in table and "`fused_ce: chunked`" in table
 
 
+def test_eval_bench_scores_the_same_through_both_paths(tmp_path):
+    """`qstar bench --eval`: the fused and the materialised scoring agree (fp32) and the table
+    is written."""
+    from qstar.analysis import bench_eval
+
+    (row,) = bench_eval.run(
+        sizes=("tiny",), lengths=(16,), batch=2, repeats=1, rss=False, out=tmp_path
+    )
+    assert row["max_abs_diff"] < 1e-4 and row["fused_s"] > 0 and row["logits_s"] > 0
+    assert "| tiny | 16 | 2 |" in (tmp_path / "eval.md").read_text()
+
+
 def test_config_is_frozen_and_using_restores_it():
     """Temporary changes go through `using` (validated, restored even on error), so a shared
     model is never left modified; the meta tokens belong to the weights and cannot change."""

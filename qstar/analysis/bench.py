@@ -352,7 +352,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma list of thought_len:n_true (default: 5:4,9:4,13:8,21:12)",
     )
     p.add_argument("--k", type=int, default=2, help="thoughts per position (default: 2)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (default: 1)")
+    p.add_argument(
+        "--batch", type=int, default=None, help="sequences per step (default: 1; --eval: 8)"
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per step (default: 2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -382,6 +384,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="method settings for every benchmarked config, in qstar train's grammar (e.g. "
         "quiet_star.n_thoughts=4 quiet_star.mixing=logprob); thought_len and n_true come from "
         "--configs, and --k is the same as quiet_star.n_thoughts",
+    )
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="instead: held-out scoring through the fused head against materialised logits "
+        "(seconds and peak RSS of each); writes eval.md/json to --out",
     )
     p.add_argument(
         "--memory",
@@ -419,6 +427,18 @@ def main(args: argparse.Namespace) -> int:
         dense_limit_gb=args.dense_limit_gb,
         out=args.out,
     )
+    if args.eval:
+        from qstar.analysis import bench_eval
+
+        bench_eval.run(
+            sizes=tuple(args.sizes.split(",")),
+            lengths=lengths,
+            batch=args.batch or 8,
+            repeats=args.repeats,
+            rss=not args.no_rss,
+            out=args.out,
+        )
+        return 0
     if args.memory:
         memory_growth(size=args.sizes.split(",")[0], L=lengths[0], **common)
         return 0
@@ -426,7 +446,7 @@ def main(args: argparse.Namespace) -> int:
         sizes=tuple(args.sizes.split(",")),
         lengths=lengths,
         configs=configs,
-        batch=args.batch,
+        batch=args.batch or 1,
         repeats=args.repeats,
         skip_dense=args.skip_dense,
         rss=not args.no_rss,

@@ -1,0 +1,179 @@
+"""`qstar bench --eval`: held-out scoring with the fused head against materialised logits.
+
+Evaluation needs ``log p(x_{i+1})`` at every position, with and without thinking (held-out NLL,
+the content control). The fused path (:func:`qstar.core.inference.next_token_logprobs`) never
+builds the ``(B, L, V)`` logits; the materialised path is what scoring did before: the logits
+of ``mixed_logits`` / ``base_logits``, their log-softmax copy, then the gather. Both are timed
+side by side in one process and their peak resident memory is measured in fresh processes
+(the machinery of :mod:`qstar.analysis.bench_memory`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qstar.analysis.bench_memory import (
+    _current_rss_bytes,
+    _peak_rss_bytes,
+    _release_free_memory,
+    _reset_peak_rss,
+    wrap_model,
+)
+from qstar.config import QuietStarConfig
+from qstar.models.random import mistral_shaped, tiny_tokenizer
+
+PATHS = ("fused", "logits")
+
+
+@torch.no_grad()
+def score(qs, ids: torch.Tensor, path: str) -> torch.Tensor:
+    """``(B, L) -> (2, B, L - 1)`` log-probabilities of the true tokens, base then thinking."""
+    from qstar.core.inference import next_token_logprobs
+
+    if path == "fused":
+        return torch.stack(
+            [next_token_logprobs(qs, ids, think=False), next_token_logprobs(qs, ids)]
+        )
+    tgt = ids[:, 1:, None]
+    return torch.stack(
+        [
+            torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt)[..., 0]
+            for logits in (qs.base_logits(ids), qs.mixed_logits(ids))
+        ]
+    )
+
+
+def _setup(size: str, L: int, batch: int, t: int):
+    torch.manual_seed(0)
+    model = mistral_shaped(size, dtype=torch.float32)
+    qs = wrap_model(model, tiny_tokenizer(), QuietStarConfig(thought_len=t, n_true=1)).eval()
+    ids = torch.randint(0, 32000, (batch, L), generator=torch.Generator().manual_seed(0))
+    return qs, ids
+
+
+def eval_child(spec: dict) -> dict:
+    """In a fresh process: the peak RSS increase (MB) of scoring one batch by ``spec["path"]``
+    over the memory after building the model (a first call pages in the kernels)."""
+    qs, ids = _setup(spec["size"], spec["L"], spec["batch"], spec["t"])
+    score(qs, ids, spec["path"])
+    _release_free_memory()
+    before = _current_rss_bytes()
+    _reset_peak_rss()
+    score(qs, ids, spec["path"])
+    peak = _peak_rss_bytes()
+    return {"rss_increase_mb": (peak - before) / 2**20 if before else None}
+
+
+def _rss(spec: dict, processes: int) -> float | None:
+    import subprocess
+
+    values = []
+    for _ in range(processes):
+        proc = subprocess.run(
+            [sys.executable, "-m", "qstar.analysis.bench_eval", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"peak RSS measurement of {spec['path']} scoring failed: {tail}")
+        values.append(json.loads(proc.stdout.strip().splitlines()[-1])["rss_increase_mb"])
+    return None if None in values else statistics.median(values)
+
+
+def run(
+    sizes=("tiny", "small"),
+    lengths=(128, 256),
+    batch: int = 8,
+    t: int = 4,
+    repeats: int = 2,
+    rss: bool = True,
+    out: Path | None = None,
+) -> list[dict]:
+    """The table: per model and length, seconds and peak RSS of both paths, and their ratios."""
+    rows = []
+    print(f"# eval scoring, batch={batch} thought_len={t} torch={torch.__version__}")
+    print(f"{'model':6} {'L':>4} {'fused s':>8} {'logits s':>9} {'RSS MB fused':>12} "
+          f"{'RSS MB logits':>13} {'max |diff|':>10}")  # fmt: skip
+    for size in sizes:
+        for L in lengths:
+            qs, ids = _setup(size, L, batch, t)
+            values = {p: score(qs, ids, p) for p in PATHS}  # warm-up, and the agreement
+            times: dict[str, list[float]] = {p: [] for p in PATHS}
+            for _ in range(repeats):  # interleaved
+                for p in PATHS:
+                    t0 = time.perf_counter()
+                    score(qs, ids, p)
+                    times[p].append(time.perf_counter() - t0)
+            spec = dict(size=size, L=L, batch=batch, t=t)
+            row = {
+                "model": size,
+                "L": L,
+                "batch": batch,
+                "thought_len": t,
+                "vocab": qs.base_model.config.vocab_size,
+                **{f"{p}_s": statistics.median(times[p]) for p in PATHS},
+                **{f"rss_mb_{p}": _rss({**spec, "path": p}, 3) if rss else None for p in PATHS},
+                "max_abs_diff": float((values["fused"] - values["logits"]).abs().max()),
+            }
+            rows.append(row)
+            print(
+                f"{size:6} {L:>4} {row['fused_s']:8.3f} {row['logits_s']:9.3f} "
+                f"{_fmt(row['rss_mb_fused']):>12} {_fmt(row['rss_mb_logits']):>13} "
+                f"{row['max_abs_diff']:10.1e}",
+                flush=True,
+            )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "eval.md").write_text(markdown(rows, " ".join(sys.argv)))
+        print(f"# wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    return rows
+
+
+def _fmt(v, spec=".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        "# Evaluation scoring: fused head against materialised logits",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Scoring one batch of held-out windows as `qstar train`'s evaluation does: `log p` of "
+        "every true token without and with (greedy) thoughts. `fused`: through the fused head "
+        "(no `(B, L, V)` logits); `logits`: the logits of `base_logits` / `mixed_logits`, their "
+        "log-softmax and the gather. Seconds: median of interleaved repeats in one process. "
+        "Peak RSS MB: the increase of a scoring call over the memory after building the model, "
+        "median of three fresh processes. `max |diff|`: the largest difference of the two paths' "
+        "log-probabilities (fp32).",
+        "",
+        "| model | L | batch | vocab | fused s | logits s | logits/fused | peak RSS MB fused "
+        "| peak RSS MB logits | logits/fused | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = (
+            f"{r['rss_mb_logits'] / r['rss_mb_fused']:.2f}"
+            if r["rss_mb_fused"] and r["rss_mb_logits"]
+            else "-"
+        )
+        lines.append(
+            f"| {r['model']} | {r['L']} | {r['batch']} | {r['vocab']} | {r['fused_s']:.3f} | "
+            f"{r['logits_s']:.3f} | {r['logits_s'] / r['fused_s']:.2f} | "
+            f"{_fmt(r['rss_mb_fused'])} | {_fmt(r['rss_mb_logits'])} | {ratio} | "
+            f"{r['max_abs_diff']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # the fresh process of _rss
+    print(json.dumps(eval_child(json.loads(sys.argv[1]))))
