@@ -22,6 +22,8 @@ from qstar.overrides import coerce, did_you_mean, parse_override
 MIXING_CHOICES = ("hidden", "logprob")
 POLICY_LOGPROB_CHOICES = ("per_token", "per_thought")
 ATTENTION_CHOICES = ("sparse", "flex", "einsum", "dense")
+BASELINE_CHOICES = ("mean", "leave_one_out", "none")  # as qstar.core.learn.BASELINES
+REWARD_FILTER_CHOICES = ("positive", "all", "best")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,15 @@ class QuietStarConfig:
             (the code's ``reinforce_temperature = 3``).
         policy_logprob: ``"per_token"`` averages the policy term over thought tokens (code);
             ``"per_thought"`` uses the whole thought's log-probability (paper).
-        positive_rewards: keep only positive rewards (clamp at 0), as the code does.
+        baseline: the REINFORCE control variate (:func:`qstar.core.learn.baseline_rewards`):
+            ``"mean"`` over the ``k`` thoughts, the thought itself included (the code; its
+            expected gradient is ``(k-1)/k`` of the true one), ``"leave_one_out"`` (the mean of
+            the other ``k-1``; unbiased; needs ``k >= 2``) or ``"none"`` (the gain over the
+            prediction without a thought).
+        reward_filter: which rewards get credit (:func:`qstar.core.learn.filter_rewards`):
+            ``"positive"`` (clamp at 0, the code), ``"all"`` (signed) or ``"best"`` (the best
+            of the ``k`` thoughts per position, when positive). Configs that still say
+            ``positive_rewards: true/false`` read as ``positive`` / ``all``.
         thought_temperature: sampling temperature of thought tokens (1.0: the code's hard
             Gumbel trick, which is exactly categorical sampling at T=1).
         meta_scale: the meta-token embeddings are stored divided by this factor and multiplied
@@ -70,7 +80,8 @@ class QuietStarConfig:
     policy_weight: float = 1e6
     policy_temperature: float = 3.0
     policy_logprob: str = "per_token"
-    positive_rewards: bool = True
+    baseline: str = "mean"
+    reward_filter: str = "positive"
     thought_temperature: float = 1.0
     meta_scale: float = 100.0
     attention: str = "sparse"
@@ -94,9 +105,12 @@ class QuietStarConfig:
             _float_ge(name, getattr(self, name), 0.0)
         for name in ("policy_temperature", "thought_temperature", "meta_scale"):
             _float_gt(name, getattr(self, name), 0.0)
-        if not isinstance(self.positive_rewards, bool):
+        _choice("baseline", self.baseline, BASELINE_CHOICES)
+        _choice("reward_filter", self.reward_filter, REWARD_FILTER_CHOICES)
+        if self.baseline == "leave_one_out" and self.n_thoughts < 2:
             raise ValueError(
-                f"positive_rewards must be true or false, got {self.positive_rewards!r}"
+                "baseline=leave_one_out averages the other n_thoughts - 1 thoughts: it needs "
+                f"n_thoughts >= 2, got n_thoughts={self.n_thoughts} (or use baseline=none)"
             )
         for name in ("start_token", "end_token", "meta_init_text"):
             value = getattr(self, name)
@@ -129,6 +143,7 @@ class QuietStarConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuietStarConfig:
+        data = upgrade_legacy(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -142,6 +157,23 @@ class QuietStarConfig:
 
     def replace(self, **changes: Any) -> QuietStarConfig:
         return dataclasses.replace(self, **changes)
+
+
+def upgrade_legacy(section: dict[str, Any]) -> dict[str, Any]:
+    """A ``quiet_star`` mapping written before ``reward_filter`` existed (saved checkpoints,
+    run directories' ``config.yaml``): ``positive_rewards: true/false`` -> ``reward_filter:
+    positive/all``."""
+    if not isinstance(section, dict) or "positive_rewards" not in section:
+        return section
+    section = dict(section)
+    value = section.pop("positive_rewards")
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"positive_rewards must be true or false, got {value!r} "
+            "(it is now reward_filter: positive|all|best)"
+        )
+    section.setdefault("reward_filter", "positive" if value else "all")
+    return section
 
 
 def _int_in(name: str, value: Any, lo: int, hi: int) -> None:

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qstar.config import QuietStarConfig, _choice, _float_ge, _float_gt, _int_in
+from qstar.config import (
+    QuietStarConfig,
+    _choice,
+    _float_ge,
+    _float_gt,
+    _int_in,
+    upgrade_legacy,
+)
 from qstar.overrides import coerce, merge_into, parse_override
 
 # ============================================================================ the run config tree
@@ -314,9 +321,14 @@ def load_run_config(
             raise ValueError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections")
+        if "quiet_star" in data:
+            data["quiet_star"] = upgrade_legacy(data["quiet_star"])
         for key, value in data.items():
             merge_into(tree, [str(key)], value, where=f" in {path}")
     for text in overrides:
         keys, value = parse_override(text)
+        if keys == ["quiet_star", "positive_rewards"]:  # the old name of reward_filter
+            ((key, value),) = upgrade_legacy({"positive_rewards": value}).items()
+            keys = ["quiet_star", key]
         merge_into(tree, keys, value, where=" in overrides")
     return build_run_config(tree)

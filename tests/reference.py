@@ -78,9 +78,20 @@ def reference_loss(qs, ids: torch.Tensor, thoughts: torch.Tensor) -> dict[str, t
                     mixed_terms[j].append(nll)
                 ll[s] = -sum(x.detach() for x in nlls)
                 per_thought_nll.append(nlls)
-            r = ll - ll.mean()
-            if cfg.positive_rewards:
+            if cfg.baseline == "mean":
+                r = ll - ll.mean()
+            elif cfg.baseline == "leave_one_out":
+                r = torch.stack([ll[s] - (ll.sum() - ll[s]) / (k - 1) for s in range(k)])
+            else:  # "none": the gain over the base model's prediction of the same tokens
+                base_ll = sum(
+                    float(lp_base[i + j, ids[b, i + 1 + j]]) for j in range(min(n, L - 1 - i))
+                )
+                r = ll - base_ll
+            if cfg.reward_filter == "positive":
                 r = r.clamp(min=0)
+            elif cfg.reward_filter == "best":
+                best = int(r.argmax())
+                r = torch.stack([r[s].clamp(min=0) if s == best else r[s] * 0 for s in range(k)])
             for s in range(k):
                 c = thoughts[b, s, i].tolist()
                 seq = torch.cat([ids[b, : i + 1], torch.tensor([qs.start_id, *c])])

@@ -15,7 +15,8 @@ from qstar import QuietStarConfig
         ("attention", "flash"),
         ("policy_temperature", 0),
         ("base_loss_weight", -0.1),
-        ("positive_rewards", "yes"),
+        ("baseline", "moving_average"),
+        ("reward_filter", "top"),
         ("start_token", ""),
     ],
 )

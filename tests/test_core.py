@@ -125,7 +125,7 @@ def test_training_loss_equals_plain_reference(arch, mixing):
         randomize_head=True,
         mixing=mixing,
         n_true=3,
-        positive_rewards=False,
+        reward_filter="all",
         policy_weight=10.0,
     )
     ids = torch.cat([ids_of(qs, max_len=7), ids_of(qs, "Language models can teach", max_len=7)])
@@ -136,6 +136,33 @@ def test_training_loss_equals_plain_reference(arch, mixing):
             getattr(out, name).float(), ref[name].float(), atol=1e-4, rtol=1e-4, msg=name
         )
     assert out.policy_loss.abs() > 0  # rewards are non-zero with a random head
+
+
+@pytest.mark.parametrize(
+    "baseline, reward_filter",
+    [("leave_one_out", "all"), ("none", "all"), ("none", "positive"), ("mean", "best")],
+)
+def test_every_estimator_equals_plain_reference(baseline, reward_filter):
+    """The policy term of each baseline x filter against the position-by-position definition
+    (the reference's own per-position rewards), k = 3 so that leave-one-out and best differ
+    from the mean baseline and the positive filter."""
+    qs = build(
+        "llama",
+        randomize_head=True,
+        n_true=3,
+        n_thoughts=3,
+        baseline=baseline,
+        reward_filter=reward_filter,
+        policy_weight=10.0,
+    )
+    ids = torch.cat([ids_of(qs, max_len=7), ids_of(qs, "Language models can teach", max_len=7)])
+    out = qs(ids, generator=torch.Generator().manual_seed(1))
+    ref = reference_loss(qs, ids, out.thoughts)
+    for name in ("policy_loss", "loss"):
+        torch.testing.assert_close(
+            getattr(out, name).float(), ref[name].float(), atol=1e-4, rtol=1e-4, msg=name
+        )
+    assert out.policy_loss.abs() > 0
 
 
 @pytest.mark.parametrize("kernel", ["sparse", "einsum"])  # on CPU, sparse = the fused kernel

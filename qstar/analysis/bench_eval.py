@@ -34,12 +34,9 @@ PATHS = ("fused", "logits")
 @torch.no_grad()
 def score(qs, ids: torch.Tensor, path: str) -> torch.Tensor:
     """``(B, L) -> (2, B, L - 1)`` log-probabilities of the true tokens, base then thinking."""
-    from qstar.core.inference import next_token_logprobs
 
     if path == "fused":
-        return torch.stack(
-            [next_token_logprobs(qs, ids, think=False), next_token_logprobs(qs, ids)]
-        )
+        return torch.stack([qs.next_token_logprobs(ids, think=False), qs.next_token_logprobs(ids)])
     tgt = ids[:, 1:, None]
     return torch.stack(
         [

@@ -19,7 +19,6 @@ def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.nda
     ``RUN_DIR/analysis/content_control.json`` (keyed by the final model file)."""
     import torch
 
-    from qstar.core.inference import next_token_logprobs
     from qstar.core.model import QuietStar
     from qstar.data import collate
 
@@ -46,9 +45,9 @@ def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.nda
             ids, mask = collate(windows[i : i + batch_size], qs.fill_id)
             valid = (mask[:, 1:] & mask[:, :-1]).bool()
             for name, lp in (  # log p(x_{i+1}) through the fused head: no (B, L, V) logits
-                ("base", next_token_logprobs(qs, ids, mask, think=False)),
-                ("thought", next_token_logprobs(qs, ids, mask)),
-                ("fixed", next_token_logprobs(qs, ids, mask, fixed_thought=pause)),
+                ("base", qs.next_token_logprobs(ids, mask, think=False)),
+                ("thought", qs.next_token_logprobs(ids, mask)),
+                ("fixed", qs.next_token_logprobs(ids, mask, fixed_thought=pause)),
             ):
                 nll = -lp
                 out[name] += [row[v].double().numpy() for row, v in zip(nll, valid, strict=True)]
@@ -96,7 +95,6 @@ def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, 
     """
     import torch
 
-    from qstar.core.inference import next_token_logprobs
     from qstar.core.model import QuietStar
     from qstar.data import collate
 
@@ -111,8 +109,8 @@ def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, 
     loss_rows, thought_rows = [], []
     with torch.no_grad():
         valid = (mask[:, 1:] & mask[:, :-1]).bool()
-        b = -next_token_logprobs(qs, ids, mask, think=False)
-        m = -next_token_logprobs(qs, ids, mask)
+        b = -qs.next_token_logprobs(ids, mask, think=False)
+        m = -qs.next_token_logprobs(ids, mask)
         for w, i in valid.nonzero().tolist():
             loss_rows.append(
                 {

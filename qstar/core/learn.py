@@ -7,6 +7,8 @@ Objective (the authors' code defaults; Zelikman et al. 2024, Eq. 1-3):
     loss = base_w * NLL_base + mixed_w * mean_j NLL_mixed(j) + policy_w * L_policy
     r[b, s, i]   = sum_j log p_mixed(x_{i+j} | thought s) - mean_s' (same)   (base cancels)
     L_policy     = mean over (b, s, i, thought token) of  -max(r, 0) * log p_T(c)   (per_token)
+The baseline (``mean``) and the filter (``max(r, 0)``) are estimator choices with named
+alternatives: :func:`baseline_rewards`, :func:`filter_rewards`.
 """
 
 from __future__ import annotations
@@ -76,20 +78,87 @@ def mixed_nll(nll: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return per_step[has_any].mean() if has_any.any() else nll.sum() * 0
 
 
+BASELINES = ("mean", "leave_one_out", "none")
+REWARD_FILTERS = ("positive", "all", "best")
+
+
 def thought_rewards(
-    nll: torch.Tensor, valid: torch.Tensor, positive_only: bool = True
+    nll: torch.Tensor,
+    valid: torch.Tensor,
+    baseline: str = "mean",
+    reward_filter: str = "positive",
+    base_ll: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """REINFORCE reward per thought, with the mean over the ``k`` thoughts as baseline.
+    """REINFORCE reward per thought: the log-likelihood of the true tokens after the thought,
+    less a baseline (:func:`baseline_rewards`), then filtered (:func:`filter_rewards`).
 
     Args:
         nll: ``(B, k, L, n)`` mixed NLL of the true tokens after each thought.
         valid: ``(B, 1 or k, L, n)``.
+        baseline, reward_filter: :data:`BASELINES`, :data:`REWARD_FILTERS` (the authors' code:
+            ``mean``, ``positive``).
+        base_ll: ``(B, 1, L)`` log-likelihood of the same tokens predicted without a thought
+            (needed by ``baseline="none"`` only; see :func:`lookahead_loglik`).
     Returns:
-        ``(B, k, L)`` detached rewards (the baseline includes the thought itself, as the code).
+        ``(B, k, L)`` detached rewards.
     """
     ll = -(nll.detach() * valid.to(nll.dtype)).sum(dim=-1)  # (B, k, L) log-likelihood
-    r = ll - ll.mean(dim=1, keepdim=True)
-    return r.clamp(min=0) if positive_only else r
+    return filter_rewards(baseline_rewards(ll, baseline, base_ll), reward_filter)
+
+
+def baseline_rewards(
+    ll: torch.Tensor, baseline: str, base_ll: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(B, k, L)`` log-likelihoods -> rewards, by control variate:
+
+    - ``mean``: ``ll - mean_k ll``, the thought itself included (the authors' code). Its
+      expected policy gradient is ``(k - 1) / k`` of the true one (the self term's share);
+    - ``leave_one_out``: ``ll - mean of the other k - 1`` ``= k / (k - 1) (ll - mean_k ll)``,
+      unbiased (TRICE, RLOO); needs ``k >= 2``;
+    - ``none``: ``ll - base_ll``, the gain over the prediction without a thought (Williams'
+      REINFORCE with no control variate; ``base_ll`` is a constant of the position, not of the
+      thought).
+    """
+    if baseline == "mean":
+        return ll - ll.mean(dim=1, keepdim=True)
+    if baseline == "leave_one_out":
+        k = ll.shape[1]
+        if k < 2:
+            raise ValueError("baseline=leave_one_out needs n_thoughts >= 2")
+        return (ll - ll.mean(dim=1, keepdim=True)) * (k / (k - 1))
+    if baseline == "none":
+        if base_ll is None:
+            raise ValueError("baseline=none needs the base log-likelihood (base_ll)")
+        return ll - base_ll.detach().to(ll.dtype)
+    raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+
+
+def filter_rewards(r: torch.Tensor, reward_filter: str) -> torch.Tensor:
+    """``(B, k, L)`` rewards -> the rewards that get credit:
+
+    - ``positive``: ``max(r, 0)`` (the authors' code);
+    - ``all``: ``r``, signed (a worse-than-baseline thought is pushed down);
+    - ``best``: only the highest-reward thought of each position (the first on ties), and only
+      where its reward is positive (STaR-style filtering: learn from the best of k).
+    """
+    if reward_filter == "positive":
+        return r.clamp(min=0)
+    if reward_filter == "all":
+        return r
+    if reward_filter == "best":
+        best = torch.zeros_like(r).scatter_(1, r.argmax(dim=1, keepdim=True), 1.0)
+        return r.clamp(min=0) * best
+    raise ValueError(f"reward_filter must be one of {REWARD_FILTERS}, got {reward_filter!r}")
+
+
+def lookahead_loglik(next_logprobs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Base log-likelihood of each position's lookahead tokens, what ``baseline="none"``
+    subtracts: ``(B, L - 1)`` ``log p(x_{m+1})`` and ``(B, L, n)`` target validity (``valid[b,
+    i, j]``: ``x_{i+1+j}`` exists) ``-> (B, 1, L)`` ``sum_j log p(x_{i+1+j})``."""
+    B, L, n = valid.shape
+    lp = torch.cat([next_logprobs.detach(), next_logprobs.new_zeros(B, n)], dim=1)  # (B, L-1+n)
+    idx = torch.arange(L, device=lp.device)[:, None] + torch.arange(n, device=lp.device)
+    return (lp[:, idx] * valid.to(lp.dtype)).sum(-1)[:, None]
 
 
 def policy_loss(

@@ -341,6 +341,20 @@ class QuietStar(VocabularyHead, nn.Module):
             self, input_ids, positions, attention_mask, greedy, generator
         )
 
+    def next_token_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        think: bool = True,
+        fixed_thought: int | None = None,
+    ) -> torch.Tensor:
+        """``log p(x_{i+1})`` after greedy thoughts or from the base model, ``(B, L) ->
+        (B, L - 1)``, without ``(B, L, V)`` logits
+        (:func:`qstar.core.inference.next_token_logprobs`)."""
+        from qstar.core import inference
+
+        return inference.next_token_logprobs(self, input_ids, attention_mask, think, fixed_thought)
+
     @torch.no_grad()
     def base_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -382,7 +396,8 @@ class QuietStar(VocabularyHead, nn.Module):
 
         # base pass, once per sequence: (B, L, H) and its KV cache
         h_base, cache = self._base_pass(input_ids, attention_mask)
-        base_nll = learn.next_token_nll(self.token_logprob(h_base[:, :-1], input_ids[:, 1:]), valid)
+        base_lp = self.token_logprob(h_base[:, :-1], input_ids[:, 1:])  # (B, L-1)
+        base_nll = learn.next_token_nll(base_lp, valid)
         # think: (Bk, L, t) thoughts, then (Bk, D, L, H) hidden states of every depth
         thoughts, h = self._think(input_ids, cache, k, greedy, generator)
         # talk: mix base and post-thought predictions of x_{i+1..i+n}, (Bk, n, L, 1) weights
@@ -408,7 +423,12 @@ class QuietStar(VocabularyHead, nn.Module):
         thought_lp = thought_lp.view(B, k, t, L).transpose(2, 3)  # (B, k, L, t)
         target_valid = think.shifted_valid(valid, n)[:, None]  # (B, 1, L, n)
         mixed = learn.mixed_nll(nll, target_valid)
-        rewards = learn.thought_rewards(nll, target_valid, cfg.positive_rewards)  # (B, k, L)
+        base_ll = (
+            learn.lookahead_loglik(base_lp, target_valid[:, 0]) if cfg.baseline == "none" else None
+        )
+        rewards = learn.thought_rewards(
+            nll, target_valid, cfg.baseline, cfg.reward_filter, base_ll
+        )  # (B, k, L)
         policy = learn.policy_loss(
             thought_lp, rewards, target_valid[..., 0], per_token=cfg.policy_logprob == "per_token"
         )

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from qstar.core.inference import next_token_logprobs
 from qstar.core.model import QuietStar
 from qstar.data import collate
 from qstar.run_config import RunConfig
@@ -40,9 +39,9 @@ def heldout_nll(
             valid = (mask[:, 1:] & mask[:, :-1]).bool()
             count += int(valid.sum())
             # log p(x_{i+1}) through the fused head: no (b, L, V) logits
-            scored = {"base": next_token_logprobs(qs, ids, mask, think=False)}
+            scored = {"base": qs.next_token_logprobs(ids, mask, think=False)}
             if think:
-                scored["thought"] = next_token_logprobs(qs, ids, mask)
+                scored["thought"] = qs.next_token_logprobs(ids, mask)
             for name, lp in scored.items():
                 nll = -lp  # (b, L-1)
                 sums[name] += float(nll[valid].sum())

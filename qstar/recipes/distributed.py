@@ -101,7 +101,13 @@ def shard(qs: torch.nn.Module) -> None:
         fully_shard(layer)
     fully_shard(qs)
     # QuietStar's inference entry points gather the root's parameters as forward does
-    for method in ("mixed_logits", "base_logits", "sample_thoughts", "generate"):
+    for method in (
+        "mixed_logits",
+        "base_logits",
+        "next_token_logprobs",
+        "sample_thoughts",
+        "generate",
+    ):
         if hasattr(qs, method):
             register_fsdp_forward_method(qs, method)
 
