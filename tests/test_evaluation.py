@@ -25,6 +25,13 @@ def lm():
     return QStarLM(model=qs, batch_size=3, max_gen_toks=6)
 
 
+def text_logprobs(qs, logits):
+    """What the backend scores with: log-probabilities without the meta tokens."""
+    from qstar.core.think import mask_meta_logits
+
+    return torch.log_softmax(mask_meta_logits(logits.float(), (qs.start_id, qs.end_id)), -1)
+
+
 class Req:
     def __init__(self, *args):
         self.args = args
@@ -40,7 +47,7 @@ def test_loglikelihood_matches_mixed_logits_and_prefix_sharing(lm):
     for req, (ll, greedy) in zip(reqs, got, strict=True):
         ctx, cont = lm._encode_pair(*req.args)
         ids = torch.tensor([ctx + cont])
-        lp = torch.log_softmax(lm.qs.mixed_logits(ids)[0], -1)
+        lp = text_logprobs(lm.qs, lm.qs.mixed_logits(ids)[0])
         ref = sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
         assert ll == pytest.approx(ref, abs=1e-4)
         assert greedy == all(int(lp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont))
@@ -51,7 +58,7 @@ def test_loglikelihood_matches_mixed_logits_and_prefix_sharing(lm):
             ctx, cont = lm._encode_pair(*req.args)
             with torch.no_grad():
                 logits = lm.qs.base_model(input_ids=torch.tensor([ctx + cont])).logits[0]
-            lp = torch.log_softmax(logits, -1)
+            lp = text_logprobs(lm.qs, logits)
             assert ll == pytest.approx(
                 sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)), abs=1e-4
             )
@@ -80,8 +87,8 @@ def test_generate_until_stops_and_equals_greedy_mixed_decoding(lm):
 def test_rolling_loglikelihood_is_the_sum_over_tokens(lm):
     text = "Language models can teach themselves to think."
     got = lm.loglikelihood_rolling([Req(text)])[0]
-    ids = [lm.eot_token_id] + lm.tok_encode(text)
-    lp = torch.log_softmax(lm.qs.mixed_logits(torch.tensor([ids[:-1]]))[0], -1)
+    ids = [lm.prefix_token_id] + lm.tok_encode(text)
+    lp = text_logprobs(lm.qs, lm.qs.mixed_logits(torch.tensor([ids[:-1]]))[0])
     assert got == pytest.approx(sum(float(lp[i, t]) for i, t in enumerate(ids[1:])), abs=1e-3)
 
 
@@ -251,3 +258,48 @@ def test_training_hook_logs_task_metrics(tmp_path, tiny_run_config):
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["step"] for r in rows] == [0, 2]
     assert 0.0 <= rows[-1]["eval/my_addition/acc"] <= 1.0
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_no_think_scores_as_lm_evals_hf_model(tmp_path, bos):
+    """`--no-think` is lm-eval's own `hf` model on the same weights, on every output type:
+    rolling log-likelihood (conditioned on BOS where the tokenizer has one, else EOS),
+    log-likelihood with and without context, and greedy generation."""
+    import copy
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = tiny_model("llama")
+    if bos:
+        tok.bos_token = tok.convert_ids_to_tokens(2)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    hf = HFLM(pretrained=str(tmp_path), device="cpu", batch_size=2)
+    qs = QuietStar.from_base(
+        copy.deepcopy(model), copy.deepcopy(tok), QuietStarConfig(thought_len=2)
+    )
+    ours = QStarLM(model=qs, think=False, batch_size=2)
+
+    def req(kind, args):
+        return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "Language models can teach."]
+    pairs = [("Q: 2+2?", " A: 4"), ("", "hello there"), ("Q: 2+2?", " A: 5")]
+    gen = [("The quick", {"until": ["\n"], "max_gen_toks": 5, "do_sample": False})]
+    assert ours.prefix_token_id == hf.prefix_token_id == (2 if bos else tok.eos_token_id)
+    for a, b in zip(
+        hf.loglikelihood_rolling([req("loglikelihood_rolling", (t,)) for t in texts]),
+        ours.loglikelihood_rolling([req("loglikelihood_rolling", (t,)) for t in texts]),
+        strict=True,
+    ):
+        assert a == pytest.approx(b, abs=1e-4)
+    for (a, ga), (b, gb) in zip(
+        hf.loglikelihood([req("loglikelihood", p) for p in pairs]),
+        ours.loglikelihood([req("loglikelihood", p) for p in pairs]),
+        strict=True,
+    ):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    assert hf.generate_until([req("generate_until", g) for g in gen]) == ours.generate_until(
+        [req("generate_until", g) for g in gen]
+    )

@@ -95,6 +95,13 @@ class QStarLM(TemplateLM):
         return int(eos if eos is not None else self.qs.fill_id)
 
     @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is conditioned on (rolling log-likelihood, empty prompts): BOS
+        where the tokenizer has one, else EOS -- as lm-eval's ``hf`` model does."""
+        bos = self.tokenizer.bos_token_id
+        return int(bos) if bos is not None else self.eot_token_id
+
+    @property
     def max_length(self) -> int:
         return self._max_length
 
@@ -112,6 +119,16 @@ class QStarLM(TemplateLM):
 
     def _generator(self) -> torch.Generator | None:
         return None if self.greedy else torch.Generator().manual_seed(self.seed)
+
+    def _text_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the text vocabulary: the meta tokens (which no text contains
+        and the base model never had) are excluded, so that ``think=False`` scores exactly as
+        lm-eval's ``hf`` model does on the same weights and thinking is compared on the same
+        vocabulary."""
+        from qstar.core.think import mask_meta_logits
+
+        masked = mask_meta_logits(logits.float(), (self.qs.start_id, self.qs.end_id))
+        return torch.log_softmax(masked, dim=-1).cpu()
 
     def _logprobs(self, rows: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
         with torch.no_grad(), self.qs.using(**self.overrides):
@@ -141,10 +158,10 @@ class QStarLM(TemplateLM):
             h = qs.backbone(inputs_embeds=qs.embed(ids), attention_mask=mask).last_hidden_state
             logits = qs.lm_logits(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))
         if not self.think or self.greedy:
-            lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            lp = self._text_logprobs(logits)
             return [lp[i, : len(r) - s] for i, (r, s) in enumerate(zip(rows, starts, strict=True))]
         logits = self.qs.mixed_logits(ids, mask, greedy=self.greedy, generator=self._generator())
-        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        lp = self._text_logprobs(logits)
         return [lp[i, s : len(r)] for i, (r, s) in enumerate(zip(rows, starts, strict=True))]
 
     def _loglikelihood_tokens(
