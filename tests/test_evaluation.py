@@ -303,3 +303,27 @@ def test_no_think_scores_as_lm_evals_hf_model(tmp_path, bos):
     assert hf.generate_until([req("generate_until", g) for g in gen]) == ours.generate_until(
         [req("generate_until", g) for g in gen]
     )
+
+
+def test_sampled_copies_share_one_prefill_and_equal_separate_prompts(lm):
+    """`copies`: continuations of one prefill equal the same prompts repeated in the batch
+    (sampled answers and thoughts, the same draws), for left-padded prompts of two lengths."""
+    qs = lm.qs
+    a, b = lm.tok_encode("Q: What is 12 times 7?\nA:"), lm.tok_encode("The quick")
+    rows = [a, a, b]  # prompt a twice, b once
+    width = len(a)
+    ids = torch.full((3, width), qs.fill_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
+    kw = dict(max_new_tokens=5, do_sample=True, greedy_thoughts=False)
+    separate = qs.generate(ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    shared = qs.generate(
+        ids[1:],
+        mask[1:],
+        generator=torch.Generator().manual_seed(0),
+        copies=torch.tensor([2, 1]),
+        **kw,
+    )
+    assert torch.equal(separate, shared)
+    assert not torch.equal(separate[0], separate[1])  # the copies are sampled independently

@@ -22,8 +22,9 @@ def new_cache() -> DynamicCache:
     return DynamicCache()
 
 
-def repeat_cache(cache: DynamicCache, k: int, detach: bool) -> DynamicCache:
-    """A new cache with every row repeated ``k`` times (``repeat_interleave`` order)."""
+def repeat_cache(cache: DynamicCache, k, detach: bool) -> DynamicCache:
+    """A new cache with every row repeated ``k`` times (``repeat_interleave`` order; ``k`` an int
+    or a tensor of counts per row)."""
     data = []
     for layer in cache.layers:
         key, value = layer.keys, layer.values

@@ -13,7 +13,7 @@ import torch
 
 from qstar.core import hf, think
 from qstar.core.attention import positions_thought_mask, thought_attention
-from qstar.core.think import draw_uniforms, sample_from_logits
+from qstar.core.think import draw_uniforms, mask_meta_logits, sample_from_logits
 
 
 @torch.no_grad()
@@ -166,8 +166,13 @@ def generate(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    copies: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """KV-cached batch generation that thinks before every emitted token.
+
+    ``copies`` (an int, or ``(B,)`` counts): generate that many continuations of each prompt
+    row from one prefill (sampled answers to one question share the prompt's pass and cache);
+    the result then has ``sum(copies)`` rows, each prompt's copies together.
 
     ``input_ids`` may be left-padded (``attention_mask`` zeros first). Before each new token
     the model decodes ``<start> c_1..c_t <end>`` after the last position on a scratch copy of
@@ -187,6 +192,14 @@ def generate(
         use_cache=True,
     )
     cache, h_last, next_pos = out.cache, out.last_hidden_state[:, -1], pos[:, -1] + 1
+    if copies is not None:  # one prefill, several continuations of each prompt
+        if torch.is_tensor(copies):
+            copies = copies.to(device)
+        cache = hf.repeat_cache(cache, copies, detach=False)
+        h_last, next_pos, mask = (
+            x.repeat_interleave(copies, dim=0) for x in (h_last, next_pos, mask)
+        )
+        B = h_last.shape[0]
     ones = torch.ones((B, 1), dtype=mask.dtype, device=device)
     emitted = torch.empty((B, 0), dtype=torch.long, device=device)
     t = qs.config.thought_len
@@ -219,6 +232,7 @@ def generate(
             logits, _ = qs._mixer(qs.mixing_head(h_last, h), h_last, h, qs.lm_logits)
         else:
             logits = qs.lm_logits(h_last)
+        logits = mask_meta_logits(logits, (qs.start_id, qs.end_id))  # text tokens only
         if do_sample:
             u = draw_uniforms((B,), generator, device)
             nxt = sample_from_logits(logits, u, temperature)

@@ -261,6 +261,16 @@ class QStarLM(TemplateLM):
             self.tok_encode(c)[-(self.max_length - max_new) :] or [self.eot_token_id]
             for c in contexts
         ]
+        # lm-eval's `repeats` (e.g. 8 sampled answers a question) arrive as consecutive copies
+        # of one request: prefill each prompt once and continue it that many times
+        counts: list[int] = []
+        for i, e in enumerate(encoded):
+            if i and e == encoded[i - 1]:
+                counts[-1] += 1
+            else:
+                counts.append(1)
+        starts = [sum(counts[:j]) for j in range(len(counts))]
+        encoded = [encoded[s] for s in starts]
         width = max(len(e) for e in encoded)
         ids = torch.full((len(encoded), width), self.qs.fill_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -272,8 +282,9 @@ class QStarLM(TemplateLM):
             texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=False)
             return torch.tensor([any(s in t for s in stops) for t in texts])
 
+        copies = None if len(counts) == len(contexts) else torch.tensor(counts)
         with self.qs.using(**self.overrides):
-            new = self._generate_now(ids, mask, max_new, do_sample, temperature, stop)
+            new = self._generate_now(ids, mask, max_new, do_sample, temperature, stop, copies)
         out = []
         for row in new.tolist():
             text = self.tokenizer.decode(row, skip_special_tokens=False)
@@ -281,7 +292,7 @@ class QStarLM(TemplateLM):
             out.append(text[:cut])
         return out
 
-    def _generate_now(self, ids, mask, max_new, do_sample, temperature, stop):
+    def _generate_now(self, ids, mask, max_new, do_sample, temperature, stop, copies=None):
         return self.qs.generate(
             ids.to(self.device),
             mask.to(self.device),
@@ -292,6 +303,7 @@ class QStarLM(TemplateLM):
             temperature=temperature,
             generator=self._generator(),
             stop=stop,
+            copies=copies,
         )
 
 
