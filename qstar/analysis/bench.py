@@ -392,6 +392,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(seconds and peak RSS of each); writes eval.md/json to --out",
     )
     p.add_argument(
+        "--generate",
+        action="store_true",
+        help="instead: tokens/s of thinking generation against plain generation on --model "
+        "(default: the default model) at its thought length (default 9), and 8 sampled answers "
+        "from one shared prefill against the prompt repeated; writes generation.json to --out",
+    )
+    p.add_argument("--model", default=None, help="with --generate: model id, directory or .gguf")
+    p.add_argument(
+        "--thought-len", type=int, default=9, help="with --generate: thought length (default: 9)"
+    )
+    p.add_argument(
         "--memory",
         action="store_true",
         help="instead: activation memory against thought length (1..24, n_true 4) on the first "
@@ -427,6 +438,16 @@ def main(args: argparse.Namespace) -> int:
         dense_limit_gb=args.dense_limit_gb,
         out=args.out,
     )
+    if args.generate:
+        from qstar.analysis import bench_eval
+
+        bench_eval.generation(
+            model=args.model,
+            thought_len=args.thought_len,
+            repeats=args.repeats,
+            out=args.out,
+        )
+        return 0
     if args.eval:
         from qstar.analysis import bench_eval
 

@@ -172,5 +172,84 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generation(
+    model: str | None = None,
+    thought_len: int = 9,
+    new_tokens: int = 16,
+    samples: int = 8,
+    repeats: int = 2,
+    out: Path | None = None,
+) -> dict:
+    """Tokens/s of thinking generation against plain generation of the same model and prompt
+    (greedy, one row), and ``samples`` sampled answers from one shared prefill against the same
+    prompt repeated ``samples`` times in the batch. Interleaved repeats, medians."""
+    from qstar.core.model import QuietStar
+    from qstar.models.loading import DEFAULT_MODEL
+
+    name = model or DEFAULT_MODEL
+    torch.manual_seed(0)
+    qs = QuietStar.from_pretrained(name, config=QuietStarConfig(thought_len=thought_len)).eval()
+    prompt = "Q: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?\nA:"
+    ids = torch.tensor([qs.tokenizer.encode(prompt, add_special_tokens=False)])
+    gen = dict(max_new_tokens=new_tokens)
+    runs = {
+        "plain": lambda: qs.generate(ids, think=False, **gen),
+        "think": lambda: qs.generate(ids, think=True, **gen),
+        "sampled_shared": lambda: qs.generate(
+            ids, do_sample=True, copies=samples, generator=torch.Generator().manual_seed(0), **gen
+        ),
+        "sampled_separate": lambda: qs.generate(
+            ids.repeat(samples, 1),
+            do_sample=True,
+            generator=torch.Generator().manual_seed(0),
+            **gen,
+        ),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    emitted: dict[str, int] = {}
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            tokens = fn()
+            times[key].append(time.perf_counter() - t0)
+            emitted[key] = tokens.numel()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "model": name,
+        "thought_len": thought_len,
+        "prompt_tokens": ids.shape[1],
+        "new_tokens": new_tokens,
+        "samples": samples,
+        "plain_tokens_per_s": emitted["plain"] / med["plain"],
+        "think_tokens_per_s": emitted["think"] / med["think"],
+        "think_over_plain_time": med["think"] / med["plain"] * emitted["plain"] / emitted["think"],
+        "target_ratio": thought_len + 2,
+        "sampled_shared_s": med["sampled_shared"],
+        "sampled_separate_s": med["sampled_separate"],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"# generation, {name}, thought_len={thought_len}, {new_tokens} new tokens, "
+        f"prompt {ids.shape[1]} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+        f"plain {result['plain_tokens_per_s']:.2f} tokens/s, thinking "
+        f"{result['think_tokens_per_s']:.2f} tokens/s: thinking costs "
+        f"{result['think_over_plain_time']:.2f}x plain per token (target <= {thought_len + 2}x, "
+        f"the thought's passes)\n"
+        f"{samples} sampled thinking answers: one shared prefill {med['sampled_shared']:.2f} s, "
+        f"the prompt repeated {med['sampled_separate']:.2f} s "
+        f"({med['sampled_separate'] / med['sampled_shared']:.2f}x)",
+        flush=True,
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "generation.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 if __name__ == "__main__":  # the fresh process of _rss
     print(json.dumps(eval_child(json.loads(sys.argv[1]))))

@@ -176,8 +176,9 @@ def generate(
 
     ``input_ids`` may be left-padded (``attention_mask`` zeros first). Before each new token
     the model decodes ``<start> c_1..c_t <end>`` after the last position on a scratch copy of
-    the cache (``t + 2`` single-token passes, then the cache is cut back), mixes the base and
-    post-thought predictions, and emits a token. ``stop(tokens (B, n)) -> (B,)`` bool marks
+    the cache (``t + 2`` passes, then the cache is cut back), mixes the base and post-thought
+    predictions, and emits a token; the emitted token enters the cache in one pass with the
+    next ``<start>``, so an emitted token costs ``t + 2`` passes against plain decoding's one. ``stop(tokens (B, n)) -> (B,)`` bool marks
     finished rows; generation ends when all are finished. Returns ``(B, n)`` new tokens.
     """
     B, P = input_ids.shape
@@ -205,29 +206,45 @@ def generate(
     t = qs.config.thought_len
 
     def step(tokens: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Feed ``(B, n)`` tokens at positions ``(B, n)``; ``(B, n, H)`` hidden states."""
         o = qs.backbone(
-            inputs_embeds=qs.embed(tokens[:, None]),
+            inputs_embeds=qs.embed(tokens),
             attention_mask=m,
-            position_ids=p[:, None],
+            position_ids=p,
             cache=cache,
             use_cache=True,
         )
-        return o.last_hidden_state[:, -1]
+        return o.last_hidden_state
 
+    def next_thought_token(h: torch.Tensor) -> torch.Tensor:
+        u = None if greedy_thoughts else draw_uniforms((B,), generator, device)
+        return qs.to_vocab(
+            sample_from_logits(qs.thought_logits(h), u, qs.config.thought_temperature)
+        )
+
+    start = torch.full((B, 1), qs.start_id, dtype=torch.long, device=device)
+    end = torch.full((B,), qs.end_id, dtype=torch.long, device=device)
+    pending = None  # thinking: the last emitted token, fed in one pass with the next <start>
     for _ in range(max_new_tokens):
         if think:
-            base_len = hf.cache_length(cache)
-            tok = torch.full((B,), qs.start_id, dtype=torch.long, device=device)
-            m = mask
-            for d in range(t + 2):  # <start>, c_1..c_t, <end>
+            if pending is None:
+                m = torch.cat([mask, ones], dim=1)
+                h = step(start, m, next_pos[:, None])[:, -1]
+            else:  # x_new and <start> together: t + 2 passes per emitted token, not t + 3
+                mask = torch.cat([mask, ones], dim=1)
+                m = torch.cat([mask, ones], dim=1)
+                hs = step(
+                    torch.cat([pending[:, None], start], dim=1),
+                    m,
+                    torch.stack([next_pos, next_pos + 1], dim=1),
+                )
+                h_last, h, next_pos = hs[:, 0], hs[:, 1], next_pos + 1
+            base_len = hf.cache_length(cache) - 1  # the context without <start>
+            tok = next_thought_token(h) if t > 0 else end
+            for d in range(1, t + 2):  # c_1..c_t, <end> (<start> was d = 0)
                 m = torch.cat([m, ones], dim=1)
-                h = step(tok, m, next_pos + d)
-                if d < t:
-                    u = None if greedy_thoughts else draw_uniforms((B,), generator, device)
-                    idx = sample_from_logits(qs.thought_logits(h), u, qs.config.thought_temperature)
-                    tok = qs.to_vocab(idx)
-                else:
-                    tok = torch.full((B,), qs.end_id, dtype=torch.long, device=device)
+                h = step(tok[:, None], m, (next_pos + d)[:, None])[:, -1]
+                tok = next_thought_token(h) if d < t else end
             hf.crop_cache(cache, base_len)
             logits, _ = qs._mixer(qs.mixing_head(h_last, h), h_last, h, qs.lm_logits)
         else:
@@ -241,7 +258,10 @@ def generate(
         emitted = torch.cat([emitted, nxt[:, None]], dim=1)
         if stop is not None and bool(stop(emitted).all()):
             break
-        mask = torch.cat([mask, ones], dim=1)
-        h_last = step(nxt, mask, next_pos)
-        next_pos = next_pos + 1
+        if think:
+            pending = nxt
+        else:
+            mask = torch.cat([mask, ones], dim=1)
+            h_last = step(nxt[:, None], mask, next_pos[:, None])[:, -1]
+            next_pos = next_pos + 1
     return emitted
