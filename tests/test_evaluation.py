@@ -327,3 +327,42 @@ def test_sampled_copies_share_one_prefill_and_equal_separate_prompts(lm):
     )
     assert torch.equal(separate, shared)
     assert not torch.equal(separate[0], separate[1])  # the copies are sampled independently
+
+
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("She has 3 + 4 = 7 apples. The answer is 7.", "7"),
+        ("So 1,234 + 1 = 1,235.\n#### 1,235", "1235"),
+        ("The answer is $18.00", "18"),
+        ("It costs $0.50 each, so 4 x 0.5 = 2. The final answer is: 2", "2"),
+        ("The answer is 12. But wait, 3 more makes 15", "12"),  # the stated answer wins
+        ("He lost 5 and ends with -3", "-3"),  # no statement: the last number
+        ("no number here", None),
+    ],
+)
+def test_cot_answer_extraction(text, number):
+    assert tu.extract_number(text) == number
+
+
+def test_cot_majority_vote_and_pass_at_1_by_hand():
+    doc = {"question": "q", "answer": "... #### 1,200"}
+    samples = ["The answer is 1200.", "#### 7", "The answer is 7", "so 1,200", "nothing"]
+    out = tu.gsm8k_cot_process_results(doc, [samples])
+    # answers: 1200, 7, 7, 1200, None: a tie, the earliest (1200) wins; 2 of 5 right
+    assert out == {"maj@5": 1.0, "pass@1": 0.4}
+    assert tu.majority([None, "3", "4", "4"]) == "4" and tu.majority([None]) is None
+
+
+def test_cot_majority_task_runs_with_8_samples_a_question(lm, tmp_path):
+    rows = [
+        {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+        {"question": "What is 10 - 4?", "answer": "10 - 4 = 6\n#### 6"},
+        {"question": "What is 3 x 3?", "answer": "#### 9"},
+    ]
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    results = evaluate(lm, ["qstar_gsm8k_cot_maj8_local"], limit=2, data_dir=str(tmp_path))
+    table = results["results"]["qstar_gsm8k_cot_maj8_local"]
+    assert 0.0 <= table["maj@8,samples"] <= 1.0 and 0.0 <= table["pass@1,samples"] <= 1.0
+    assert results["n-samples"]["qstar_gsm8k_cot_maj8_local"]["effective"] == 2  # questions

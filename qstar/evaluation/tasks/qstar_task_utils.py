@@ -226,3 +226,60 @@ def load_csqa(**kwargs):
         return datasets.Dataset.from_list([_csqa_row(r) for r in raw])
 
     return _resolved("tau/commonsense_qa", "validation", load_csqa_local, (), rows, **kwargs)
+
+
+# ---------------------------------------------------------------------------- chain of thought
+# Zero-shot chain of thought with a majority vote (the paper's Sec. 5.3 protocol: 8 sampled
+# rationales, thinking at every generated token). lm-eval's own `repeats` machinery produces the
+# samples; its filters collapse them to one answer before `process_results`, so instead the
+# `take_first_k` filter keeps all k (a no-op for k = repeats) and `gsm8k_cot_process_results`
+# scores them together: maj@k (the most common extracted answer, first on ties) and pass@1 (the
+# mean accuracy of the k samples, an unbiased estimate, rather than the first sample alone).
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+
+
+def gsm8k_cot_prompt(doc: dict) -> str:
+    return f"Q: {doc['question'].strip()}\nA: Let's think step by step."
+
+
+def extract_number(text: str) -> str | None:
+    """The answer a rationale gives: the number after ``####`` or "the answer is", else the last
+    number in the text; normalised (no ``$`` or thousands separators, no trailing ``.0``)."""
+    import re
+
+    for pattern in (rf"####\s*({_NUMBER})", rf"[Tt]he (?:final )?answer is:?\s*({_NUMBER})"):
+        found = re.findall(pattern, text)
+        if found:
+            return _normalise_number(found[-1])
+    found = re.findall(_NUMBER, text)
+    return _normalise_number(found[-1]) if found else None
+
+
+def _normalise_number(raw: str) -> str:
+    s = raw.replace("$", "").replace(",", "").rstrip(".")
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return s or "0"
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """The most common answer (``None`` counts for nothing); the earliest on ties."""
+    counts: dict[str, int] = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def gsm8k_cot_process_results(doc: dict, results: list) -> dict:
+    """``results``: ``[[k generated rationales]]`` -> ``maj@k`` and ``pass@1``."""
+    samples = results[0] if results and isinstance(results[0], list) else list(results)
+    gold = _normalise_number(gsm8k_number(doc))
+    answers = [extract_number(s) for s in samples]
+    return {
+        f"maj@{len(answers)}": float(majority(answers) == gold),
+        "pass@1": sum(a == gold for a in answers) / max(len(answers), 1),
+    }
