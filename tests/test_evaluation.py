@@ -366,3 +366,17 @@ def test_cot_majority_task_runs_with_8_samples_a_question(lm, tmp_path):
     table = results["results"]["qstar_gsm8k_cot_maj8_local"]
     assert 0.0 <= table["maj@8,samples"] <= 1.0 and 0.0 <= table["pass@1,samples"] <= 1.0
     assert results["n-samples"]["qstar_gsm8k_cot_maj8_local"]["effective"] == 2  # questions
+
+
+def test_thinking_generation_is_the_same_alone_and_left_padded_in_a_batch(lm):
+    """Padding invariance of KV-cached thinking generation (greedy thoughts and tokens): a row
+    generates the same tokens alone as left-padded beside a longer prompt."""
+    qs = lm.qs
+    a, b = lm.tok_encode("Q: What is 12 times 7?\nA:"), lm.tok_encode("The quick")
+    ids = torch.full((2, len(a)), qs.fill_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate([a, b]):
+        ids[i, len(a) - len(r) :], mask[i, len(a) - len(r) :] = torch.tensor(r), 1
+    batch = qs.generate(ids, mask, max_new_tokens=6)
+    for i, r in enumerate([a, b]):
+        assert torch.equal(batch[i], qs.generate(torch.tensor([r]), max_new_tokens=6)[0])
