@@ -129,9 +129,9 @@ class TrainSection:
     the mixing head: thoughts can then be learned but the model's own predictions cannot change. ``on_nonfinite``: a NaN/inf loss part, gradient
     norm or weight stops the run (``error``, keeping the last good checkpoint), or the update is
     skipped and counted (``skip``), failing after ``skip_limit`` consecutive skips. ``fused_ce:
-    chunked`` computes every ``log p(token)`` of the step through the fused, chunked LM head
-    (:mod:`qstar.core.head`; exact, about half the saved activations, a few percent slower on
-    CPU); ``off`` materialises the logits."""
+    chunked`` (the default) computes every ``log p(token)`` of the step through the fused,
+    chunked LM head (:mod:`qstar.core.head`; exact; no vocabulary-wide logits kept for backward);
+    ``off`` materialises the logits (the reference path)."""
 
     steps: int = 100
     batch_size: int = 8
@@ -148,7 +148,7 @@ class TrainSection:
     trainable: str = "all"
     on_nonfinite: str = "error"
     skip_limit: int = 5
-    fused_ce: str = "off"
+    fused_ce: str = "chunked"
 
     def validate(self) -> None:
         _int_in("steps", self.steps, 1, 1 << 30)

@@ -42,7 +42,7 @@ def dense_attention_bytes(qcfg: QuietStarConfig, L: int, heads: int, layers: int
     return per_layer * layers
 
 
-def wrap_model(model, tok, qcfg, fused_ce: str = "off"):
+def wrap_model(model, tok, qcfg, fused_ce: str = "chunked"):
     """Wrap ``model`` again for each config without re-adding tokens (they are already there);
     ``fused_ce`` as ``train.fused_ce``."""
     from qstar.core.model import QuietStar
@@ -267,7 +267,7 @@ def rss_child(spec: dict) -> dict:
         qcfg = QuietStarConfig(thought_len=spec["t"], n_true=spec["n"], n_thoughts=k).replace(
             **spec.get("overrides", {})
         )
-        module = wrap_model(model, tiny_tokenizer(), qcfg, spec.get("fused_ce", "off"))
+        module = wrap_model(model, tiny_tokenizer(), qcfg, spec.get("fused_ce", "chunked"))
         gen = torch.Generator().manual_seed(0)
 
         def step():
@@ -313,7 +313,7 @@ def peak_rss_increase(
     batch: int,
     dtype: str = "float32",
     overrides: dict | None = None,
-    fused_ce: str = "off",
+    fused_ce: str = "chunked",
     processes: int = 3,
 ) -> float | None:
     """Peak RSS increase (MB) of a training step of ``kind`` (``"plain"`` or ``"fast"``), the
