@@ -65,6 +65,9 @@ def _md_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
                     if math.isnan(v)
                     else str(int(v))
                     if c in _INT_COLUMNS
+                    # an lr of 1e-6 must not print as 0.0000
+                    else format(v, ".3g")
+                    if 0 < abs(v) < 1e-3
                     else format(v, floatfmt)
                 )
             else:
