@@ -16,6 +16,7 @@ LAYERS = {
     "hub": 0,
     "version": 0,
     "data": 1,
+    "qa": 1,
     "models": 1,
     "core": 2,
     "recipes": 3,

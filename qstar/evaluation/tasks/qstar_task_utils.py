@@ -22,6 +22,9 @@ import json
 import math
 from pathlib import Path
 
+# qstar is installed wherever these tasks run (the `qstar` lm-eval model); re-exported here
+from qstar.qa import _NUMBER, _normalise_number, extract_number, majority  # noqa: F401
+
 DIGITS = [str(d) for d in range(10)] + ["\n"]
 LETTERS = ["A", "B", "C", "D", "E", "\n"]
 
@@ -235,43 +238,9 @@ def load_csqa(**kwargs):
 # `take_first_k` filter keeps all k (a no-op for k = repeats) and `gsm8k_cot_process_results`
 # scores them together: maj@k (the most common extracted answer, first on ties) and pass@1 (the
 # mean accuracy of the k samples, an unbiased estimate, rather than the first sample alone).
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
-
-
+# The answer reading (`extract_number`, `majority`) lives in qstar.qa, shared with the STaR family.
 def gsm8k_cot_prompt(doc: dict) -> str:
     return f"Q: {doc['question'].strip()}\nA: Let's think step by step."
-
-
-def extract_number(text: str) -> str | None:
-    """The answer a rationale gives: the number after ``####`` or "the answer is", else the last
-    number in the text; normalised (no ``$`` or thousands separators, no trailing ``.0``)."""
-    import re
-
-    for pattern in (rf"####\s*({_NUMBER})", rf"[Tt]he (?:final )?answer is:?\s*({_NUMBER})"):
-        found = re.findall(pattern, text)
-        if found:
-            return _normalise_number(found[-1])
-    found = re.findall(_NUMBER, text)
-    return _normalise_number(found[-1]) if found else None
-
-
-def _normalise_number(raw: str) -> str:
-    s = raw.replace("$", "").replace(",", "").rstrip(".")
-    if "." in s:
-        s = s.rstrip("0").rstrip(".")
-    return s or "0"
-
-
-def majority(answers: list[str | None]) -> str | None:
-    """The most common answer (``None`` counts for nothing); the earliest on ties."""
-    counts: dict[str, int] = {}
-    for a in answers:
-        if a is not None:
-            counts[a] = counts.get(a, 0) + 1
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == best)
 
 
 def gsm8k_cot_process_results(doc: dict, results: list) -> dict:
