@@ -43,7 +43,11 @@ def _train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"qstar: run directory {run_dir}", file=sys.stderr)
     summary = train(cfg, run_dir, resume=args.resume)
-    if summary:  # the main process of a data-parallel run
+    if summary and summary.get("method") == "star":
+        from qstar.recipes.star import format_summary as star_summary
+
+        print(star_summary(summary))
+    elif summary:  # the main process of a data-parallel run
         print(format_summary(summary))
     return 0
 

@@ -36,6 +36,8 @@ TRAINABLE = ("all", "heads")
 TASKS_AT = ("every", "end", "start_end")
 ON_NONFINITE = ("error", "skip")
 FUSED_CE = ("off", "chunked")
+METHODS = ("quiet_star", "star")
+QA_TASKS = ("gsm8k", "csqa")
 
 
 @dataclass
@@ -149,6 +151,7 @@ class TrainSection:
     on_nonfinite: str = "error"
     skip_limit: int = 5
     fused_ce: str = "chunked"
+    method: str = "quiet_star"
 
     def validate(self) -> None:
         _int_in("steps", self.steps, 1, 1 << 30)
@@ -170,6 +173,7 @@ class TrainSection:
         _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         _int_in("skip_limit", self.skip_limit, 1, 1 << 30)
         _choice("fused_ce", self.fused_ce, FUSED_CE)
+        _choice("method", self.method, METHODS)
 
 
 @dataclass
@@ -207,6 +211,48 @@ class EvalSection:
 
 
 @dataclass
+class StarSection:
+    """The STaR family on question-answer data (``train.method: star``; see
+    :mod:`qstar.recipes.star`). Each of ``iterations`` samples a rationale for ``questions``
+    training questions of ``task`` (``source``/``split``: resolved like ``data.source``; default
+    the task's hub id) with the current model (``shots`` worked examples as the prompt, at
+    ``temperature``, up to ``max_new_tokens``; ``think``: a Quiet-STaR model thinks while it
+    writes), keeps the correct ones, *rationalises* the wrong ones (``rationalize``: the answer as
+    a hint, dropped from the training text), and fine-tunes the *base* model on what was kept for
+    ``steps_per_iteration`` steps, growing by ``step_growth`` each iteration (the STaR paper:
+    1.2). After each iteration the model answers ``eval_questions`` questions of ``eval_split``
+    greedily (accuracy by answer checking)."""
+
+    task: str = "gsm8k"
+    source: str | None = None
+    split: str = "train"
+    eval_split: str = "test"
+    iterations: int = 3
+    questions: int = 64
+    eval_questions: int = 32
+    shots: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 96
+    rationalize: bool = True
+    think: bool = False
+    steps_per_iteration: int = 10
+    step_growth: float = 1.0
+    generation_batch: int = 16
+
+    def validate(self) -> None:
+        _choice("task", self.task, QA_TASKS)
+        _int_in("iterations", self.iterations, 1, 1 << 20)
+        _int_in("questions", self.questions, 1, 1 << 30)
+        _int_in("eval_questions", self.eval_questions, 0, 1 << 30)
+        _int_in("shots", self.shots, 0, 4)
+        _float_ge("temperature", self.temperature, 0.0)
+        _int_in("max_new_tokens", self.max_new_tokens, 1, 1 << 16)
+        _int_in("steps_per_iteration", self.steps_per_iteration, 1, 1 << 30)
+        _float_ge("step_growth", self.step_growth, 1.0)
+        _int_in("generation_batch", self.generation_batch, 1, 1 << 20)
+
+
+@dataclass
 class LoggingSection:
     """``metrics.jsonl`` is always written; TensorBoard and MLflow are optional sinks.
 
@@ -241,6 +287,7 @@ class RunConfig:
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    star: StarSection = dataclasses.field(default_factory=StarSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
 
     def to_dict(self) -> dict[str, Any]:

@@ -46,7 +46,12 @@ def train(
     ``stop_after`` ends the work after that step (tests use it to simulate an interruption).
     ``on_eval(step, metrics, checkpoint)`` is called after every evaluation, once the step's
     checkpoint is written (sweeps report to Ray Tune through it). Under ``torchrun`` each
-    process trains on its share of every batch (see :mod:`qstar.distributed`)."""
+    process trains on its share of every batch (see :mod:`qstar.distributed`).
+    ``train.method=star`` runs the STaR recipe instead (:mod:`qstar.recipes.star`)."""
+    if cfg.train.method == "star":
+        from qstar.recipes.star import train_star
+
+        return train_star(cfg, run_dir, resume, stop_after, on_eval)
     ctx = distributed.init()
     try:
         summary = _train(cfg, Path(run_dir), resume, stop_after, on_eval, ctx)
