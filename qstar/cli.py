@@ -43,10 +43,10 @@ def _train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"qstar: run directory {run_dir}", file=sys.stderr)
     summary = train(cfg, run_dir, resume=args.resume)
-    if summary and summary.get("method") == "star":
-        from qstar.recipes.star import format_summary as star_summary
+    if summary and summary.get("method"):  # the STaR family
+        from qstar.recipes import methods
 
-        print(star_summary(summary))
+        print(methods.SUMMARIES[summary["method"]](summary))
     elif summary:  # the main process of a data-parallel run
         print(format_summary(summary))
     return 0

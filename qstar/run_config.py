@@ -36,7 +36,7 @@ TRAINABLE = ("all", "heads")
 TASKS_AT = ("every", "end", "start_end")
 ON_NONFINITE = ("error", "skip")
 FUSED_CE = ("off", "chunked")
-METHODS = ("quiet_star", "star")
+METHODS = ("quiet_star", "star", "trice", "vstar")
 QA_TASKS = ("gsm8k", "csqa")
 
 
@@ -187,6 +187,9 @@ class EvalSection:
     ``data.val_source``, to score every seed of a sweep on the same text. ``tasks_at``: run the
     tasks at ``every`` evaluation, only at the ``end``, or at ``start_end``. ``tasks_both``: a
     Quiet-STaR run also scores the tasks without thinking (logged as ``eval/TASK:nothink/...``).
+    ``qa``: a Quiet-STaR run also answers ``star.eval_questions`` held-out questions of
+    ``star.task`` at every evaluation, greedily, thinking while it writes if ``star.think``
+    (``eval/qa_acc``: the figure the STaR-family recipes report, for comparisons across methods).
     """
 
     every: int = 10
@@ -198,6 +201,7 @@ class EvalSection:
     heldout_seed: int | None = None
     tasks_at: str = "every"
     tasks_both: bool = False
+    qa: bool = False
 
     def validate(self) -> None:
         _choice("tasks_at", self.tasks_at, TASKS_AT)
@@ -221,7 +225,14 @@ class StarSection:
     a hint, dropped from the training text), and fine-tunes the *base* model on what was kept for
     ``steps_per_iteration`` steps, growing by ``step_growth`` each iteration (the STaR paper:
     1.2). After each iteration the model answers ``eval_questions`` questions of ``eval_split``
-    greedily (accuracy by answer checking)."""
+    greedily (accuracy by answer checking).
+
+    ``train.method=trice`` (:mod:`qstar.recipes.trice`) keeps a memory of one correct rationale
+    for each of ``questions`` training questions and trains for ``train.steps`` steps of
+    ``train.batch_size`` questions; ``vstar`` (:mod:`qstar.recipes.vstar`) runs STaR as its
+    generator, then trains a verifier from the base model with DPO (``dpo_beta``) on (correct,
+    incorrect) pairs of the same question for ``verifier_steps`` steps, and scores the best of
+    ``samples`` solutions by the verifier."""
 
     task: str = "gsm8k"
     source: str | None = None
@@ -238,10 +249,16 @@ class StarSection:
     steps_per_iteration: int = 10
     step_growth: float = 1.0
     generation_batch: int = 16
+    samples: int = 4
+    verifier_steps: int = 10
+    dpo_beta: float = 0.1
 
     def validate(self) -> None:
         _choice("task", self.task, QA_TASKS)
-        _int_in("iterations", self.iterations, 1, 1 << 20)
+        _int_in("samples", self.samples, 1, 1 << 10)
+        _int_in("verifier_steps", self.verifier_steps, 0, 1 << 30)
+        _float_gt("dpo_beta", self.dpo_beta, 0.0)
+        _int_in("iterations", self.iterations, 0, 1 << 20)
         _int_in("questions", self.questions, 1, 1 << 30)
         _int_in("eval_questions", self.eval_questions, 0, 1 << 30)
         _int_in("shots", self.shots, 0, 4)

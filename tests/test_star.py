@@ -155,3 +155,105 @@ def test_bad_star_config_is_one_line():
 def test_iteration_steps_grow():
     cfg = _cfg("star.steps_per_iteration=10", "star.step_growth=1.2")
     assert [star._iteration_steps(cfg, n) for n in (1, 2, 3)] == [10, 12, 15]
+
+
+# ------------------------------------------------------------------ TRICE and V-STaR
+@pytest.fixture
+def coin(monkeypatch):
+    """Correctness by a hash of the text: the same question is answered right by some samples and
+    wrong by others, which V-STaR's pairs and TRICE's acceptances need."""
+    import zlib
+
+    monkeypatch.setattr(qa, "is_correct", lambda ex, text: zlib.crc32(text.encode()) % 2 == 0)
+
+
+def test_completion_logprobs_equal_the_reference():
+    from qstar.core import selftaught
+
+    qs = star.build_model(_cfg(), torch.device("cpu"))
+    rows = [{"prompt": "Q: 2+2?\nA:", "target": " 4."}, {"prompt": "Q: x\nA:", "target": " y z w"}]
+    ids, mask, cmask = star._batch(qs.tokenizer, rows, torch.device("cpu"))
+    got = star.completion_logprobs(qs, ids, mask, cmask)
+    want = selftaught.completion_logprob(qs.base_logits(ids, mask), ids, cmask)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_trice_runs_updates_the_memory_and_the_model(tmp_path, coin):
+    from qstar.recipes import trice
+
+    cfg = _cfg("train.method=trice", "train.steps=3", "eval.every=2")
+    summary = trice.train_trice(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trains = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in trains] == [1, 2, 3]
+    assert all(
+        0 <= r["accept_rate"] <= 1 and torch.isfinite(torch.tensor(r["loss"])) for r in trains
+    )
+    assert summary["memory_coverage"] > 0 and any(r["grad_norm"] > 0 for r in trains)
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 3]
+    assert "acceptance" in trice.format_summary(summary)
+
+
+def test_trice_resume_equals_uninterrupted(tmp_path, coin):
+    from qstar.recipes import trice
+
+    cfg = _cfg("train.method=trice", "train.steps=3", "eval.every=2")
+    trice.train_trice(cfg, tmp_path / "a")
+    assert trice.train_trice(cfg, tmp_path / "b", stop_after=2)["stopped_at"] == 2
+    trice.train_trice(cfg, tmp_path / "b", resume=True)
+
+    def rows(d):
+        return [
+            {k: v for k, v in json.loads(x).items() if not k.endswith("_s")}
+            for x in (d / "metrics.jsonl").read_text().splitlines()
+        ]
+
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    from safetensors.torch import load_file
+
+    wa = load_file(next((tmp_path / "a" / "final").glob("*.safetensors")))
+    wb = load_file(next((tmp_path / "b" / "final").glob("*.safetensors")))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_preference_pairs_use_unrationalised_positives_of_the_same_question(tmp_path):
+    from qstar.recipes import vstar
+
+    it = tmp_path / "iterations" / "iter_1"
+    it.mkdir(parents=True)
+    kept = [
+        {"id": "q1", "prompt": "P1", "target": "good1", "rationalized": False},
+        {"id": "q2", "prompt": "P2", "target": "hinted2", "rationalized": True},
+    ]
+    rejected = [
+        {"id": "q1", "prompt": "P1", "target": "bad1"},
+        {"id": "q2", "prompt": "P2", "target": "bad2"},
+        {"id": "q3", "prompt": "P3", "target": "bad3"},
+    ]
+    (it / "kept.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    (it / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejected))
+    assert vstar.preference_pairs(tmp_path, 0) == [
+        {"prompt": "P1", "chosen": "good1", "rejected": "bad1"}
+    ]
+
+
+def test_vstar_trains_a_verifier_and_scores_best_of_k(tmp_path, coin):
+    from qstar.recipes import vstar
+
+    cfg = _cfg("train.method=vstar", "star.verifier_steps=2", "star.samples=3")
+    summary = vstar.train_vstar(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    assert summary["pairs"] > 0 and (run / "verifier" / "done.json").is_file()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    verif = [r for r in rows if r["kind"] == "verifier"]
+    assert [r["step"] for r in verif] == [1, 2] and all(
+        torch.isfinite(torch.tensor(r["dpo_loss"])) for r in verif
+    )
+    last = summary["eval_last"]
+    for key in ("eval/vstar_best_of_3", "eval/maj_at_3", "eval/pass_at_1", "eval/qa_acc"):
+        assert 0.0 <= last[key] <= 1.0
+    assert "preference pairs" in vstar.format_summary(summary)
+    # interrupted after the first generator iteration and resumed: the same figures
+    assert vstar.train_vstar(cfg, tmp_path / "run2", stop_after=1)["stopped_at"] == 1
+    again = vstar.train_vstar(cfg, tmp_path / "run2", resume=True)
+    assert again["eval_last"] == last and again["pairs"] == summary["pairs"]

@@ -85,7 +85,10 @@ def task_metrics(
         )
     finally:
         qs.train(was_training)
-    suffix = "" if think or cfg.train.objective == "lm" else ":nothink"
+    # ":nothink" marks a Quiet-STaR model scored without its thoughts; models that never think
+    # (the LM baseline, the STaR family without star.think) keep the plain names
+    plain = cfg.train.objective == "lm" or (cfg.train.method != "quiet_star" and not cfg.star.think)
+    suffix = "" if think or plain else ":nothink"
     table = metric_table(results)
     if samples_dir is not None:
         samples_dir.mkdir(parents=True, exist_ok=True)

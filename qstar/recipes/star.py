@@ -23,7 +23,8 @@ question). Fine-tuning trains the language model only (the thought machinery is 
 Run directory: the usual ``config.yaml``, ``run.json``, ``metrics.jsonl`` (rows ``kind:
 "iteration"`` with sampling figures, ``"train"`` per step, ``"eval"`` per iteration; ``step``
 counts fine-tuning steps over the whole run), ``iterations/iter_N/kept.jsonl`` (the kept
-rationales, ``rationalized`` marked), ``iterations/iter_N/model/`` (the last two iterations'
+rationales, ``rationalized`` marked) and ``rejected.jsonl`` (the incorrect first samples: V-STaR's
+negatives), ``iterations/iter_N/model/`` (the last two iterations'
 models), ``final/`` and ``summary.json``. A run resumes at the last finished iteration; each
 iteration is seeded by ``train.seed`` and its number alone, so a resumed run equals an
 uninterrupted one.
@@ -112,7 +113,7 @@ def sample_rationales(
 
 
 # ============================================================================ one iteration
-def _examples(cfg: RunConfig, split: str):
+def load_examples(cfg: RunConfig, split: str) -> list:
     from qstar.qa import load_qa
 
     return load_qa(
@@ -123,9 +124,12 @@ def _examples(cfg: RunConfig, split: str):
     )
 
 
-def collect(qs: QuietStar, cfg: RunConfig, questions: list, seed: int) -> tuple[list[dict], dict]:
+def collect(
+    qs: QuietStar, cfg: RunConfig, questions: list, seed: int, rejected: list | None = None
+) -> tuple[list[dict], dict]:
     """Steps 1-3 of an iteration: sample, check, rationalise. Returns the kept examples
-    (``prompt``: the question without any hint, ``target``: rationale and answer) and figures."""
+    (``prompt``: the question without any hint, ``target``: rationale and answer) and figures;
+    the incorrect first samples are appended to ``rejected`` (V-STaR's negatives)."""
     from qstar.qa import format_prompt, is_correct, shots_for
 
     s = cfg.star
@@ -147,6 +151,12 @@ def collect(qs: QuietStar, cfg: RunConfig, questions: list, seed: int) -> tuple[
     ]
     n_correct = len(kept)
     wrong = [q for q, t in zip(questions, texts, strict=True) if not is_correct(q, t)]
+    if rejected is not None:
+        rejected += [
+            {"id": q.id, "prompt": format_prompt(q, []), "target": t}
+            for q, t in zip(questions, texts, strict=True)
+            if not is_correct(q, t)
+        ]
     n_rationalized = 0
     if s.rationalize and wrong:
         hinted = sample_rationales(
@@ -194,6 +204,24 @@ def _batch(tok, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, t
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
     cmask = torch.tensor([c + [0] * (width - len(c)) for c in comp], device=device).bool()
     return ids, mask, cmask
+
+
+def completion_logprobs(qs: QuietStar, ids, mask, cmask) -> torch.Tensor:
+    """``(B,)`` summed log-probability of each row's completion tokens, through the fused head
+    (:func:`qstar.core.selftaught.completion_logprob` on materialised logits is the reference)."""
+    h = qs.backbone(inputs_embeds=qs.embed(ids), attention_mask=mask).last_hidden_state
+    logprob = qs.token_logprob(h[:, :-1], ids[:, 1:])
+    return (logprob * cmask[:, 1:]).sum(-1)
+
+
+def final_tasks(qs: QuietStar, cfg: RunConfig, run_dir: Path) -> dict[str, float]:
+    """``eval.tasks`` (lm-eval, the same code that scores Quiet-STaR runs) on the final model,
+    with per-example scores under ``tasks/final/``; ``{}`` without tasks."""
+    if not cfg.eval.tasks:
+        return {}
+    from qstar.evaluation.heldout import task_metrics
+
+    return task_metrics(qs, cfg, cfg.star.think, run_dir / "tasks" / "final")
 
 
 def completion_loss(qs: QuietStar, ids, mask, cmask) -> torch.Tensor:
@@ -276,15 +304,20 @@ def qa_accuracy(qs: QuietStar, cfg: RunConfig, questions: list) -> dict[str, flo
     if not questions:
         return {}
     shots = shots_for(cfg.star.task)[: cfg.star.shots]
-    texts = sample_rationales(
-        qs,
-        [format_prompt(q, shots) for q in questions],
-        cfg.star.max_new_tokens,
-        0.0,
-        cfg.star.think,
-        0,
-        cfg.star.generation_batch,
-    )
+    was_training = qs.training
+    qs.eval()
+    try:
+        texts = sample_rationales(
+            qs,
+            [format_prompt(q, shots) for q in questions],
+            cfg.star.max_new_tokens,
+            0.0,
+            cfg.star.think,
+            0,
+            cfg.star.generation_batch,
+        )
+    finally:
+        qs.train(was_training)
     correct = [is_correct(q, t) for q, t in zip(questions, texts, strict=True)]
     return {"eval/qa_acc": sum(correct) / len(correct), "eval/qa_n": float(len(correct))}
 
@@ -309,8 +342,11 @@ def train_star(
     resume: bool = False,
     stop_after: int | None = None,
     on_eval: Callable[[int, dict[str, Any], Path | None], None] | None = None,
+    finish: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) STaR; returns the summary. ``stop_after`` ends the run after that
+    """Run (or resume) STaR; returns the summary. With ``finish=False`` (V-STaR's generator)
+    the run stops after its last iteration and returns ``{"model": the generator, ...}``
+    without final tasks, ``final/`` or ``summary.json``. ``stop_after`` ends the run after that
     iteration (tests use it to simulate an interruption); ``on_eval(step, metrics, None)`` is
     called after each iteration's evaluation (sweeps report through it)."""
     run_dir = Path(run_dir)
@@ -319,8 +355,8 @@ def train_star(
     torch.manual_seed(cfg.train.seed)
     qs = build_model(cfg, device)
     qs.eval()
-    train_q = _examples(cfg, cfg.star.split)
-    eval_q = _examples(cfg, cfg.star.eval_split)[: cfg.star.eval_questions]
+    train_q = load_examples(cfg, cfg.star.split)
+    eval_q = load_examples(cfg, cfg.star.eval_split)[: cfg.star.eval_questions]
     base_state = {k: v.detach().clone() for k, v in qs.state_dict().items()}
     start = _last_iteration(run_dir) if resume else 0
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -372,14 +408,18 @@ def train_star(
             seed = cfg.train.seed * 1_000_003 + n
             rng = random.Random(seed)
             questions = rng.sample(train_q, min(cfg.star.questions, len(train_q)))
+            if cfg.train.method == "vstar":  # k solutions a question: the verifier's pairs
+                questions = [q for q in questions for _ in range(cfg.star.samples)]
+            rejected: list[dict] = []
             with autocast:
-                kept, figures = collect(qs, cfg, questions, seed)
+                kept, figures = collect(qs, cfg, questions, seed, rejected)
             logger.log({"kind": "iteration", "step": step, "iteration": n, **figures})
             it_dir = run_dir / "iterations" / f"iter_{n}"
             it_dir.mkdir(parents=True, exist_ok=True)
-            with (it_dir / "kept.jsonl").open("w", encoding="utf-8") as fh:
-                for row in kept:
-                    fh.write(json.dumps(row) + "\n")
+            for name, rows_ in (("kept", kept), ("rejected", rejected)):
+                with (it_dir / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+                    for row in rows_:
+                        fh.write(json.dumps(row) + "\n")
             qs.load_state_dict(base_state)  # STaR fine-tunes the base model every iteration
             torch.manual_seed(seed)
 
@@ -402,6 +442,10 @@ def train_star(
                 return {"stopped_at": n, "run_dir": str(run_dir)}
     finally:
         logger.close()
+    if not finish:
+        return {"model": qs, "steps": step, "resumed_from": start or None, "eval_last": last}
+    with autocast:
+        tasks = final_tasks(qs, cfg, run_dir)
     final_dir = qs.save_pretrained(run_dir / "final")
     rows = read_metrics(metrics)
     evals = [r for r in rows if r.get("kind") == "eval"]
@@ -418,15 +462,15 @@ def train_star(
             for r in rows
             if r.get("kind") == "iteration"
         ],
-        "eval_first": _strip(evals[0]) if evals else first,
-        "eval_last": _strip(evals[-1]) if evals else last,
+        "eval_first": strip_eval(evals[0]) if evals else first,
+        "eval_last": {**(strip_eval(evals[-1]) if evals else last or {}), **tasks},
         "final_model": str(final_dir),
     }
     write_json(run_dir / "summary.json", summary)
     return summary
 
 
-def _strip(row: dict[str, Any]) -> dict[str, Any]:
+def strip_eval(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k.startswith("eval/")}
 
 
@@ -442,13 +486,23 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"iteration {it['iteration']:<5} sampled accuracy {it['sample_acc']:.3f}, kept "
             f"{it['kept']} ({it['correct']} correct, {it['rationalized']} rationalised)"
         )
+    lines += accuracy_lines(summary)
+    lines.append(f"final model     {summary['final_model']}")
+    return "\n".join(lines)
+
+
+def accuracy_lines(summary: dict[str, Any]) -> list[str]:
+    """Held-out accuracy before and after, and the final lm-eval task scores."""
+    lines = []
     for name, ev in (
         ("accuracy before", summary["eval_first"]),
         ("accuracy after", summary["eval_last"]),
     ):
-        if ev:
+        if ev and "eval/qa_acc" in ev:
             lines.append(
                 f"{name:15} {ev['eval/qa_acc']:.3f} on {int(ev['eval/qa_n'])} held-out questions"
             )
-    lines.append(f"final model     {summary['final_model']}")
-    return "\n".join(lines)
+    for key, value in sorted((summary.get("eval_last") or {}).items()):
+        if not key.startswith("eval/qa_") and isinstance(value, float):
+            lines.append(f"{key[5:]:15} {value:.3f}")
+    return lines

@@ -47,11 +47,11 @@ def train(
     ``on_eval(step, metrics, checkpoint)`` is called after every evaluation, once the step's
     checkpoint is written (sweeps report to Ray Tune through it). Under ``torchrun`` each
     process trains on its share of every batch (see :mod:`qstar.distributed`).
-    ``train.method=star`` runs the STaR recipe instead (:mod:`qstar.recipes.star`)."""
-    if cfg.train.method == "star":
-        from qstar.recipes.star import train_star
+    ``train.method`` ``star``, ``trice`` or ``vstar`` runs that recipe instead (:mod:`qstar.recipes.methods`)."""
+    if cfg.train.method != "quiet_star":
+        from qstar.recipes import methods
 
-        return train_star(cfg, run_dir, resume, stop_after, on_eval)
+        return methods.RECIPES[cfg.train.method](cfg, run_dir, resume, stop_after, on_eval)
     ctx = distributed.init()
     try:
         summary = _train(cfg, Path(run_dir), resume, stop_after, on_eval, ctx)
@@ -270,6 +270,11 @@ def evaluate(run: Run, step: int) -> dict[str, float] | None:
                 if think and cfg.eval.tasks_both and step > 0:
                     # at step 0 the zero-initialised mixing head makes both modes equal
                     row.update(task_metrics(run.qs, cfg, False, samples))
+            if cfg.eval.qa and not run.fsdp:
+                from qstar.recipes import star
+
+                questions = star.load_examples(cfg, cfg.star.eval_split)
+                row.update(star.qa_accuracy(run.qs, cfg, questions[: cfg.star.eval_questions]))
         if run.tracker is not None:
             row.update(run.tracker.changed())
         if row and ctx.main:
