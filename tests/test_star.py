@@ -257,3 +257,35 @@ def test_vstar_trains_a_verifier_and_scores_best_of_k(tmp_path, coin):
     assert vstar.train_vstar(cfg, tmp_path / "run2", stop_after=1)["stopped_at"] == 1
     again = vstar.train_vstar(cfg, tmp_path / "run2", resume=True)
     assert again["eval_last"] == last and again["pairs"] == summary["pairs"]
+
+
+def test_greedy_rationales_equal_transformers_generate():
+    """The batched, left-padded, KV-cached sampler decodes exactly what transformers' generate
+    decodes for each prompt (greedy), whatever the padding of its batch."""
+    qs = star.build_model(_cfg(), torch.device("cpu")).eval()
+    tok = qs.tokenizer
+    prompts = [
+        "Q: one two three\nA:",
+        "Q: a much longer question with many words in it\nA:",
+        "Q: x\nA:",
+    ]
+    got = star.sample_rationales(qs, prompts, 6, 0.0, False, 0, batch=3, stop_early=False)
+    assert any(got)  # something was generated
+    eos = tok.eos_token_id
+    for prompt, text in zip(prompts, got, strict=True):
+        ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
+        out = qs.base_model.generate(
+            input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=eos, eos_token_id=None
+        )[0, ids.shape[1] :].tolist()
+        if eos in out:
+            out = out[: out.index(eos)]
+        assert text == star.stop_text(tok.decode(out, skip_special_tokens=True))
+
+
+def test_method_table_names_each_method(tmp_path):
+    from qstar.analysis.experiment import load_experiment
+    from qstar.analysis.report import method_table
+
+    star.train_star(_cfg("star.iterations=0"), tmp_path / "run")
+    table = method_table(load_experiment(tmp_path / "run"))
+    assert list(table["method"]) == ["base model (untrained)"] and table["qa_acc"][0] == 0.0

@@ -399,7 +399,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the default model) at its thought length (default 9), and 8 sampled answers "
         "from one shared prefill against the prompt repeated; writes generation.json to --out",
     )
-    p.add_argument("--model", default=None, help="with --generate: model id, directory or .gguf")
+    p.add_argument(
+        "--rationales",
+        action="store_true",
+        help="instead: rationales/s of the STaR family's batched sampler against "
+        "transformers.generate on the same 16 few-shot GSM8K prompts of --model; writes "
+        "rationales.json to --out",
+    )
+    p.add_argument(
+        "--model", default=None, help="with --generate/--rationales: model id, directory or .gguf"
+    )
     p.add_argument(
         "--thought-len", type=int, default=9, help="with --generate: thought length (default: 9)"
     )
@@ -439,6 +448,11 @@ def main(args: argparse.Namespace) -> int:
         dense_limit_gb=args.dense_limit_gb,
         out=args.out,
     )
+    if args.rationales:
+        from qstar.analysis import bench_eval
+
+        bench_eval.rationale_generation(model=args.model, repeats=args.repeats, out=args.out)
+        return 0
     if args.generate:
         from qstar.analysis import bench_eval
 

@@ -251,5 +251,95 @@ def generation(
     return result
 
 
+# ---------------------------------------------------------------------------- rationales
+@torch.no_grad()
+def rationale_generation(
+    model: str | None = None,
+    questions: int = 16,
+    new_tokens: int = 64,
+    shots: int = 4,
+    repeats: int = 2,
+    out: Path | None = None,
+) -> dict:
+    """Rationales/s of the STaR family's sampler (:func:`qstar.recipes.star.sample_rationales`:
+    one left-padded batch, KV cache, no thinking) against ``transformers``' ``generate`` on the
+    same batch of few-shot GSM8K prompts, both greedy for exactly ``new_tokens`` tokens (so both
+    do the same work); and the sampler as the recipes run it (stopping rows at the end of the
+    answer). Interleaved repeats, medians."""
+    from qstar import qa
+    from qstar.core.model import QuietStar
+    from qstar.models.loading import DEFAULT_MODEL
+    from qstar.recipes.star import sample_rationales
+
+    name = model or DEFAULT_MODEL
+    torch.manual_seed(0)
+    qs = QuietStar.from_pretrained(name).eval()
+    tok = qs.tokenizer
+    examples = qa.load_qa("gsm8k", "test", source="openai/gsm8k", limit=questions)
+    prompts = [qa.format_prompt(q, qa.shots_for("gsm8k")[:shots]) for q in examples]
+    encoded = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    width = max(map(len, encoded))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = (
+        torch.arange(width)[None] >= torch.tensor([width - len(e) for e in encoded])[:, None]
+    ).long()
+    n = len(prompts)
+
+    def hf():
+        return qs.base_model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+
+    runs = {
+        "transformers": hf,
+        "qstar": lambda: sample_rationales(
+            qs, prompts, new_tokens, 0.0, False, 0, n, stop_early=False
+        ),
+        "qstar_stopping": lambda: sample_rationales(qs, prompts, new_tokens, 0.0, False, 0, n),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "model": name,
+        "questions": n,
+        "shots": shots,
+        "prompt_tokens_max": width,
+        "new_tokens": new_tokens,
+        **{f"{k}_s": v for k, v in med.items()},
+        **{f"{k}_rationales_per_s": n / v for k, v in med.items()},
+        "qstar_over_transformers_time": med["qstar"] / med["transformers"],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"# rationale sampling, {name}, {n} GSM8K questions with {shots} worked examples "
+        f"(prompts up to {width} tokens), greedy, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
+        f"{new_tokens} tokens each: transformers.generate {med['transformers']:.2f} s "
+        f"({n / med['transformers']:.2f} rationales/s), qstar {med['qstar']:.2f} s "
+        f"({n / med['qstar']:.2f} rationales/s): {result['qstar_over_transformers_time']:.2f}x the time\n"
+        f"qstar stopping each row at the end of its answer: {med['qstar_stopping']:.2f} s "
+        f"({n / med['qstar_stopping']:.2f} rationales/s)",
+        flush=True,
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rationales.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 if __name__ == "__main__":  # the fresh process of _rss
     print(json.dumps(eval_child(json.loads(sys.argv[1]))))

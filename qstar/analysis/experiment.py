@@ -80,7 +80,16 @@ def _trial_dirs(path: Path) -> list[tuple[str, Path, dict[str, Any]]]:
     )
 
 
-LABEL_KEYS = {"quiet_star.thought_len", "quiet_star.n_true", "train.objective", "train.seed"}
+LABEL_KEYS = {
+    "quiet_star.thought_len",
+    "quiet_star.n_true",
+    "train.objective",
+    "train.seed",
+    "train.method",
+    "star.iterations",
+    "star.think",
+}
+METHOD_NAMES = {"star": "STaR", "trice": "TRICE", "vstar": "V-STaR"}
 
 
 def label_of(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> str:
@@ -92,7 +101,11 @@ def label_of(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> str:
         for k, v in (params or {}).items()
         if k not in LABEL_KEYS and not k.startswith(("eval.", "logging."))
     )
-    if cfg.get("train", {}).get("objective") == "lm":
+    method = cfg.get("train", {}).get("method", "quiet_star")
+    if method != "quiet_star":
+        untrained = cfg.get("star", {}).get("iterations") == 0 and method == "star"
+        base = "base model (untrained)" if untrained else METHOD_NAMES.get(method, method)
+    elif cfg.get("train", {}).get("objective") == "lm":
         base = "no thought (baseline)"
     else:
         qs = cfg.get("quiet_star", {})

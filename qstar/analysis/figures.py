@@ -234,3 +234,24 @@ def fig_gain_by_difficulty(per_arm: dict[str, pd.DataFrame]):
         ax.set_ylabel("gain: without - with (nats)", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def fig_methods(table: pd.DataFrame):
+    """Held-out chain-of-thought accuracy by method: the mean over seeds as a bar, each seed as
+    a dot (``table``: :func:`qstar.analysis.report.method_table`'s per-seed rows)."""
+    plt = _plt()
+    if table.empty:
+        return None
+    order = list(dict.fromkeys(table["method"]))
+    fig, ax = plt.subplots(figsize=(1.3 * len(order) + 2.0, 3.4))
+    for i, name in enumerate(order):
+        vals = table[table["method"] == name]["qa_acc"].dropna() * 100
+        if vals.empty:
+            continue
+        ax.bar(i, vals.mean(), color="#9ecae1", width=0.6)
+        ax.plot([i] * len(vals), vals, "o", color="#08519c")
+    ax.set_xticks(range(len(order)), order, rotation=20, ha="right")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("chain-of-thought accuracy by method (dots: seeds)")
+    fig.tight_layout()
+    return fig

@@ -32,6 +32,7 @@ from qstar.analysis.figures import (  # noqa: F401
     _trial_order,
     fig_accuracy_vs_step,
     fig_final_vs_thought_tokens,
+    fig_methods,
     fig_training_curves,
     fig_where_thinking_helps,
     final_values,
@@ -47,6 +48,9 @@ _INT_COLUMNS = {
     "quiet_star.n_true",
     "quiet_star.n_thoughts",
     "train.seed",
+    "pairs",
+    "seeds",
+    "qa_n",
 }
 
 
@@ -115,6 +119,7 @@ def write_report(
         sections += ["## Reading", "", Path(reading).read_text().strip(), ""]
     evidence_sections = _evidence_sections(exp, figs_dir, analyse_model)
     sections += ["## Results", "", _md_table(results_table(exp)), ""]
+    sections += _methods_section(exp, figs_dir)
     sections += evidence_sections
     sections += _figure_sections(exp, figs_dir, analyse_model)
     sections += _provenance_section(exp)
@@ -131,6 +136,88 @@ def write_report(
     report = out / "report.md"
     report.write_text("\n".join(sections))
     return report
+
+
+def method_table(exp: Experiment) -> pd.DataFrame:
+    """One row per finished trial of a methods comparison: method (the trial's label without its
+    seed), seed, final held-out accuracy (``eval/qa_acc``), and each method's own figures: STaR's
+    rationales kept per iteration, TRICE's acceptance rate and memory coverage, V-STaR's
+    preference pairs, verifier pair accuracy, best-of-k, majority vote and pass@1."""
+    import json
+
+    rows = []
+    dirs = {t: d for t, d, _ in _trial_dirs(exp.path)}
+    for trial_id in _trial_order(exp):
+        t = exp.trials[exp.trials.trial_id == trial_id].iloc[0]
+        summary_file = dirs.get(trial_id, exp.path) / "summary.json"
+        if t["status"] != "done" or not summary_file.is_file():
+            continue
+        summary = json.loads(summary_file.read_text())
+        cfg = exp.configs.get(trial_id, {})
+        method = cfg.get("train", {}).get("method", "quiet_star")
+        last = summary.get("eval_last") or {}
+        label = t["label"]
+        row: dict[str, Any] = {
+            "method": "Quiet-STaR, " + label if method == "quiet_star" else label,
+            "seed": cfg.get("train", {}).get("seed"),
+            "qa_acc": last.get("eval/qa_acc", math.nan),
+        }
+        per = summary.get("per_iteration") or []
+        if per:
+            row["kept per iteration"] = "/".join(str(p["kept"]) for p in per)
+            row["sampled acc per iteration"] = "/".join(f"{p['sample_acc']:.2f}" for p in per)
+        if method == "trice":
+            row["accept rate"] = summary.get("accept_rate")
+            row["memory coverage"] = summary.get("memory_coverage")
+        if method == "vstar":
+            row["pairs"] = summary.get("pairs")
+            row["verifier pair acc"] = summary.get("verifier_pair_acc")
+            for key, value in last.items():
+                if key.startswith(("eval/vstar_best_of_", "eval/maj_at_", "eval/pass_at_1")):
+                    row[key[5:]] = value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _methods_section(exp: Experiment, figs_dir: Path) -> list[str]:
+    """A comparison of training methods (STaR, TRICE, V-STaR, Quiet-STaR, the base model) when
+    the experiment has any STaR-family trial: accuracy by method with its seed spread, each
+    method's own figures per seed, and a figure."""
+    methods = {c.get("train", {}).get("method", "quiet_star") for c in exp.configs.values()}
+    if methods <= {"quiet_star"}:
+        return []
+    table = method_table(exp)
+    if table.empty:
+        return ["## Method comparison", "", "(no finished trial)", ""]
+    summary = []
+    for name, g in table.groupby("method", sort=False):
+        acc = g["qa_acc"].dropna()
+        summary.append(
+            {
+                "method": name,
+                "seeds": len(g),
+                "accuracy (mean)": acc.mean() if len(acc) else math.nan,
+                "min": acc.min() if len(acc) else math.nan,
+                "max": acc.max() if len(acc) else math.nan,
+            }
+        )
+    n = exp.configs[next(iter(exp.configs))].get("star", {}).get("eval_questions")
+    out = [
+        "## Method comparison",
+        "",
+        f"Held-out chain-of-thought accuracy (`eval/qa_acc`: greedy, on the same {n} test "
+        "questions with the same worked examples for every method; min and max over seeds):",
+        "",
+        _md_table(pd.DataFrame(summary)),
+        "Per seed, with each method's own figures:",
+        "",
+        _md_table(table),
+    ]
+    fig = fig_methods(table)
+    if fig is not None:
+        save(fig, figs_dir, "methods")
+        out += ["![accuracy by method](figures/methods.png)", ""]
+    return out
 
 
 def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = True) -> list[str]:

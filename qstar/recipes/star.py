@@ -72,10 +72,12 @@ def sample_rationales(
     think: bool,
     seed: int,
     batch: int,
+    stop_early: bool = True,
 ) -> list[str]:
     """One completion per prompt: batched, KV-cached, left-padded generation
     (:func:`qstar.core.inference.generate`), greedy at ``temperature`` 0; each completion cut at
-    :data:`STOP_STRINGS`. Generation of a batch ends once every row has stopped."""
+    :data:`STOP_STRINGS`. Generation of a batch ends once every row has stopped (with
+    ``stop_early``; without, after ``max_new_tokens``, as the benchmark compares)."""
     tok = qs.tokenizer
     device = next(qs.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -103,7 +105,7 @@ def sample_rationales(
             do_sample=temperature > 0,
             temperature=max(temperature, 1e-6),
             generator=gen,
-            stop=stop,
+            stop=stop if stop_early else None,
         )
         for row in new.tolist():
             if eos is not None and eos in row:
