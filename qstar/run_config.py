@@ -219,7 +219,7 @@ class StarSection:
     """The STaR family on question-answer data (``train.method: star``; see
     :mod:`qstar.recipes.star`). Each of ``iterations`` samples a rationale for ``questions``
     training questions of ``task`` (``source``/``split``: resolved like ``data.source``; default
-    the task's hub id) with the current model (``shots`` worked examples as the prompt, at
+    the task's hub id; a local file needs ``eval_source`` for the held-out questions) with the current model (``shots`` worked examples as the prompt, at
     ``temperature``, up to ``max_new_tokens``; ``think``: a Quiet-STaR model thinks while it
     writes), keeps the correct ones, *rationalises* the wrong ones (``rationalize``: the answer as
     a hint, dropped from the training text), and fine-tunes the *base* model on what was kept for
@@ -237,6 +237,7 @@ class StarSection:
     task: str = "gsm8k"
     source: str | None = None
     split: str = "train"
+    eval_source: str | None = None
     eval_split: str = "test"
     iterations: int = 3
     questions: int = 64

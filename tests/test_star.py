@@ -289,3 +289,20 @@ def test_method_table_names_each_method(tmp_path):
     star.train_star(_cfg("star.iterations=0"), tmp_path / "run")
     table = method_table(load_experiment(tmp_path / "run"))
     assert list(table["method"]) == ["base model (untrained)"] and table["qa_acc"][0] == 0.0
+
+
+def test_bad_qa_source_is_one_line_and_writes_nothing(tmp_path):
+    from qstar.data import DataError
+
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text(
+        json.dumps({"question": "2+2?", "answer": "4\n#### 4"})
+        + "\n"
+        + json.dumps({"question": "Bad", "answer": "no final answer"})
+        + "\n"
+    )
+    with pytest.raises(ValueError, match="star.eval_source"):
+        star.train_star(_cfg(f"star.source={bad}"), tmp_path / "a")
+    with pytest.raises(DataError, match=r"qa\.jsonl:2\): answer has no '#### <number>'"):
+        star.train_star(_cfg(f"star.source={bad}", f"star.eval_source={bad}"), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -115,15 +115,33 @@ def sample_rationales(
 
 
 # ============================================================================ one iteration
-def load_examples(cfg: RunConfig, split: str) -> list:
+def load_examples(cfg: RunConfig, held_out: bool = False) -> list:
+    """The training questions (``star.source``, ``star.split``), or with ``held_out`` the
+    evaluation questions (``star.eval_source``, default the same source, ``star.eval_split``)."""
     from qstar.qa import load_qa
 
+    source = cfg.star.source or DEFAULT_SOURCES[cfg.star.task]
+    if held_out:
+        source = cfg.star.eval_source or source
     return load_qa(
         cfg.star.task,
-        split,
-        source=cfg.star.source or DEFAULT_SOURCES[cfg.star.task],
+        cfg.star.eval_split if held_out else cfg.star.split,
+        source=source,
         data_dir=cfg.data.data_dir,
     )
+
+
+def check_sources(cfg: RunConfig) -> None:
+    """A local file names no split: used for training and evaluation, it would score the model
+    on the questions it trained on. Refused, naming the fix."""
+    from pathlib import Path as _P
+
+    src = cfg.star.source
+    if src and cfg.star.eval_source is None and _P(src).expanduser().exists():
+        raise ValueError(
+            f"star.source={src} is a local file or folder, which holds one split: set "
+            "star.eval_source to the held-out questions (e.g. the test file)"
+        )
 
 
 def collect(
@@ -357,8 +375,9 @@ def train_star(
     torch.manual_seed(cfg.train.seed)
     qs = build_model(cfg, device)
     qs.eval()
-    train_q = load_examples(cfg, cfg.star.split)
-    eval_q = load_examples(cfg, cfg.star.eval_split)[: cfg.star.eval_questions]
+    check_sources(cfg)
+    train_q = load_examples(cfg)
+    eval_q = load_examples(cfg, held_out=True)[: cfg.star.eval_questions]
     base_state = {k: v.detach().clone() for k, v in qs.state_dict().items()}
     start = _last_iteration(run_dir) if resume else 0
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -273,7 +273,7 @@ def evaluate(run: Run, step: int) -> dict[str, float] | None:
             if cfg.eval.qa and not run.fsdp:
                 from qstar.recipes import star
 
-                questions = star.load_examples(cfg, cfg.star.eval_split)
+                questions = star.load_examples(cfg, held_out=True)
                 row.update(star.qa_accuracy(run.qs, cfg, questions[: cfg.star.eval_questions]))
         if run.tracker is not None:
             row.update(run.tracker.changed())

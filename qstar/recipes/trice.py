@@ -155,16 +155,17 @@ def train_trice(
     """Run (or resume) TRICE; returns the summary. ``stop_after`` ends the run after that step
     (tests simulate an interruption with it)."""
     run_dir = Path(run_dir)
+    star.check_sources(cfg)
     check_run_dir(run_dir, cfg, resume)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     qs = build_model(cfg, device)
     qs.eval()
     pool = random.Random(cfg.train.seed).sample(
-        train_all := star.load_examples(cfg, cfg.star.split),
+        train_all := star.load_examples(cfg),
         min(cfg.star.questions, len(train_all)),
     )
-    eval_q = star.load_examples(cfg, cfg.star.eval_split)[: cfg.star.eval_questions]
+    eval_q = star.load_examples(cfg, held_out=True)[: cfg.star.eval_questions]
     params = [p for p in qs.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(cfg, params)
     autocast = (

@@ -228,7 +228,7 @@ def train_vstar(
             verifier, reference = train_verifier(cfg, pairs, device, logger.log, autocast)
             verifier.save_pretrained(run_dir / "verifier")
             write_json(done, {"pairs": len(pairs), "steps": cfg.star.verifier_steps})
-        eval_q = star.load_examples(cfg, cfg.star.eval_split)[: cfg.star.eval_questions]
+        eval_q = star.load_examples(cfg, held_out=True)[: cfg.star.eval_questions]
         with autocast:
             figures = best_of_k_eval(generator, verifier, reference, cfg, eval_q)
         step = gen["steps"]
