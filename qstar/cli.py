@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="evaluate with lm-evaluation-harness tasks, thinking at every token",
         description="Score a model on lm-eval tasks with the qstar backend. Tasks: the paper protocol "
-        "(qstar_gsm8k_paper, qstar_csqa_paper and their *_local variants), stock lm-eval tasks "
+        "(qstar_gsm8k_paper, qstar_csqa_paper and their *_local variants), chain of thought with a "
+        "majority vote (qstar_gsm8k_cot_maj8, qstar_csqa_cot_maj8, *_local), stock lm-eval tasks "
         "(gsm8k, commonsense_qa, and gsm8k_local / commonsense_qa_local reading local files), "
         "and any YAML task in an --include-path directory.",
     )

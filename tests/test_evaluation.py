@@ -380,3 +380,40 @@ def test_thinking_generation_is_the_same_alone_and_left_padded_in_a_batch(lm):
     batch = qs.generate(ids, mask, max_new_tokens=6)
     for i, r in enumerate([a, b]):
         assert torch.equal(batch[i], qs.generate(torch.tensor([r]), max_new_tokens=6)[0])
+
+
+def test_csqa_cot_majority_vote_by_hand():
+    doc = {
+        "question": "q",
+        "choices": {"label": list("ABCDE"), "text": list("vwxyz")},
+        "answerKey": "C",
+    }
+    assert tu.csqa_cot_prompt(doc).endswith("(E) z\nA: Let's think step by step.")
+    samples = [
+        "so the answer is (C).",
+        "The answer is B",
+        "(B) seems right",
+        "The answer is c.",
+        "hm",
+    ]
+    # letters: C, B, B, C, None: a tie, the earliest (C) wins; 2 of 5 right
+    assert tu.csqa_cot_process_results(doc, [samples]) == {"maj@5": 1.0, "pass@1": 0.4}
+
+
+def test_csqa_cot_task_runs_from_local_files(lm, tmp_path):
+    def row(i, key):
+        choices = [{"label": c, "text": f"option {c}"} for c in "ABCDE"]
+        return {
+            "id": str(i),
+            "question": {"stem": f"Question {i}?", "choices": choices},
+            "answerKey": key,
+        }
+
+    (tmp_path / "csqa").mkdir()
+    (tmp_path / "csqa" / "dev_rand_split.jsonl").write_text(
+        "\n".join(json.dumps(row(i, k)) for i, k in enumerate("ABC"))
+    )
+    results = evaluate(lm, ["qstar_csqa_cot_maj8_local"], limit=2, data_dir=str(tmp_path))
+    table = results["results"]["qstar_csqa_cot_maj8_local"]
+    assert 0.0 <= table["maj@8,samples"] <= 1.0 and 0.0 <= table["pass@1,samples"] <= 1.0
+    assert results["n-samples"]["qstar_csqa_cot_maj8_local"]["effective"] == 2

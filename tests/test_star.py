@@ -306,3 +306,26 @@ def test_bad_qa_source_is_one_line_and_writes_nothing(tmp_path):
     with pytest.raises(DataError, match=r"qa\.jsonl:2\): answer has no '#### <number>'"):
         star.train_star(_cfg(f"star.source={bad}", f"star.eval_source={bad}"), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_shared_few_shot_prefix_changes_nothing():
+    """Running the worked examples once and sharing their cache gives the same rationales as
+    running every prompt whole."""
+    assert star.common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert star.common_prefix([[1, 2], [1, 2]]) == 1  # each row keeps a token of its own
+    qs = star.build_model(_cfg(), torch.device("cpu")).eval()
+    shots = qa.shots_for("gsm8k")[:2]
+    questions = qa.load_qa("gsm8k", "test", source="openai/gsm8k", limit=3)
+    prompts = [qa.format_prompt(q, shots) for q in questions]
+    args = (qs, prompts, 8, 0.0, False, 0, 3)
+    shared = star.sample_rationales(*args, stop_early=False)
+    whole = star.sample_rationales(*args, stop_early=False, share_prefix=False)
+    assert any(shared) and shared == whole
+    # thinking while it writes (a Quiet-STaR model as the generator)
+    args = (qs, prompts, 4, 0.0, True, 0, 3)
+    assert star.sample_rationales(*args, stop_early=False) == star.sample_rationales(
+        *args, stop_early=False, share_prefix=False
+    )
+    # sampled, too (the same draws in the same order)
+    args = (qs, prompts, 8, 1.0, False, 5, 3)
+    assert star.sample_rationales(*args) == star.sample_rationales(*args, share_prefix=False)

@@ -167,8 +167,13 @@ def generate(
     generator: torch.Generator | None = None,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     copies: torch.Tensor | int | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KV-cached batch generation that thinks before every emitted token.
+
+    ``prefix`` (``(P0,)`` token ids): a prompt start shared by every row (few-shot worked
+    examples), run once and its cache repeated for the batch; ``input_ids`` then hold each
+    row's rest, left-padded, and the padding sits between the prefix and the rest (masked).
 
     ``copies`` (an int, or ``(B,)`` counts): generate that many continuations of each prompt
     row from one prefill (sampled answers to one question share the prompt's pass and cache);
@@ -184,12 +189,19 @@ def generate(
     B, P = input_ids.shape
     device = input_ids.device
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = hf.new_cache()
+    if prefix is not None and prefix.numel():  # the shared start, once for the whole batch
+        shared = qs.backbone(inputs_embeds=qs.embed(prefix[None]), cache=cache, use_cache=True)
+        cache = hf.repeat_cache(shared.cache, B, detach=False)
+        mask = torch.cat(
+            [torch.ones((B, prefix.numel()), dtype=mask.dtype, device=device), mask], 1
+        )
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1] - P :]
     out = qs.backbone(
         inputs_embeds=qs.embed(input_ids),
         attention_mask=mask,
         position_ids=pos,
-        cache=hf.new_cache(),
+        cache=cache,
         use_cache=True,
     )
     cache, h_last, next_pos = out.cache, out.last_hidden_state[:, -1], pos[:, -1] + 1

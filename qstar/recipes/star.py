@@ -64,6 +64,15 @@ def stop_text(text: str) -> str:
     return text[:cut]
 
 
+def common_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens every row shares, leaving each row at least one of its own."""
+    n = min(len(r) for r in rows) - 1
+    for i in range(max(n, 0)):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return max(n, 0)
+
+
 def sample_rationales(
     qs: QuietStar,
     prompts: list[str],
@@ -73,12 +82,22 @@ def sample_rationales(
     seed: int,
     batch: int,
     stop_early: bool = True,
+    progress: str | None = None,
+    share_prefix: bool = True,
 ) -> list[str]:
     """One completion per prompt: batched, KV-cached, left-padded generation
     (:func:`qstar.core.inference.generate`), greedy at ``temperature`` 0; each completion cut at
     :data:`STOP_STRINGS`. Generation of a batch ends once every row has stopped (with
-    ``stop_early``; without, after ``max_new_tokens``, as the benchmark compares)."""
+    ``stop_early``; without, after ``max_new_tokens``, as the benchmark compares). The tokens
+    every prompt of a batch starts with (the worked examples) are run once and their cache
+    shared (``share_prefix``). ``progress``:
+    the description of a progress bar counting rationales (with their rate per second)."""
     tok = qs.tokenizer
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=progress, unit="rationale", dynamic_ncols=True)
     device = next(qs.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -86,6 +105,9 @@ def sample_rationales(
     out: list[str] = []
     for lo in range(0, len(prompts), batch):
         encoded = [tok(p, add_special_tokens=False).input_ids for p in prompts[lo : lo + batch]]
+        shared = common_prefix(encoded) if share_prefix else 0
+        prefix = torch.tensor(encoded[0][:shared], dtype=torch.long, device=device)
+        encoded = [e[shared:] for e in encoded]
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
@@ -106,11 +128,16 @@ def sample_rationales(
             temperature=max(temperature, 1e-6),
             generator=gen,
             stop=stop if stop_early else None,
+            prefix=prefix,
         )
         for row in new.tolist():
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
             out.append(stop_text(tok.decode(row, skip_special_tokens=True)))
+        if bar is not None:
+            bar.update(len(encoded))
+    if bar is not None:
+        bar.close()
     return out
 
 
@@ -163,6 +190,7 @@ def collect(
         s.think,
         seed,
         s.generation_batch,
+        progress="sample" if cfg.logging.progress else None,
     )
     kept = [
         {"id": q.id, "prompt": format_prompt(q, []), "target": t, "rationalized": False}
@@ -187,6 +215,7 @@ def collect(
             s.think,
             seed + 1,
             s.generation_batch,
+            progress="rationalise" if cfg.logging.progress else None,
         )
         for q, t in zip(wrong, hinted, strict=True):
             # a rationale that talks about the hint would teach the model to expect one
@@ -335,6 +364,7 @@ def qa_accuracy(qs: QuietStar, cfg: RunConfig, questions: list) -> dict[str, flo
             cfg.star.think,
             0,
             cfg.star.generation_batch,
+            progress="evaluate" if cfg.logging.progress else None,
         )
     finally:
         qs.train(was_training)

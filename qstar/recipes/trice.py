@@ -62,6 +62,7 @@ def init_memory(qs: QuietStar, cfg: RunConfig, questions: list, seed: int) -> di
             s.think,
             seed + attempt,
             s.generation_batch,
+            progress="initialise memory" if cfg.logging.progress else None,
         )
         for q, t in zip(todo, texts, strict=True):
             if qa.is_correct(q, t) and "hint" not in t.lower():

@@ -158,6 +158,7 @@ def best_of_k_eval(
         s.think,
         cfg.train.seed + 7,
         s.generation_batch,
+        progress=f"{k} samples a question" if cfg.logging.progress else None,
     )
     plain = [qa.format_prompt(q, []) for q in questions for _ in range(k)]
     device = next(verifier.parameters()).device

@@ -23,7 +23,13 @@ import math
 from pathlib import Path
 
 # qstar is installed wherever these tasks run (the `qstar` lm-eval model); re-exported here
-from qstar.qa import _NUMBER, _normalise_number, extract_number, majority  # noqa: F401
+from qstar.qa import (  # noqa: F401
+    _NUMBER,
+    _normalise_number,
+    extract_letter,
+    extract_number,
+    majority,
+)
 
 DIGITS = [str(d) for d in range(10)] + ["\n"]
 LETTERS = ["A", "B", "C", "D", "E", "\n"]
@@ -248,6 +254,26 @@ def gsm8k_cot_process_results(doc: dict, results: list) -> dict:
     samples = results[0] if results and isinstance(results[0], list) else list(results)
     gold = _normalise_number(gsm8k_number(doc))
     answers = [extract_number(s) for s in samples]
+    return {
+        f"maj@{len(answers)}": float(majority(answers) == gold),
+        "pass@1": sum(a == gold for a in answers) / max(len(answers), 1),
+    }
+
+
+def csqa_cot_prompt(doc: dict) -> str:
+    return csqa_prompt(doc) + "Let's think step by step."
+
+
+def csqa_letter(doc: dict) -> str:
+    return doc["answerKey"].strip()
+
+
+def csqa_cot_process_results(doc: dict, results: list) -> dict:
+    """``results``: ``[[k generated rationales]]`` -> ``maj@k`` and ``pass@1``, reading the
+    letter each rationale settles on (:func:`qstar.qa.extract_letter`)."""
+    samples = results[0] if results and isinstance(results[0], list) else list(results)
+    gold = csqa_letter(doc)
+    answers = [extract_letter(s) for s in samples]
     return {
         f"maj@{len(answers)}": float(majority(answers) == gold),
         "pass@1": sum(a == gold for a in answers) / max(len(answers), 1),
