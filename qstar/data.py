@@ -274,7 +274,7 @@ def load_documents(
     kind, where = resolved.kind, resolved.where
     docs = Documents(texts=[], source=str(source), origin=resolved.origin)
     rows = (
-        _file_rows(where)
+        file_rows(where)
         if kind == "files"
         else _hub_rows(where, hub_config, split, seed, shuffle_buffer)
     )
@@ -301,7 +301,9 @@ def load_documents(
     return docs
 
 
-def _file_rows(paths: list[Path]) -> Iterator[tuple[str, Any]]:
+def file_rows(paths: list[Path]) -> Iterator[tuple[str, Any]]:
+    """``(location, row)`` of every row of ``paths`` in order; an unreadable file is a
+    :class:`DataError` naming it."""
     for path in paths:
         try:
             yield from iter_rows(path)

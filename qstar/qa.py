@@ -28,10 +28,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
-from qstar.data import DataError, announce, iter_rows, resolve
+from qstar.data import DataError, announce, file_rows, resolve
 
 
 @dataclass(frozen=True)
@@ -235,7 +234,7 @@ def load_qa(
     resolved = resolve(source, split, data_dir)
     announce(resolved)
     if resolved.kind == "files":
-        rows = _file_rows(resolved.where)
+        rows = file_rows(resolved.where)
     else:
         config = spec.hub_config if source == spec.source else None
         rows = _hub_rows(resolved.where, config, split)
@@ -255,16 +254,6 @@ def load_qa(
     if not out and limit != 0:
         raise DataError(f"no {task} examples in {resolved.describe()} (split {split!r})")
     return out
-
-
-def _file_rows(paths: list[Path]) -> Iterator[tuple[str, Any]]:
-    for path in paths:
-        try:
-            yield from iter_rows(path)
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text") from None
 
 
 def _hub_rows(name: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:

@@ -173,6 +173,21 @@ def markdown(rows: list[dict], command: str) -> str:
 
 
 # ---------------------------------------------------------------------------- generation
+def _interleaved(runs: dict, repeats: int) -> tuple[dict[str, float], dict]:
+    """One warm-up call of each, then ``repeats`` rounds calling each in turn: the median
+    seconds of each and its last output."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    outputs = {}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            outputs[key] = fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, outputs
+
+
 @torch.no_grad()
 def generation(
     model: str | None = None,
@@ -207,17 +222,8 @@ def generation(
             **gen,
         ),
     }
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    emitted: dict[str, int] = {}
-    for fn in runs.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for key, fn in runs.items():
-            t0 = time.perf_counter()
-            tokens = fn()
-            times[key].append(time.perf_counter() - t0)
-            emitted[key] = tokens.numel()
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, outputs = _interleaved(runs, repeats)
+    emitted = {k: v.numel() for k, v in outputs.items()}
     result = {
         "model": name,
         "thought_len": thought_len,
@@ -303,15 +309,7 @@ def rationale_generation(
         ),
         "qstar_stopping": lambda: sample_rationales(qs, prompts, new_tokens, 0.0, False, 0, n),
     }
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for key, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, _ = _interleaved(runs, repeats)
     result = {
         "model": name,
         "questions": n,

@@ -281,6 +281,16 @@ def completion_loss(qs: QuietStar, ids, mask, cmask) -> torch.Tensor:
     return learn.masked_mean(-logprob, cmask[:, 1:])
 
 
+def optimizer_step(params, optimizer, scheduler, grad_clip: float) -> tuple[float, float]:
+    """Clip (``grad_clip`` 0: no clipping), step, schedule, zero: ``(grad norm, lr used)``."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), lr
+
+
 def finetune(
     qs: QuietStar,
     cfg: RunConfig,
@@ -322,11 +332,7 @@ def finetune(
                 f"STaR fine-tuning diverged at step {step0 + i + 1}: non-finite completion NLL "
                 f"({total}); lower optim.lr"
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(params, optimizer, scheduler, cfg.optim.grad_clip)
         dt = time.perf_counter() - t0
         log(
             {

@@ -230,11 +230,7 @@ def train_trice(
                 raise TrainingDiverged(
                     f"TRICE diverged at step {step}: non-finite surrogate loss; lower optim.lr"
                 )
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = star.optimizer_step(params, optimizer, scheduler, cfg.optim.grad_clip)
             qs.eval()
             dt = time.perf_counter() - t0
             logger.log(

@@ -121,10 +121,7 @@ def train_verifier(
             raise TrainingDiverged(
                 f"V-STaR verifier diverged at step {step}: non-finite DPO loss; lower optim.lr"
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, _ = star.optimizer_step(params, optimizer, scheduler, cfg.optim.grad_clip)
         log(
             {
                 "kind": "verifier",
