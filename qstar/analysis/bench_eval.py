@@ -272,7 +272,7 @@ def rationale_generation(
     same batch of few-shot GSM8K prompts, both greedy for exactly ``new_tokens`` tokens (so both
     do the same work); and the sampler as the recipes run it (stopping rows at the end of the
     answer). Interleaved repeats, medians."""
-    from qstar import qa
+    import qstar.qa as qa
     from qstar.core.model import QuietStar
     from qstar.models.loading import DEFAULT_MODEL
     from qstar.recipes.star import sample_rationales

@@ -45,7 +45,7 @@ from qstar.run_config import RunConfig
 
 def init_memory(qs: QuietStar, cfg: RunConfig, questions: list, seed: int) -> dict[str, str]:
     """One correct rationale per question where hinted, then plain, sampling finds one."""
-    from qstar import qa
+    import qstar.qa as qa
 
     s = cfg.star
     shots = qa.shots_for(s.task)[: s.shots]
@@ -74,7 +74,7 @@ def trice_step(
     qs: QuietStar, cfg: RunConfig, batch: list, memory: dict[str, str], seed: int, autocast
 ) -> dict[str, float]:
     """Propose, update the memory, and accumulate the gradient of ``-trice_surrogate``."""
-    from qstar import qa
+    import qstar.qa as qa
 
     s = cfg.star
     shots = qa.shots_for(s.task)[: s.shots]

@@ -139,7 +139,7 @@ def best_of_k_eval(
     generator: QuietStar, verifier: QuietStar, reference: QuietStar, cfg: RunConfig, questions: list
 ) -> dict[str, float]:
     """Best-of-k by the verifier, majority vote and pass@1 on the same ``k`` samples each."""
-    from qstar import qa
+    import qstar.qa as qa
 
     s = cfg.star
     if not questions:
