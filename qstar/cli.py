@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a Quiet-STaR model from a YAML config",
-        description="Train (or resume) a Quiet-STaR run. Settings merge as defaults -> CONFIG -> "
+        description="Train (or resume) a Quiet-STaR run, or with train.method=star|trice|vstar "
+        "one of the STaR family on question-answer data. Settings merge as defaults -> CONFIG -> "
         "key=value overrides (e.g. quiet_star.thought_len=5 optim.lr=1e-5); unknown keys fail. "
         "Shipped configs: " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))) + ".",
     )
