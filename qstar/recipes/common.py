@@ -61,6 +61,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_for(cfg: RunConfig, device: torch.device):
+    """The context every forward of a run runs in: bf16 autocast under
+    ``train.precision=bf16-autocast``, else nothing."""
+    if cfg.train.precision == "bf16-autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def build_model(cfg: RunConfig, device: torch.device) -> QuietStar:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     qs = QuietStar.from_pretrained(
@@ -240,11 +248,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context)
             params=cfg.to_dict(),
             keep_lines=keep_lines,
         )
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if cfg.train.precision == "bf16-autocast"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(cfg, device)
     run = Run(
         cfg,
         run_dir,

@@ -32,7 +32,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -48,7 +47,13 @@ import torch
 from qstar.core import learn
 from qstar.core.model import QuietStar
 from qstar.errors import TrainingDiverged
-from qstar.recipes.common import build_model, build_optimizer, peak_memory_mb, pick_device
+from qstar.recipes.common import (
+    autocast_for,
+    build_model,
+    build_optimizer,
+    peak_memory_mb,
+    pick_device,
+)
 from qstar.recipes.rundir import check_run_dir, write_json
 from qstar.recipes.tracking import MetricsLogger, provenance, read_metrics, truncate_lines
 from qstar.run_config import RunConfig
@@ -142,6 +147,20 @@ def sample_rationales(
 
 
 # ============================================================================ one iteration
+def write_provenance(cfg: RunConfig, run_dir: Path, qs, device, n_train: int, n_eval: int):
+    """``run.json`` of a STaR-family run: the method, model, data and question counts."""
+    info = {
+        "method": cfg.train.method,
+        "model": cfg.model.name,
+        "model_source": getattr(qs.base_model, "qstar_source", None),
+        "device": str(device),
+        "data": cfg.star.source or DEFAULT_SOURCES[cfg.star.task],
+        "train_questions": n_train,
+        "eval_questions": n_eval,
+    }
+    (run_dir / "run.json").write_text(json.dumps(provenance(info), indent=2) + "\n")
+
+
 def load_examples(cfg: RunConfig, held_out: bool = False) -> list:
     """The training questions (``star.source``, ``star.split``), or with ``held_out`` the
     evaluation questions (``star.eval_source``, default the same source, ``star.eval_split``)."""
@@ -419,16 +438,7 @@ def train_star(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     if start == 0:
-        info = {
-            "method": "star",
-            "model": cfg.model.name,
-            "model_source": getattr(qs.base_model, "qstar_source", None),
-            "device": str(device),
-            "data": cfg.star.source or DEFAULT_SOURCES[cfg.star.task],
-            "train_questions": len(train_q),
-            "eval_questions": len(eval_q),
-        }
-        (run_dir / "run.json").write_text(json.dumps(provenance(info), indent=2) + "\n")
+        write_provenance(cfg, run_dir, qs, device, len(train_q), len(eval_q))
     metrics = run_dir / "metrics.jsonl"
     step = 0
     if start:
@@ -447,11 +457,7 @@ def train_star(
     elif metrics.exists():
         metrics.unlink()
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard, False)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if cfg.train.precision == "bf16-autocast"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(cfg, device)
     t_start = time.perf_counter()
     first = last = None
     try:
@@ -514,17 +520,19 @@ def train_star(
         "resumed_from": start or None,
         "seconds": time.perf_counter() - t_start,
         "peak_mem_mb": peak_memory_mb(device),
-        "per_iteration": [
-            {k: r[k] for k in ("iteration", "kept", "correct", "rationalized", "sample_acc")}
-            for r in rows
-            if r.get("kind") == "iteration"
-        ],
+        "per_iteration": per_iteration(rows),
         "eval_first": strip_eval(evals[0]) if evals else first,
         "eval_last": {**(strip_eval(evals[-1]) if evals else last or {}), **tasks},
         "final_model": str(final_dir),
     }
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def per_iteration(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each iteration's sampling figures from ``metrics.jsonl`` rows (the summary's table)."""
+    keys = ("iteration", "kept", "correct", "rationalized", "sample_acc")
+    return [{k: r[k] for k in keys} for r in rows if r.get("kind") == "iteration"]
 
 
 def strip_eval(row: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,6 @@ setup -> (train step -> evaluate -> checkpoint) x steps -> finish, over the shar
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -20,6 +19,7 @@ from qstar.evaluation.heldout import heldout_nll, task_metrics
 from qstar.recipes import checkpoint, diagnostics, distributed
 from qstar.recipes.common import (
     Run,
+    autocast_for,
     cleanup,
     finish,
     nonfinite_part,
@@ -78,11 +78,7 @@ def final_task_eval(
         torch.cuda.empty_cache()
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     qs = QuietStar.from_pretrained(summary["final_model"], dtype=dtype).to(device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if cfg.train.precision == "bf16-autocast"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(cfg, device)
     step = cfg.train.steps
     samples = run_dir / "tasks" / f"step_{step}"
     with autocast:

@@ -21,7 +21,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import shutil
@@ -37,9 +36,15 @@ from qstar.core import selftaught
 from qstar.core.model import QuietStar
 from qstar.errors import TrainingDiverged
 from qstar.recipes import star
-from qstar.recipes.common import build_model, build_optimizer, peak_memory_mb, pick_device
+from qstar.recipes.common import (
+    autocast_for,
+    build_model,
+    build_optimizer,
+    peak_memory_mb,
+    pick_device,
+)
 from qstar.recipes.rundir import check_run_dir, write_json
-from qstar.recipes.tracking import MetricsLogger, provenance, read_metrics, truncate_lines
+from qstar.recipes.tracking import MetricsLogger, read_metrics, truncate_lines
 from qstar.run_config import RunConfig
 
 
@@ -116,6 +121,12 @@ def trice_step(
     }
 
 
+def _finished_steps(run_dir: Path) -> list[int]:
+    """Steps with a whole checkpoint (its ``state.json`` is written last), in order."""
+    found = (run_dir / "checkpoints").glob("step_*/state.json")
+    return sorted(int(p.parent.name.split("_")[1]) for p in found)
+
+
 def _save(run_dir: Path, step: int, qs, optimizer, scheduler, memory, keep: int) -> Path:
     ckpt = run_dir / "checkpoints" / f"step_{step}"
     qs.save_pretrained(ckpt / "model")
@@ -125,24 +136,13 @@ def _save(run_dir: Path, step: int, qs, optimizer, scheduler, memory, keep: int)
     )
     write_json(ckpt / "memory.json", memory)
     write_json(ckpt / "state.json", {"step": step})  # written last: the checkpoint is whole
-    done = sorted(
-        (
-            int(p.parent.name.split("_")[1])
-            for p in (run_dir / "checkpoints").glob("step_*/state.json")
-        ),
-    )
-    for old in done[:-keep]:
+    for old in _finished_steps(run_dir)[:-keep]:
         shutil.rmtree(run_dir / "checkpoints" / f"step_{old}")
     return ckpt
 
 
 def _latest(run_dir: Path) -> Path | None:
-    done = sorted(
-        (
-            int(p.parent.name.split("_")[1])
-            for p in (run_dir / "checkpoints").glob("step_*/state.json")
-        ),
-    )
+    done = _finished_steps(run_dir)
     return run_dir / "checkpoints" / f"step_{done[-1]}" if done else None
 
 
@@ -169,11 +169,7 @@ def train_trice(
     eval_q = star.load_examples(cfg, held_out=True)[: cfg.star.eval_questions]
     params = [p for p in qs.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(cfg, params)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if cfg.train.precision == "bf16-autocast"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(cfg, device)
     ckpt = _latest(run_dir) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -191,16 +187,7 @@ def train_trice(
         print(f"qstar: resuming TRICE after step {start}", file=sys.stderr)
     else:
         metrics.unlink(missing_ok=True)
-        info = {
-            "method": "trice",
-            "model": cfg.model.name,
-            "model_source": getattr(qs.base_model, "qstar_source", None),
-            "device": str(device),
-            "data": cfg.star.source or star.DEFAULT_SOURCES[cfg.star.task],
-            "train_questions": len(pool),
-            "eval_questions": len(eval_q),
-        }
-        (run_dir / "run.json").write_text(json.dumps(provenance(info), indent=2) + "\n")
+        star.write_provenance(cfg, run_dir, qs, device, len(pool), len(eval_q))
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard, False)
     t_start = time.perf_counter()
     try:

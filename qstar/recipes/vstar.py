@@ -26,7 +26,6 @@ a resumed run skips what is done) and the V-STaR figures in ``summary.json``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import time
@@ -40,7 +39,13 @@ from qstar.core import selftaught
 from qstar.core.model import QuietStar
 from qstar.errors import TrainingDiverged
 from qstar.recipes import star
-from qstar.recipes.common import build_model, build_optimizer, peak_memory_mb, pick_device
+from qstar.recipes.common import (
+    autocast_for,
+    build_model,
+    build_optimizer,
+    peak_memory_mb,
+    pick_device,
+)
 from qstar.recipes.rundir import write_json
 from qstar.recipes.tracking import MetricsLogger, read_metrics
 from qstar.run_config import RunConfig
@@ -202,11 +207,7 @@ def train_vstar(
         return gen
     generator: QuietStar = gen["model"]
     device = pick_device(cfg.train.device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if cfg.train.precision == "bf16-autocast"
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(cfg, device)
     pairs = preference_pairs(run_dir, cfg.train.seed)
     with (run_dir / "pairs.jsonl").open("w", encoding="utf-8") as fh:
         for p in pairs:
@@ -251,11 +252,7 @@ def train_vstar(
         "resumed_from": gen["resumed_from"],
         "seconds": time.perf_counter() - t_start,
         "peak_mem_mb": peak_memory_mb(device),
-        "per_iteration": [
-            {k: r[k] for k in ("iteration", "kept", "correct", "rationalized", "sample_acc")}
-            for r in rows
-            if r.get("kind") == "iteration"
-        ],
+        "per_iteration": star.per_iteration(rows),
         "pairs": len(pairs),
         "verifier_pair_acc": verif[-1]["pair_acc"] if verif else None,
         "eval_first": star.strip_eval(evals[0]) if evals else None,
