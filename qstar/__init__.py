@@ -5,8 +5,9 @@ think (:mod:`qstar.core.think`, :mod:`qstar.core.attention`) -> talk (:mod:`qsta
 folders; see ARCHITECTURE.md.
 """
 
-from qstar.config import QuietStarConfig
-from qstar.core.model import QuietStar, QuietStarOutput
+from qstar.config import ObjectiveConfig, QuietStarConfig
+from qstar.core.learn import StepOutput
+from qstar.core.model import QuietStar
 from qstar.version import __version__
 
-__all__ = ["QuietStar", "QuietStarConfig", "QuietStarOutput", "__version__"]
+__all__ = ["ObjectiveConfig", "QuietStar", "QuietStarConfig", "StepOutput", "__version__"]

@@ -1,4 +1,6 @@
-"""The Quiet-STaR hyper-parameters: one typed dataclass, validated eagerly.
+"""The Quiet-STaR hyper-parameters, validated eagerly: :class:`QuietStarConfig` (what the model
+is and how it computes; saved with it) and :class:`ObjectiveConfig` (how it is trained; a
+training setting).
 
 Defaults reproduce the authors' training code (Zelikman et al. 2024, `quiet-star-train.py`),
 which is what produced the published numbers; the paper's text variants are named options.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -26,36 +29,38 @@ BASELINE_CHOICES = ("mean", "leave_one_out", "none")  # as qstar.core.learn.BASE
 REWARD_FILTER_CHOICES = ("positive", "all", "best")
 
 
+FUSED_CE_CHOICES = ("chunked", "off")
+
+# Settings of the training objective that configs written before they moved out of the model's
+# config still carry; QuietStarConfig.from_dict drops them (saved models, old run directories).
+OBJECTIVE_KEYS = (
+    "base_loss_weight",
+    "mixed_loss_weight",
+    "policy_weight",
+    "policy_temperature",
+    "policy_logprob",
+    "baseline",
+    "reward_filter",
+    "positive_rewards",
+)
+
+
 @dataclass(frozen=True)
 class QuietStarConfig:
-    """Hyper-parameters of think / talk / learn (frozen: change one with :meth:`replace`, or for a
-    block of code with :meth:`qstar.QuietStar.using`).
+    """What a Quiet-STaR model is and how it computes (frozen: change one with :meth:`replace`,
+    or for a block of code with :meth:`qstar.QuietStar.using`). Saved with the model
+    (``qstar_config.json``); how it is *trained* (loss weights, the REINFORCE estimator) is
+    :class:`ObjectiveConfig`, a training setting.
 
     Attributes:
         thought_len: sampled thought tokens per position, without ``<start>``/``<end>`` (``t``).
         n_true: true future tokens predicted after each thought (lookahead, the code's
             ``n_ahead_talk``).
-        n_thoughts: thoughts sampled per position (``k``, the code's ``n_passes``); the REINFORCE
-            baseline is the mean over them, so ``k = 1`` gives zero rewards.
+        n_thoughts: thoughts sampled per position in training (``k``, the code's ``n_passes``);
+            the REINFORCE baseline is the mean over them, so ``k = 1`` gives zero rewards.
         mixing: ``"hidden"`` mixes hidden states before the LM head with an unbounded weight
             (the authors' code); ``"logprob"`` interpolates log-probabilities with a weight in
             [0, 1] (sigmoid), as the paper's text describes.
-        base_loss_weight / mixed_loss_weight: weights of the base-LM NLL and of the mean over the
-            ``n_true`` mixed NLLs (the code's ``original_loss_weight = 0.5``).
-        policy_weight: weight of the REINFORCE term (the code's ``policy_loss_beta = 1e6``).
-        policy_temperature: temperature of the thought log-probabilities in the policy term
-            (the code's ``reinforce_temperature = 3``).
-        policy_logprob: ``"per_token"`` averages the policy term over thought tokens (code);
-            ``"per_thought"`` uses the whole thought's log-probability (paper).
-        baseline: the REINFORCE control variate (:func:`qstar.core.learn.baseline_rewards`):
-            ``"mean"`` over the ``k`` thoughts, the thought itself included (the code; its
-            expected gradient is ``(k-1)/k`` of the true one), ``"leave_one_out"`` (the mean of
-            the other ``k-1``; unbiased; needs ``k >= 2``) or ``"none"`` (the gain over the
-            prediction without a thought).
-        reward_filter: which rewards get credit (:func:`qstar.core.learn.filter_rewards`):
-            ``"positive"`` (clamp at 0, the code), ``"all"`` (signed) or ``"best"`` (the best
-            of the ``k`` thoughts per position, when positive). Configs that still say
-            ``positive_rewards: true/false`` read as ``positive`` / ``all``.
         thought_temperature: sampling temperature of thought tokens (1.0: the code's hard
             Gumbel trick, which is exactly categorical sampling at T=1).
         meta_scale: the meta-token embeddings are stored divided by this factor and multiplied
@@ -67,6 +72,10 @@ class QuietStarConfig:
             ``"einsum"`` force one); ``"dense"``
             is the plain reference that materialises the authors' additive mask and runs the
             model's eager attention.
+        fused_ce: ``"chunked"`` computes every ``log p(token)`` through the fused, chunked LM
+            head (:mod:`qstar.core.head`; exact, no vocabulary-wide logits kept for backward);
+            ``"off"`` materialises the logits (the reference path). A run sets it from
+            ``train.fused_ce``.
         start_token / end_token: the two meta tokens added to the tokenizer.
         meta_init_text: text whose first token's embedding initialises both meta tokens.
     """
@@ -75,16 +84,10 @@ class QuietStarConfig:
     n_true: int = 4
     n_thoughts: int = 2
     mixing: str = "hidden"
-    base_loss_weight: float = 0.5
-    mixed_loss_weight: float = 0.5
-    policy_weight: float = 1e6
-    policy_temperature: float = 3.0
-    policy_logprob: str = "per_token"
-    baseline: str = "mean"
-    reward_filter: str = "positive"
     thought_temperature: float = 1.0
     meta_scale: float = 100.0
     attention: str = "sparse"
+    fused_ce: str = "chunked"
     start_token: str = "<|startofthought|>"
     end_token: str = "<|endofthought|>"
     meta_init_text: str = "---"
@@ -99,19 +102,10 @@ class QuietStarConfig:
         _int_in("n_true", self.n_true, 1, 256)
         _int_in("n_thoughts", self.n_thoughts, 1, 64)
         _choice("mixing", self.mixing, MIXING_CHOICES)
-        _choice("policy_logprob", self.policy_logprob, POLICY_LOGPROB_CHOICES)
         _choice("attention", self.attention, ATTENTION_CHOICES)
-        for name in ("base_loss_weight", "mixed_loss_weight", "policy_weight"):
-            _float_ge(name, getattr(self, name), 0.0)
-        for name in ("policy_temperature", "thought_temperature", "meta_scale"):
+        _choice("fused_ce", self.fused_ce, FUSED_CE_CHOICES)
+        for name in ("thought_temperature", "meta_scale"):
             _float_gt(name, getattr(self, name), 0.0)
-        _choice("baseline", self.baseline, BASELINE_CHOICES)
-        _choice("reward_filter", self.reward_filter, REWARD_FILTER_CHOICES)
-        if self.baseline == "leave_one_out" and self.n_thoughts < 2:
-            raise ValueError(
-                "baseline=leave_one_out averages the other n_thoughts - 1 thoughts: it needs "
-                f"n_thoughts >= 2, got n_thoughts={self.n_thoughts} (or use baseline=none)"
-            )
         for name in ("start_token", "end_token", "meta_init_text"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -139,11 +133,13 @@ class QuietStarConfig:
         return cls(thought_len=n_ahead - 3, n_true=n_ahead_talk, n_thoughts=n_passes, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(QuietStarConfig)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuietStarConfig:
-        data = upgrade_legacy(data)
+        """From a saved ``qstar_config.json`` (or any mapping of its keys). Objective settings
+        that older versions saved with the model (:data:`OBJECTIVE_KEYS`) are dropped."""
+        data = {k: v for k, v in data.items() if k not in OBJECTIVE_KEYS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -156,6 +152,65 @@ class QuietStarConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self, **changes: Any) -> QuietStarConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """How a Quiet-STaR model is trained: the loss of :func:`qstar.core.learn.quiet_star_loss`.
+    A training setting, never saved with the model. Defaults reproduce the authors' code.
+
+    Attributes:
+        base_loss_weight / mixed_loss_weight: weights of the base-LM NLL and of the mean over the
+            ``n_true`` mixed NLLs (the code's ``original_loss_weight = 0.5``).
+        policy_weight: weight of the REINFORCE term (the code's ``policy_loss_beta = 1e6``).
+        policy_temperature: temperature of the thought log-probabilities in the policy term
+            (the code's ``reinforce_temperature = 3``).
+        policy_logprob: ``"per_token"`` averages the policy term over thought tokens (code);
+            ``"per_thought"`` uses the whole thought's log-probability (paper).
+        baseline: the REINFORCE control variate (:func:`qstar.core.learn.baseline_rewards`):
+            ``"mean"`` over the ``k`` thoughts, the thought itself included (the code; its
+            expected gradient is ``(k-1)/k`` of the true one), ``"leave_one_out"`` (the mean of
+            the other ``k-1``; unbiased; needs ``k >= 2``) or ``"none"`` (the gain over the
+            prediction without a thought).
+        reward_filter: which rewards get credit (:func:`qstar.core.learn.filter_rewards`):
+            ``"positive"`` (clamp at 0, the code), ``"all"`` (signed) or ``"best"`` (the best
+            of the ``k`` thoughts per position, when positive). Configs that still say
+            ``positive_rewards: true/false`` read as ``positive`` / ``all``.
+    """
+
+    base_loss_weight: float = 0.5
+    mixed_loss_weight: float = 0.5
+    policy_weight: float = 1e6
+    policy_temperature: float = 3.0
+    policy_logprob: str = "per_token"
+    baseline: str = "mean"
+    reward_filter: str = "positive"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the allowed values."""
+        for name in ("base_loss_weight", "mixed_loss_weight", "policy_weight"):
+            _float_ge(name, getattr(self, name), 0.0)
+        _float_gt("policy_temperature", self.policy_temperature, 0.0)
+        _choice("policy_logprob", self.policy_logprob, POLICY_LOGPROB_CHOICES)
+        _choice("baseline", self.baseline, BASELINE_CHOICES)
+        _choice("reward_filter", self.reward_filter, REWARD_FILTER_CHOICES)
+
+    def check_thoughts(self, n_thoughts: int) -> None:
+        """The estimator against the number of thoughts per position."""
+        if self.baseline == "leave_one_out" and n_thoughts < 2:
+            raise ValueError(
+                "baseline=leave_one_out averages the other n_thoughts - 1 thoughts: it needs "
+                f"n_thoughts >= 2, got n_thoughts={n_thoughts} (or use baseline=none)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)}
+
+    def replace(self, **changes: Any) -> ObjectiveConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -200,8 +255,6 @@ def quiet_star_overrides(texts: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``["quiet_star.thought_len=5", ...]`` -> ``{"thought_len": 5}``: the override grammar of
     ``qstar train``, for commands that take only the method's knobs (``qstar eval``, ``qstar
     bench``). Unknown sections or keys fail naming the key; values are validated."""
-    import typing
-
     hints = typing.get_type_hints(QuietStarConfig)
     out: dict[str, Any] = {}
     for text in texts:
@@ -211,6 +264,11 @@ def quiet_star_overrides(texts: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise ValueError(
                 f"override {text!r}: only quiet_star.KEY=VALUE can be set here "
                 f"(e.g. quiet_star.thought_len=5)"
+            )
+        if path[1] in OBJECTIVE_KEYS:
+            raise ValueError(
+                f"override {text!r}: {path[1]} is a training setting (the loss), not part of the "
+                "model; it changes nothing here"
             )
         if path[1] not in hints:
             raise ValueError(

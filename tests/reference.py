@@ -46,7 +46,7 @@ def sequential_hidden(
     return h[first : first + 1 + n_extra]
 
 
-def reference_loss(qs, ids: torch.Tensor, thoughts: torch.Tensor) -> dict[str, torch.Tensor]:
+def reference_loss(qs, ids: torch.Tensor, thoughts: torch.Tensor, obj) -> dict[str, torch.Tensor]:
     """The training objective computed position by position with plain forwards.
 
     Args:
@@ -72,37 +72,37 @@ def reference_loss(qs, ids: torch.Tensor, thoughts: torch.Tensor) -> dict[str, t
                     if i + 1 + j >= L:
                         break
                     w = qs.mixing_head(h_base[i + j], h_after[j])
-                    logits, _ = qs._mixer(w, h_base[i + j], h_after[j], qs.lm_logits)
+                    logits, _ = qs.mix_logits(w, h_base[i + j], h_after[j])
                     nll = -torch.log_softmax(logits.float(), -1)[ids[b, i + 1 + j]]
                     nlls.append(nll)
                     mixed_terms[j].append(nll)
                 ll[s] = -sum(x.detach() for x in nlls)
                 per_thought_nll.append(nlls)
-            if cfg.baseline == "mean":
+            if obj.baseline == "mean":
                 r = ll - ll.mean()
-            elif cfg.baseline == "leave_one_out":
+            elif obj.baseline == "leave_one_out":
                 r = torch.stack([ll[s] - (ll.sum() - ll[s]) / (k - 1) for s in range(k)])
             else:  # "none": the gain over the base model's prediction of the same tokens
                 base_ll = sum(
                     float(lp_base[i + j, ids[b, i + 1 + j]]) for j in range(min(n, L - 1 - i))
                 )
                 r = ll - base_ll
-            if cfg.reward_filter == "positive":
+            if obj.reward_filter == "positive":
                 r = r.clamp(min=0)
-            elif cfg.reward_filter == "best":
+            elif obj.reward_filter == "best":
                 best = int(r.argmax())
                 r = torch.stack([r[s].clamp(min=0) if s == best else r[s] * 0 for s in range(k)])
             for s in range(k):
                 c = thoughts[b, s, i].tolist()
                 seq = torch.cat([ids[b, : i + 1], torch.tensor([qs.start_id, *c])])
                 h = qs.backbone(inputs_embeds=qs.embed(seq[None])).last_hidden_state[0]
-                logits = qs.lm_logits(h[i + 1 : i + 1 + len(c)]).float() / cfg.policy_temperature
+                logits = qs.lm_logits(h[i + 1 : i + 1 + len(c)]).float() / obj.policy_temperature
                 logits = mask_meta_logits(logits, (qs.start_id, qs.end_id))
                 lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
-                lp = lp.mean() if cfg.policy_logprob == "per_token" else lp.sum()
+                lp = lp.mean() if obj.policy_logprob == "per_token" else lp.sum()
                 policy_terms.append(-r[s] * lp)
     base = torch.stack(base_terms).mean()
     mixed = torch.stack([torch.stack(v).mean() for v in mixed_terms.values() if v]).mean()
     policy = torch.stack(policy_terms).mean()
-    loss = cfg.base_loss_weight * base + cfg.mixed_loss_weight * mixed + cfg.policy_weight * policy
+    loss = obj.base_loss_weight * base + obj.mixed_loss_weight * mixed + obj.policy_weight * policy
     return {"loss": loss, "base_nll": base, "mixed_nll": mixed, "policy_loss": policy}

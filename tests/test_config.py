@@ -1,6 +1,8 @@
 import pytest
 
-from qstar import QuietStarConfig
+from qstar import ObjectiveConfig, QuietStarConfig
+from qstar.config import OBJECTIVE_KEYS
+from qstar.run_config import load_run_config
 
 
 @pytest.mark.parametrize(
@@ -21,8 +23,20 @@ from qstar import QuietStarConfig
     ],
 )
 def test_invalid_values_name_the_field(field, value):
+    cls = ObjectiveConfig if field in OBJECTIVE_KEYS else QuietStarConfig
     with pytest.raises(ValueError, match=field):
-        QuietStarConfig(**{field: value})
+        cls(**{field: value})
+    with pytest.raises(ValueError, match=f"quiet_star.{field}"):  # as a config key
+        load_run_config(None, [f"quiet_star.{field}={value}"])
+
+
+def test_training_settings_are_not_saved_with_the_model():
+    """The objective (loss weights, estimator) is a training setting: a model's config has no
+    such field, and configs saved before the split still load."""
+    assert not set(OBJECTIVE_KEYS) & set(QuietStarConfig().to_dict())
+    cfg = load_run_config(None, ["quiet_star.policy_weight=100", "quiet_star.thought_len=3"])
+    assert cfg.quiet_star.model_config() == QuietStarConfig(thought_len=3)
+    assert cfg.quiet_star.objective() == ObjectiveConfig(policy_weight=100.0)
 
 
 def test_unknown_keys_are_listed():

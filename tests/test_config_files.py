@@ -3,7 +3,7 @@
 import pytest
 
 from qstar.cli import CONFIG_DIR
-from qstar.config import QuietStarConfig
+from qstar.config import ObjectiveConfig, QuietStarConfig
 from qstar.run_config import load_run_config
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -21,7 +21,9 @@ def test_every_shipped_config_loads(path):
 
 def test_paper_config_matches_the_authors_code():
     cfg = load_run_config(str(CONFIG_DIR / "paper_mistral7b_owm.yaml"))
-    assert cfg.quiet_star == QuietStarConfig.from_authors(n_ahead=12, n_ahead_talk=4, n_passes=2)
+    authors = QuietStarConfig.from_authors(n_ahead=12, n_ahead_talk=4, n_passes=2)
+    assert cfg.quiet_star.model_config() == authors
+    assert cfg.quiet_star.objective() == ObjectiveConfig()  # the authors' loss
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, cfg.optim.grad_clip) == (
         1e-6,
         0.001,

@@ -10,6 +10,7 @@ from qstar.core.think import draw_uniforms
 from qstar.models.random import ARCHITECTURES, tiny_model
 
 from .reference import reference_loss, sequential_hidden, sequential_thought
+from .steps import build_config, step
 
 TEXT = "Q: What is 12 times 7?\nA: 84"
 
@@ -18,7 +19,9 @@ def build(arch="llama", seed=0, randomize_head=False, **cfg):
     model, tok = tiny_model(arch, seed=seed)
     defaults = dict(thought_len=3, n_true=2, n_thoughts=2)
     defaults.update(cfg)
-    qs = QuietStar.from_base(model, tok, QuietStarConfig(**defaults))
+    qcfg, objective = build_config(**defaults)
+    qs = QuietStar.from_base(model, tok, qcfg)
+    qs.test_objective = objective  # what step() trains with
     if randomize_head:  # a trained-looking head, so thoughts matter
         torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.5)
     return qs
@@ -73,7 +76,7 @@ def test_mixed_logits_equal_sequential_reference(arch):
     for i in range(ids.shape[1]):
         h_end = sequential_hidden(qs, ids[0], i, thoughts[0, i].tolist(), 0)[0]
         w = qs.mixing_head(h_base[i], h_end)
-        ref, _ = qs._mixer(w, h_base[i], h_end, qs.lm_logits)
+        ref, _ = qs.mix_logits(w, h_base[i], h_end)
         torch.testing.assert_close(logits[0, i], ref, atol=2e-5, rtol=1e-4)
 
 
@@ -86,7 +89,7 @@ def test_fixed_thought_control_equals_sequential_reference():
     h_base = qs.backbone(inputs_embeds=qs.embed(ids)).last_hidden_state[0]
     for i in range(ids.shape[1]):
         h_end = sequential_hidden(qs, ids[0], i, [token] * qs.config.thought_len, 0)[0]
-        ref, _ = qs._mixer(qs.mixing_head(h_base[i], h_end), h_base[i], h_end, qs.lm_logits)
+        ref, _ = qs.mix_logits(qs.mixing_head(h_base[i], h_end), h_base[i], h_end)
         torch.testing.assert_close(logits[0, i], ref, atol=2e-5, rtol=1e-4)
     assert (logits - qs.mixed_logits(ids)).abs().max() > 1e-3  # content matters here
 
@@ -129,8 +132,8 @@ def test_training_loss_equals_plain_reference(arch, mixing):
         policy_weight=10.0,
     )
     ids = torch.cat([ids_of(qs, max_len=7), ids_of(qs, "Language models can teach", max_len=7)])
-    out = qs(ids, generator=torch.Generator().manual_seed(1))
-    ref = reference_loss(qs, ids, out.thoughts)
+    out = step(qs, ids, generator=torch.Generator().manual_seed(1))
+    ref = reference_loss(qs, ids, out.thoughts, qs.test_objective)
     for name in ("base_nll", "mixed_nll", "policy_loss", "loss"):
         torch.testing.assert_close(
             getattr(out, name).float(), ref[name].float(), atol=1e-4, rtol=1e-4, msg=name
@@ -156,8 +159,8 @@ def test_every_estimator_equals_plain_reference(baseline, reward_filter):
         policy_weight=10.0,
     )
     ids = torch.cat([ids_of(qs, max_len=7), ids_of(qs, "Language models can teach", max_len=7)])
-    out = qs(ids, generator=torch.Generator().manual_seed(1))
-    ref = reference_loss(qs, ids, out.thoughts)
+    out = step(qs, ids, generator=torch.Generator().manual_seed(1))
+    ref = reference_loss(qs, ids, out.thoughts, qs.test_objective)
     for name in ("policy_loss", "loss"):
         torch.testing.assert_close(
             getattr(out, name).float(), ref[name].float(), atol=1e-4, rtol=1e-4, msg=name
@@ -171,7 +174,7 @@ def test_sparse_attention_equals_dense_path_values_and_gradients(kernel):
     for mode in (kernel, "dense"):
         qs = build("qwen2", randomize_head=True, attention=mode, thought_len=5, n_true=3)
         ids = torch.cat([ids_of(qs, max_len=10), ids_of(qs, "The quick brown fox", max_len=10)])
-        out = qs(ids, generator=torch.Generator().manual_seed(0))
+        out = step(qs, ids, generator=torch.Generator().manual_seed(0))
         out.loss.backward()
         grads[mode] = (
             out,
@@ -228,7 +231,7 @@ def test_training_step_under_bf16_autocast(kernel):
         qs = build("llama", randomize_head=True, attention=mode, thought_len=3, n_true=2)
         ids = ids_of(qs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = qs(ids, generator=torch.Generator().manual_seed(0))
+            out = step(qs, ids, generator=torch.Generator().manual_seed(0))
         out.loss.backward()
         grads = [p.grad for p in qs.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -250,10 +253,10 @@ def test_rewards_under_bf16_autocast_equal_fp32_rewards(mixing):
     fixed = qs.sample_thoughts(
         ids.repeat_interleave(2, 0), generator=torch.Generator().manual_seed(0)
     )
-    qs._sample = lambda *a, **k: fixed  # the same thoughts in both precisions
-    ref = qs(ids)
+    qs.sample_from_cache = lambda *a, **k: fixed  # the same thoughts in both precisions
+    ref = step(qs, ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = qs(ids)
+        got = step(qs, ids)
     r_ref, r_got = ref.rewards, got.rewards
     assert r_ref.abs().max() > 0
     err = (r_got - r_ref).abs().mean() / r_ref.abs().mean()
@@ -290,7 +293,7 @@ def test_zero_mixing_weight_reproduces_base_logits(arch):
     ids = ids_of(qs)
     base = qs.base_model(input_ids=ids).logits
     torch.testing.assert_close(qs.mixed_logits(ids), base, atol=1e-5, rtol=1e-5)
-    out = qs(ids, generator=torch.Generator().manual_seed(0))
+    out = step(qs, ids, generator=torch.Generator().manual_seed(0))
     assert float(out.mixing_weight.abs().max()) == 0.0
     assert float(out.rewards.abs().max()) == 0.0
 
@@ -311,7 +314,7 @@ def test_gradients_reach_meta_tokens_mixing_head_and_lm_after_one_step():
     opt = torch.optim.Adam(qs.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
 
-    qs(ids, generator=gen).loss.backward()
+    step(qs, ids, generator=gen).loss.backward()
     # Step 0 (DESIGN.md): the zero last layer makes thoughts irrelevant.
     assert qs.meta_embeddings.grad is None or float(qs.meta_embeddings.grad.abs().sum()) == 0.0
     assert float(qs.mixing_head.net[-1].weight.grad.abs().sum()) > 0
@@ -319,7 +322,7 @@ def test_gradients_reach_meta_tokens_mixing_head_and_lm_after_one_step():
     opt.step()
     opt.zero_grad()
 
-    qs(ids, generator=gen).loss.backward()
+    step(qs, ids, generator=gen).loss.backward()
     assert float(qs.meta_embeddings.grad.abs().sum()) > 0
     assert float(qs.mixing_head.net[0].weight.grad.abs().sum()) > 0
     assert float(qs.base_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum()) > 0
@@ -333,7 +336,7 @@ def test_meta_tokens_learn_meta_scale_times_faster_under_adam():
     before = qs.embed(torch.tensor([[qs.start_id]]))[0, 0].detach().clone()
     lr = 1e-4
     opt = torch.optim.Adam([qs.meta_embeddings], lr=lr)
-    qs(ids, generator=torch.Generator().manual_seed(0)).loss.backward()
+    step(qs, ids, generator=torch.Generator().manual_seed(0)).loss.backward()
     moved = qs.meta_embeddings.grad[0] != 0
     assert moved.any()
     opt.step()
@@ -353,12 +356,12 @@ def test_loss_falls_on_a_fixed_batch():
     gen = torch.Generator().manual_seed(0)
     first = None
     for _ in range(20):
-        out = qs(ids, generator=gen)
+        out = step(qs, ids, generator=gen)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         first = first or out.stats()
-    last = qs(ids, generator=gen).stats()
+    last = step(qs, ids, generator=gen).stats()
     assert last["base_nll"] < first["base_nll"] - 1.0
     assert last["mixed_nll"] < first["mixed_nll"] - 1.0
     assert last["loss"] < first["loss"]
@@ -370,15 +373,14 @@ def test_save_and_load_give_the_same_outputs(tmp_path):
         qs.meta_embeddings.add_(torch.randn_like(qs.meta_embeddings) * 0.01)  # trained meta tokens
     ids = ids_of(qs)
     before = qs.mixed_logits(ids)
-    loss_before = qs(ids, generator=torch.Generator().manual_seed(0)).loss
+    loss_before = step(qs, ids, generator=torch.Generator().manual_seed(0)).loss
     qs.save_pretrained(tmp_path / "ckpt")
     loaded = QuietStar.from_pretrained(tmp_path / "ckpt")
     assert loaded.config == qs.config
     torch.testing.assert_close(loaded.meta_embeddings, qs.meta_embeddings)
     torch.testing.assert_close(loaded.mixed_logits(ids), before)
-    torch.testing.assert_close(
-        loaded(ids, generator=torch.Generator().manual_seed(0)).loss, loss_before
-    )
+    again = step(loaded, ids, qs.test_objective, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again.loss, loss_before)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qstar import QuietStarConfig
+from qstar import ObjectiveConfig, QuietStarConfig
 from qstar.core import learn
 
 # log-likelihoods of k = 3 thoughts at 2 positions: (B=1, k=3, L=2)
@@ -93,30 +93,36 @@ def test_baselines_bias_on_a_toy_policy(baseline, shrink):
 
 
 def test_invalid_estimator_settings_fail_at_config_time():
+    from qstar.run_config import load_run_config
+
     with pytest.raises(ValueError, match="n_thoughts >= 2"):
-        QuietStarConfig(n_thoughts=1, baseline="leave_one_out")
+        load_run_config(None, ["quiet_star.n_thoughts=1", "quiet_star.baseline=leave_one_out"])
     with pytest.raises(ValueError, match="reward_filter"):
-        QuietStarConfig(reward_filter="max")
-    assert QuietStarConfig(n_thoughts=1, baseline="none").reward_filter == "positive"
+        ObjectiveConfig(reward_filter="max")
+    assert ObjectiveConfig(baseline="none").reward_filter == "positive"
 
 
 def test_old_positive_rewards_key_still_reads():
-    """Checkpoints and run directories written before reward_filter existed still load."""
+    """Checkpoints and run directories written before reward_filter existed still load: a
+    saved model drops the training settings, a run config reads the old key."""
+    from qstar.config import upgrade_legacy
     from qstar.run_config import load_run_config
 
-    assert QuietStarConfig.from_dict({"positive_rewards": False}).reward_filter == "all"
-    assert QuietStarConfig.from_dict({"positive_rewards": True}).reward_filter == "positive"
+    saved = {"thought_len": 3, "positive_rewards": False, "policy_weight": 1e6, "baseline": "mean"}
+    assert QuietStarConfig.from_dict(saved) == QuietStarConfig(thought_len=3)
+    assert upgrade_legacy({"positive_rewards": False})["reward_filter"] == "all"
+    assert upgrade_legacy({"positive_rewards": True})["reward_filter"] == "positive"
     cfg = load_run_config(None, ["quiet_star.positive_rewards=false"])
     assert cfg.quiet_star.reward_filter == "all"
     with pytest.raises(ValueError, match="positive_rewards must be true or false"):
-        QuietStarConfig.from_dict({"positive_rewards": "yes"})
+        upgrade_legacy({"positive_rewards": "yes"})
 
 
 def test_default_estimator_is_the_authors_formula_bit_for_bit():
     """baseline=mean, reward_filter=positive: exactly the formula the method always used."""
     nll = torch.rand(2, 2, 5, 3, generator=torch.Generator().manual_seed(0)) * 4
     valid = torch.rand(2, 1, 5, 3, generator=torch.Generator().manual_seed(1)) > 0.2
-    cfg = QuietStarConfig()
+    cfg = ObjectiveConfig()
     ll = -(nll * valid).sum(-1)
     want = (ll - ll.mean(dim=1, keepdim=True)).clamp(min=0)
     got = learn.thought_rewards(nll, valid, cfg.baseline, cfg.reward_filter)

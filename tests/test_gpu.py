@@ -6,6 +6,8 @@ import torch
 from qstar import QuietStar, QuietStarConfig
 from qstar.models.random import tiny_model
 
+from .steps import step
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -28,7 +30,7 @@ def test_flex_kernel_matches_dense_path_on_cuda_bf16(arch):
     for mode in ("sparse", "dense"):  # sparse = FlexAttention on CUDA
         torch.manual_seed(0)
         qs = _qs(arch, mode)
-        out = qs(ids, generator=torch.Generator().manual_seed(0))
+        out = step(qs, ids, generator=torch.Generator().manual_seed(0))
         out.loss.backward()
         res[mode] = (qs.mixed_logits(ids).float(), out, qs.mixing_head.net[0].weight.grad.float())
     (la, oa, ga), (lb, ob, gb) = res["sparse"], res["dense"]
@@ -43,7 +45,7 @@ def test_training_step_with_autocast_on_cuda():
     opt = torch.optim.AdamW(qs.parameters(), lr=1e-3)
     ids = torch.randint(0, 300, (2, 64), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = qs(ids, generator=torch.Generator().manual_seed(0))
+        out = step(qs, ids, generator=torch.Generator().manual_seed(0))
     out.loss.backward()
     opt.step()
     assert torch.isfinite(out.loss)
@@ -56,12 +58,11 @@ def test_fused_head_matches_the_unfused_path_on_cuda(mixing):
     for mode in ("chunked", "off"):
         model, tok = tiny_model("llama", dtype=torch.float64)
         qs = QuietStar.from_base(
-            model, tok, QuietStarConfig(thought_len=3, n_true=2, mixing=mixing)
+            model, tok, QuietStarConfig(thought_len=3, n_true=2, mixing=mixing, fused_ce=mode)
         ).cuda()
         torch.nn.init.normal_(qs.mixing_head.net[-1].weight, std=0.5)
-        qs.fused_ce = mode
         ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1)).cuda()
-        out = qs(ids, generator=torch.Generator().manual_seed(2))
+        out = step(qs, ids, generator=torch.Generator().manual_seed(2))
         out.loss.backward()
         res[mode] = (out, {n: p.grad for n, p in qs.named_parameters() if p.grad is not None})
     (a, ga), (b, gb) = res["chunked"], res["off"]

@@ -9,6 +9,8 @@ from qstar import QuietStar, QuietStarConfig
 from qstar.core.head import linear_logprob, reference_logprob
 from qstar.models.random import tiny_model
 
+from .steps import step
+
 
 @pytest.mark.parametrize("zero_rows", [False, True])  # rows without gradient are skipped
 @pytest.mark.parametrize("softcap", [None, 30.0])
@@ -70,9 +72,9 @@ def test_training_forward_is_the_same_fused_and_unfused(arch, mixing, overrides,
         assert cfg.tie_word_embeddings == bool(
             overrides.get("tie_word_embeddings", arch == "gemma3")
         )
-        qs.fused_ce = mode
+        qs.config = qs.config.replace(fused_ce=mode)
         ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(1))
-        out = qs(ids, generator=torch.Generator().manual_seed(2))
+        out = step(qs, ids, generator=torch.Generator().manual_seed(2))
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in qs.named_parameters() if p.grad is not None}
         results[mode] = (out, grads)
@@ -90,15 +92,15 @@ def test_no_thought_baseline_is_the_same_fused_and_unfused():
     ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(1))
     values = []
     for mode in ("chunked", "off"):
-        qs.fused_ce = mode
-        values.append(float(qs(ids, objective="lm").loss.detach()))
+        with qs.using(fused_ce=mode):
+            values.append(float(step(qs, ids, think=False).loss.detach()))
     assert values[0] == pytest.approx(values[1], abs=1e-12)
 
 
 def test_train_fused_ce_gives_the_same_run(tmp_path, tiny_run_config):
     """train.fused_ce=chunked reaches the model and changes no number of a (fp32) run."""
-    from qstar.recipes.tracking import read_metrics
     from qstar.recipes.train import train
+    from qstar.runs.tracking import read_metrics
 
     rows = {}
     for mode in ("off", "chunked"):
@@ -135,7 +137,7 @@ def test_fused_step_keeps_no_vocabulary_wide_tensor_of_every_row(
     every_row = 2 * k * n * 9 * V
     largest = {}
     for mode in ("off", "chunked"):
-        qs.fused_ce = mode
+        qs.config = qs.config.replace(fused_ce=mode)
         sizes = []
 
         def pack(x, sizes=sizes):
@@ -143,7 +145,7 @@ def test_fused_step_keeps_no_vocabulary_wide_tensor_of_every_row(
             return x
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            qs(ids, generator=torch.Generator().manual_seed(2)).loss.backward()
+            step(qs, ids, generator=torch.Generator().manual_seed(2)).loss.backward()
         largest[mode] = max(sizes)
     assert largest["off"] >= every_row
     assert largest["chunked"] == 0  # chunks' logits are recomputed in backward, never saved

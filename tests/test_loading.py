@@ -6,6 +6,8 @@ import torch
 from qstar import QuietStar, QuietStarConfig
 from qstar.models.loading import DEFAULT_MODEL, ModelLoadError, load_model, offline_default_gguf
 
+from .steps import step
+
 
 def test_missing_path_gives_one_line_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not found") as info:
@@ -65,7 +67,7 @@ def test_real_default_model_thinks_and_trains(default_model, tmp_path):
     torch.testing.assert_close(
         qs.mixed_logits(ids), qs.base_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4
     )
-    out = qs(ids, generator=torch.Generator().manual_seed(0))
+    out = step(qs, ids, generator=torch.Generator().manual_seed(0))
     assert 0.5 < float(out.base_nll) < 8  # a real language model, not random weights
     out.loss.backward()
     thoughts = qs.sample_thoughts(ids[:, :4], greedy=True)

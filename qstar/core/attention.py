@@ -142,3 +142,16 @@ def thought_attention(model, n_prefix: int, implementation: str) -> Iterator[Non
             yield
     finally:
         _LAYOUT.reset(token)
+
+
+def dense_mask_for(model_config, L: int, m: int, nq: int, dtype, device):
+    """The reference path's additive mask (:func:`dense_thought_mask`) for a model: one tensor,
+    or one per layer type for sliding-window models."""
+    layer_types = getattr(model_config, "layer_types", None) or []
+    window = getattr(model_config, "sliding_window", None)
+    if "sliding_attention" in layer_types:
+        return {
+            "full_attention": dense_thought_mask(L, m, nq, dtype, None, device),
+            "sliding_attention": dense_thought_mask(L, m, nq, dtype, window, device),
+        }
+    return dense_thought_mask(L, m, nq, dtype, window if not layer_types else None, device)

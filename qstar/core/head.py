@@ -152,7 +152,8 @@ class VocabularyHead:
     everything that is compared, the meta-free thought vocabulary for sampling and the policy,
     and ``log p(token)`` through either, fused and chunked or not.
 
-    Needs ``base_model``, ``start_id`` and ``end_id`` on the instance.
+    Needs ``base_model``, ``config`` (its ``fused_ce``), ``start_id`` and ``end_id`` on the
+    instance.
     """
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -175,13 +176,11 @@ class VocabularyHead:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    # "chunked" (the default): log p(token) through the fused, chunked head (qstar.core.head;
-    # measured on CPU: 40-60% less peak memory and 1.2-1.6x faster steps than "off"); "off":
-    # logits materialised (the reference path). Set by train.fused_ce.
-    fused_ce: str = "chunked"
-
     def _fused(self) -> bool:
-        return self.fused_ce != "off"
+        """``config.fused_ce``: ``"chunked"`` (the default) computes log p(token) through the
+        fused, chunked head (measured on CPU: 40-60% less peak memory and 1.2-1.6x faster steps
+        than ``"off"``); ``"off"`` materialises the logits (the reference path)."""
+        return self.config.fused_ce != "off"
 
     def token_logprob(
         self,
@@ -293,6 +292,11 @@ class VocabularyHead:
         if not grad:
             self._head_cache = (key, value)
         return value
+
+    def reset_head_cache(self) -> None:
+        """Forget the meta-free head copy kept while sampling (call before each sampling: the
+        weights may have changed or moved)."""
+        self._head_cache = None
 
     def to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
         """Index in the meta-free vocabulary -> token id."""

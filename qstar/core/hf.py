@@ -41,6 +41,16 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
         layer.values = layer.values[..., :length, :]
 
 
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer of a causal LM without its LM head (``LlamaModel``, ``GPT2Model``...),
+    also when PEFT wraps the model (``PeftModel.base_model`` is a tuner whose ``model`` is the
+    causal LM)."""
+    inner = model
+    while hasattr(inner, "peft_config") and hasattr(inner, "base_model"):  # PeftModel, tuners
+        inner = inner.base_model.model if hasattr(inner.base_model, "model") else inner.base_model
+    return inner.base_model
+
+
 def embedding_scale(embedding: nn.Module) -> float:
     """The factor an embedding layer multiplies its output by (Gemma scales inside it)."""
     return getattr(embedding, "embed_scale", 1.0)
@@ -87,6 +97,7 @@ def cache_length(cache: DynamicCache) -> int:
 
 __all__ = [
     "Cache",
+    "backbone",
     "attention_implementation",
     "cache_length",
     "crop_cache",

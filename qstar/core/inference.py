@@ -7,6 +7,7 @@ Notation: ``B`` sequences, ``L`` positions, ``m`` chosen positions per row, ``t`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -31,7 +32,7 @@ def mixed_logits(
     h_base, h_end, raw_w, thoughts = _mixed_states(
         qs, input_ids, attention_mask, greedy, generator, fixed_thought
     )
-    logits, _ = qs._mixer(raw_w, h_base, h_end, qs.lm_logits)
+    logits, _ = qs.mix_logits(raw_w, h_base, h_end)
     return (logits, thoughts) if return_thoughts else logits
 
 
@@ -49,8 +50,8 @@ def next_token_logprobs(
     logits or log-softmax copy, one chunk of rows at a time."""
     targets = input_ids[:, 1:]
     if not think:
-        qs._check_inputs(input_ids, attention_mask)
-        out = qs.backbone(inputs_embeds=qs.embed(input_ids), attention_mask=attention_mask)
+        qs.check_inputs(input_ids, attention_mask)
+        out = qs.backbone_pass(input_ids, attention_mask=attention_mask)
         return qs.token_logprob(out.last_hidden_state[:, :-1], targets, fused=True)
     h_base, h_end, raw_w, _ = _mixed_states(
         qs, input_ids, attention_mask, True, None, fixed_thought
@@ -64,22 +65,22 @@ def next_token_logprobs(
 def _mixed_states(qs, input_ids, attention_mask, greedy, generator, fixed_thought):
     """What :func:`mixed_logits` mixes: ``h_base``, ``h_end`` ``(B, L, H)``, the raw mixing
     weight ``(B, L, 1)`` and the thoughts ``(B, L, t)``."""
-    qs._check_inputs(input_ids, attention_mask)
+    qs.check_inputs(input_ids, attention_mask)
     B, L = input_ids.shape
     t = qs.config.thought_len
-    h_base, cache = qs._base_pass(input_ids, attention_mask)
+    h_base, cache = qs.base_pass(input_ids, attention_mask)
     if fixed_thought is None:
-        thoughts = qs._sample(cache, L, B, greedy, generator)
+        thoughts = qs.sample_from_cache(cache, L, B, greedy, generator)
     else:  # feed <start>, c_1..c_{t-1} as the sampling passes would
         thoughts = torch.full(
             (B, L, t), int(fixed_thought), dtype=torch.long, device=input_ids.device
         )
         start = torch.full((B, 1, L), qs.start_id, dtype=torch.long, device=input_ids.device)
         head = torch.cat([start, thoughts[:, :, :-1].transpose(1, 2)], dim=1)  # (B, t, L)
-        qs._thought_pass(head, cache, L, first_block=0)
+        qs.thought_pass(head, cache, L, first_block=0)
     end = torch.full((B, 1, L), qs.end_id, dtype=torch.long, device=input_ids.device)
     tail = torch.cat([thoughts[:, :, -1][:, None], end], dim=1)  # (B, 2, L): c_t, <end>
-    h_end = qs._thought_pass(tail, cache, L, first_block=t)[:, 1]  # (B, L, H)
+    h_end = qs.thought_pass(tail, cache, L, first_block=t)[:, 1]  # (B, L, H)
     return h_base, h_end, qs.mixing_head(h_base, h_end), thoughts
 
 
@@ -101,17 +102,17 @@ def mixed_logits_at(
     ``positions[b, r]`` of :meth:`mixed_logits` (for greedy thoughts; sampled thoughts use
     other draws). ``positions`` must lie inside each row's real tokens.
     """
-    qs._check_inputs(input_ids, attention_mask)
+    qs.check_inputs(input_ids, attention_mask)
     B, L = input_ids.shape
     m = positions.shape[1]
     if positions.shape[0] != B or positions.min() < 0 or positions.max() >= L:
         raise ValueError(f"positions {tuple(positions.shape)} must be (B, m) in [0, {L})")
     t = qs.config.thought_len
     device = input_ids.device
-    h_base, cache = qs._base_pass(input_ids, attention_mask)  # (B, L, H)
+    h_base, cache = qs.base_pass(input_ids, attention_mask)  # (B, L, H)
     h_b = h_base.gather(1, positions[..., None].expand(-1, -1, h_base.shape[-1]))  # (B, m, H)
     uniforms = None if greedy else think.draw_uniforms((B, t, m), generator, device)
-    qs._head_cache = None
+    qs.reset_head_cache()
     tok = torch.full((B, m), qs.start_id, dtype=torch.long, device=device)
     for d in range(t + 2):  # feed <start>, c_1..c_t, <end>; block d sits at position p + d + 1
         h = _positions_pass(qs, tok, cache, positions, L, d)  # (B, m, H)
@@ -122,7 +123,7 @@ def mixed_logits_at(
         else:
             tok = torch.full_like(tok, qs.end_id)
     raw_w = qs.mixing_head(h_b, h)  # h: the hidden state at <end>
-    logits, _ = qs._mixer(raw_w, h_b, h, qs.lm_logits)
+    logits, _ = qs.mix_logits(raw_w, h_b, h)
     return logits
 
 
@@ -144,8 +145,8 @@ def _positions_pass(
             positions, L, d + 1, dtype, window if not layer_types else None
         )
     with thought_attention(qs.base_model, L, "dense"):  # eager attention, float mask
-        out = qs.backbone(
-            inputs_embeds=qs.embed(tokens),
+        out = qs.backbone_pass(
+            tokens,
             position_ids=positions + d + 1,
             attention_mask=mask,
             cache=cache,
@@ -186,54 +187,14 @@ def generate(
     next ``<start>``, so an emitted token costs ``t + 2`` passes against plain decoding's one. ``stop(tokens (B, n)) -> (B,)`` bool marks
     finished rows; generation ends when all are finished. Returns ``(B, n)`` new tokens.
     """
-    B, P = input_ids.shape
     device = input_ids.device
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    cache = hf.new_cache()
-    if prefix is not None and prefix.numel():  # the shared start, once for the whole batch
-        shared = qs.backbone(inputs_embeds=qs.embed(prefix[None]), cache=cache, use_cache=True)
-        cache = hf.repeat_cache(shared.cache, B, detach=False)
-        mask = torch.cat(
-            [torch.ones((B, prefix.numel()), dtype=mask.dtype, device=device), mask], 1
-        )
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1] - P :]
-    out = qs.backbone(
-        inputs_embeds=qs.embed(input_ids),
-        attention_mask=mask,
-        position_ids=pos,
-        cache=cache,
-        use_cache=True,
-    )
-    cache, h_last, next_pos = out.cache, out.last_hidden_state[:, -1], pos[:, -1] + 1
-    if copies is not None:  # one prefill, several continuations of each prompt
-        if torch.is_tensor(copies):
-            copies = copies.to(device)
-        cache = hf.repeat_cache(cache, copies, detach=False)
-        h_last, next_pos, mask = (
-            x.repeat_interleave(copies, dim=0) for x in (h_last, next_pos, mask)
-        )
-        B = h_last.shape[0]
+    cache, h_last, next_pos, mask = _prefill(qs, input_ids, attention_mask, prefix, copies)
+    B = h_last.shape[0]
     ones = torch.ones((B, 1), dtype=mask.dtype, device=device)
     emitted = torch.empty((B, 0), dtype=torch.long, device=device)
-    t = qs.config.thought_len
-
-    def step(tokens: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """Feed ``(B, n)`` tokens at positions ``(B, n)``; ``(B, n, H)`` hidden states."""
-        o = qs.backbone(
-            inputs_embeds=qs.embed(tokens),
-            attention_mask=m,
-            position_ids=p,
-            cache=cache,
-            use_cache=True,
-        )
-        return o.last_hidden_state
-
-    def next_thought_token(h: torch.Tensor) -> torch.Tensor:
-        u = None if greedy_thoughts else draw_uniforms((B,), generator, device)
-        return qs.to_vocab(
-            sample_from_logits(qs.thought_logits(h), u, qs.config.thought_temperature)
-        )
-
+    next_thought_token = functools.partial(
+        _thought_token, qs, B, greedy_thoughts, generator, device
+    )
     start = torch.full((B, 1), qs.start_id, dtype=torch.long, device=device)
     end = torch.full((B,), qs.end_id, dtype=torch.long, device=device)
     pending = None  # thinking: the last emitted token, fed in one pass with the next <start>
@@ -241,24 +202,16 @@ def generate(
         if think:
             if pending is None:
                 m = torch.cat([mask, ones], dim=1)
-                h = step(start, m, next_pos[:, None])[:, -1]
+                h = _feed(qs, cache, start, m, next_pos[:, None])[:, -1]
             else:  # x_new and <start> together: t + 2 passes per emitted token, not t + 3
                 mask = torch.cat([mask, ones], dim=1)
                 m = torch.cat([mask, ones], dim=1)
-                hs = step(
-                    torch.cat([pending[:, None], start], dim=1),
-                    m,
-                    torch.stack([next_pos, next_pos + 1], dim=1),
-                )
+                fed = torch.cat([pending[:, None], start], dim=1)
+                hs = _feed(qs, cache, fed, m, torch.stack([next_pos, next_pos + 1], dim=1))
                 h_last, h, next_pos = hs[:, 0], hs[:, 1], next_pos + 1
-            base_len = hf.cache_length(cache) - 1  # the context without <start>
-            tok = next_thought_token(h) if t > 0 else end
-            for d in range(1, t + 2):  # c_1..c_t, <end> (<start> was d = 0)
-                m = torch.cat([m, ones], dim=1)
-                h = step(tok[:, None], m, (next_pos + d)[:, None])[:, -1]
-                tok = next_thought_token(h) if d < t else end
-            hf.crop_cache(cache, base_len)
-            logits, _ = qs._mixer(qs.mixing_head(h_last, h), h_last, h, qs.lm_logits)
+            logits = _think_and_mix(
+                qs, cache, h, h_last, m, next_pos, ones, end, next_thought_token
+            )
         else:
             logits = qs.lm_logits(h_last)
         logits = mask_meta_logits(logits, (qs.start_id, qs.end_id))  # text tokens only
@@ -274,6 +227,71 @@ def generate(
             pending = nxt
         else:
             mask = torch.cat([mask, ones], dim=1)
-            h_last = step(nxt[:, None], mask, next_pos[:, None])[:, -1]
+            h_last = _feed(qs, cache, nxt[:, None], mask, next_pos[:, None])[:, -1]
             next_pos = next_pos + 1
     return emitted
+
+
+def _prefill(qs, input_ids, attention_mask, prefix, copies):
+    """:func:`generate`'s prompt pass (after the shared ``prefix``; repeated for ``copies``):
+    ``(cache, h_last (B, H), next_pos (B,), mask (B, P'))``."""
+    B, P = input_ids.shape
+    device = input_ids.device
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    cache = hf.new_cache()
+    if prefix is not None and prefix.numel():  # the shared start, once for the whole batch
+        shared = qs.backbone_pass(prefix[None], cache=cache, use_cache=True)
+        cache = hf.repeat_cache(shared.cache, B, detach=False)
+        mask = torch.cat(
+            [torch.ones((B, prefix.numel()), dtype=mask.dtype, device=device), mask], 1
+        )
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1] - P :]
+    out = qs.backbone_pass(
+        input_ids,
+        attention_mask=mask,
+        position_ids=pos,
+        cache=cache,
+        use_cache=True,
+    )
+    cache, h_last, next_pos = out.cache, out.last_hidden_state[:, -1], pos[:, -1] + 1
+    if copies is not None:  # one prefill, several continuations of each prompt
+        if torch.is_tensor(copies):
+            copies = copies.to(device)
+        cache = hf.repeat_cache(cache, copies, detach=False)
+        h_last, next_pos, mask = (
+            x.repeat_interleave(copies, dim=0) for x in (h_last, next_pos, mask)
+        )
+    return cache, h_last, next_pos, mask
+
+
+def _feed(qs, cache, tokens: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Feed ``(B, n)`` tokens at positions ``(B, n)`` into ``cache``; ``(B, n, H)`` hidden states."""
+    o = qs.backbone_pass(
+        tokens,
+        attention_mask=m,
+        position_ids=p,
+        cache=cache,
+        use_cache=True,
+    )
+    return o.last_hidden_state
+
+
+def _thought_token(qs, B, greedy, generator, device, h: torch.Tensor) -> torch.Tensor:
+    """The next thought token of each row after hidden states ``h`` (``(B, H)``)."""
+    u = None if greedy else draw_uniforms((B,), generator, device)
+    return qs.to_vocab(sample_from_logits(qs.thought_logits(h), u, qs.config.thought_temperature))
+
+
+def _think_and_mix(qs, cache, h, h_last, m, next_pos, ones, end, next_thought_token):
+    """From ``h`` (``(B, H)``, at the ``<start>`` just fed): decode ``c_1..c_t <end>``, cut the
+    cache back to the context and mix with the base state ``h_last``: next-token logits."""
+    t = qs.config.thought_len
+    base_len = hf.cache_length(cache) - 1  # the context without <start>
+    tok = next_thought_token(h) if t > 0 else end
+    for d in range(1, t + 2):  # c_1..c_t, <end> (<start> was d = 0)
+        m = torch.cat([m, ones], dim=1)
+        h = _feed(qs, cache, tok[:, None], m, (next_pos + d)[:, None])[:, -1]
+        tok = next_thought_token(h) if d < t else end
+    hf.crop_cache(cache, base_len)
+    logits, _ = qs.mix_logits(qs.mixing_head(h_last, h), h_last, h)
+    return logits

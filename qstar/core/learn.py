@@ -9,11 +9,121 @@ Objective (the authors' code defaults; Zelikman et al. 2024, Eq. 1-3):
     L_policy     = mean over (b, s, i, thought token) of  -max(r, 0) * log p_T(c)   (per_token)
 The baseline (``mean``) and the filter (``max(r, 0)``) are estimator choices with named
 alternatives: :func:`baseline_rewards`, :func:`filter_rewards`.
+
+The model's training forward computes what a step needs (:class:`StepOutput`); an *objective*
+turns it into a loss (:data:`OBJECTIVES`: ``quiet_star`` with its :class:`ObjectiveConfig`, or
+``lm``, the no-thought baseline). Loss weights and the estimator are training settings, never
+part of the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+
+from qstar.config import ObjectiveConfig
+
+
+@dataclass
+class StepOutput:
+    """What one training forward of :class:`qstar.QuietStar` computed; no loss. Tensors that
+    carry a graph are marked; the others are detached.
+
+    Attributes:
+        base_logprob: ``(B, L-1)`` ``log p(x_{i+1})`` without a thought (graph).
+        valid: ``(B, L)`` real tokens.
+        lookahead_logprob: ``(B, k, L, n)`` ``log p_mixed(x_{i+1+j})`` after each thought (graph).
+        thought_logprob: ``(B, k, L, t)`` log-probabilities of the sampled thought tokens at the
+            policy temperature (graph).
+        mixing_weight: ``(B, k, L, n)``.
+        thoughts: ``(B, k, L, t)`` token ids.
+        target_valid: ``(B, 1, L, n)``: ``x_{i+1+j}`` exists.
+    The thinking fields are ``None`` for a forward without thoughts.
+    """
+
+    base_logprob: torch.Tensor
+    valid: torch.Tensor
+    lookahead_logprob: torch.Tensor | None = None
+    thought_logprob: torch.Tensor | None = None
+    mixing_weight: torch.Tensor | None = None
+    thoughts: torch.Tensor | None = None
+    target_valid: torch.Tensor | None = None
+
+
+@dataclass
+class Loss:
+    """An objective's result: ``loss`` (graph), the parts to log (detached 0-dim tensors),
+    the rewards ``(B, k, L)`` and the weighted policy term (graph; what
+    :class:`qstar.runs.diagnostics.GradParts` splits off)."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    rewards: torch.Tensor | None = None
+    policy_term: torch.Tensor | None = None
+
+
+def quiet_star_loss(out: StepOutput, cfg: ObjectiveConfig) -> Loss:
+    """The Quiet-STaR objective (the module docstring) of one forward."""
+    nll = -out.lookahead_logprob  # (B, k, L, n)
+    valid = out.target_valid  # (B, 1, L, n)
+    base = next_token_nll(out.base_logprob, out.valid)
+    mixed = mixed_nll(nll, valid)
+    base_ll = lookahead_loglik(out.base_logprob, valid[:, 0]) if cfg.baseline == "none" else None
+    rewards = thought_rewards(nll, valid, cfg.baseline, cfg.reward_filter, base_ll)  # (B, k, L)
+    policy = policy_loss(
+        out.thought_logprob, rewards, valid[..., 0], per_token=cfg.policy_logprob == "per_token"
+    )
+    loss = weighted_loss(
+        base, mixed, policy, cfg.base_loss_weight, cfg.mixed_loss_weight, cfg.policy_weight
+    )
+    parts = {"base_nll": base.detach(), "mixed_nll": mixed.detach(), "policy_loss": policy.detach()}
+    return Loss(loss, parts, rewards, cfg.policy_weight * policy)
+
+
+def lm_loss(out: StepOutput, cfg: ObjectiveConfig | None = None) -> Loss:
+    """The no-thought baseline: the next-token NLL of the base pass."""
+    nll = next_token_nll(out.base_logprob, out.valid)
+    return Loss(nll, {"base_nll": nll.detach()})
+
+
+# name -> (loss function, whether its forward thinks)
+OBJECTIVES: dict[str, tuple[Callable[..., Loss], bool]] = {
+    "quiet_star": (quiet_star_loss, True),
+    "lm": (lm_loss, False),
+}
+
+
+def objective_loss(
+    model, input_ids: torch.Tensor, cfg: ObjectiveConfig | None = None, **forward_kwargs
+) -> Loss:
+    """The Quiet-STaR loss of one training forward of ``model`` (a :class:`qstar.QuietStar`)
+    on ``input_ids``: ``quiet_star_loss(model(input_ids, ...), cfg)`` with the thoughts scored
+    at ``cfg.policy_temperature`` (the authors' objective by default)."""
+    cfg = cfg or ObjectiveConfig()
+    out = model(input_ids, policy_temperature=cfg.policy_temperature, **forward_kwargs)
+    return quiet_star_loss(out, cfg)
+
+
+def step_stats(out: StepOutput, loss: Loss) -> dict[str, float]:
+    """Loggable floats of one forward: the loss and its parts, reward and mixing-weight
+    statistics."""
+    row = {"loss": float(loss.loss.detach()), **{k: float(v) for k, v in loss.parts.items()}}
+    if out.mixing_weight is None:
+        return row
+    valid = out.target_valid.expand_as(out.mixing_weight)
+    w = out.mixing_weight[valid].float()
+    pos = out.target_valid[..., 0].expand_as(loss.rewards)
+    r = loss.rewards[pos].float()
+    row.update(
+        reward_mean=float(r.mean()) if r.numel() else 0.0,
+        reward_max=float(r.max()) if r.numel() else 0.0,
+        reward_nonzero=float((r != 0).float().mean()) if r.numel() else 0.0,
+        mixing_weight_mean=float(w.mean()) if w.numel() else 0.0,
+        mixing_weight_std=float(w.std()) if w.numel() > 1 else 0.0,
+    )
+    return row
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,69 +8,31 @@ One training step (see ``forward``):
   1. base pass over ``x`` once (with gradient), keeping its KV cache;
   2. thoughts sampled depth by depth *without gradient* from a ``k``-times repeated cache;
   3. one teacher-forced forward of all ``D`` depths at once (with gradient) on the repeated
-     cache, with the thought attention layout of :mod:`qstar.attention`;
-  4. mixed predictions, rewards and losses (:mod:`qstar.talk`, :mod:`qstar.learn`).
+     cache, with the thought attention layout of :mod:`qstar.core.attention`;
+  4. mixed predictions of the true tokens after each thought (:mod:`qstar.core.talk`) and the
+     thought tokens' log-probabilities: a :class:`qstar.core.learn.StepOutput`, which an
+     objective (:data:`qstar.core.learn.OBJECTIVES`) turns into a loss.
 Step 3 recomputes what step 2 computed, which is what lets step 2 keep no activations.
+
+Inference (:mod:`qstar.core.inference`) uses the public passes of this class: ``check_inputs``,
+``backbone_pass``, ``base_pass``, ``thought_pass``, ``sample_from_cache`` and ``mix_logits``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from qstar.config import QuietStarConfig
-from qstar.core import hf, learn, persistence, think
-from qstar.core.attention import dense_thought_mask, thought_attention
+from qstar.core import hf, inference, persistence
+from qstar.core import think as think_mod
+from qstar.core.attention import dense_mask_for, thought_attention
 from qstar.core.head import VocabularyHead
+from qstar.core.learn import StepOutput, logprob_of
 from qstar.core.talk import MixingHead, get_mixer
-
-
-@dataclass
-class QuietStarOutput:
-    """What one training forward returns. Scalars are 0-dim tensors."""
-
-    loss: torch.Tensor
-    base_nll: torch.Tensor
-    mixed_nll: torch.Tensor
-    policy_loss: torch.Tensor
-    rewards: torch.Tensor  # (B, k, L)
-    mixing_weight: torch.Tensor  # (B, k, L, n)
-    thoughts: torch.Tensor  # (B, k, L, t)
-    target_valid: torch.Tensor  # (B, 1, L, n)
-    policy_term: torch.Tensor | None = None  # policy_weight * policy loss, with its graph
-
-    def stats(self) -> dict[str, float]:
-        """Loggable floats: loss parts, reward and mixing-weight statistics."""
-        valid = self.target_valid.expand_as(self.mixing_weight)
-        w = self.mixing_weight[valid].float()
-        pos = self.target_valid[..., 0].expand_as(self.rewards)
-        r = self.rewards[pos].float()
-        return {
-            "loss": float(self.loss.detach()),
-            "base_nll": float(self.base_nll),
-            "mixed_nll": float(self.mixed_nll),
-            "policy_loss": float(self.policy_loss),
-            "reward_mean": float(r.mean()) if r.numel() else 0.0,
-            "reward_max": float(r.max()) if r.numel() else 0.0,
-            "reward_nonzero": float((r != 0).float().mean()) if r.numel() else 0.0,
-            "mixing_weight_mean": float(w.mean()) if w.numel() else 0.0,
-            "mixing_weight_std": float(w.std()) if w.numel() > 1 else 0.0,
-        }
-
-
-@dataclass
-class LMOutput:
-    """What the no-thought baseline's forward returns."""
-
-    loss: torch.Tensor
-    base_nll: torch.Tensor
-
-    def stats(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach()), "base_nll": float(self.base_nll)}
 
 
 class QuietStar(VocabularyHead, nn.Module):
@@ -87,8 +49,8 @@ class QuietStar(VocabularyHead, nn.Module):
         self.base_model = base_model
         self.tokenizer = tokenizer
         self.config = config
-        self.start_id = _token_id(tokenizer, config.start_token)
-        self.end_id = _token_id(tokenizer, config.end_token)
+        self.start_id = persistence.token_id(tokenizer, config.start_token)
+        self.end_id = persistence.token_id(tokenizer, config.end_token)
         emb = base_model.get_input_embeddings()
         hidden = emb.weight.shape[1]
         ref = emb.weight
@@ -100,9 +62,14 @@ class QuietStar(VocabularyHead, nn.Module):
         self.mixing_head = MixingHead(hidden).to(device=ref.device, dtype=ref.dtype)
         self.fill_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    @property
-    def _mixer(self):
-        return get_mixer(self.config.mixing)
+    def mix_logits(
+        self, raw_w: torch.Tensor, h_base: torch.Tensor, h_thought: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(..., 1), (..., H), (..., H) -> (logits (..., V), w (..., 1))``: the prediction after
+        a thought, mixed with the base prediction by ``config.mixing``
+        (:data:`qstar.core.talk.MIXERS`); with ``logprob`` mixing the values are normalised
+        log-probabilities."""
+        return get_mixer(self.config.mixing)(raw_w, h_base, h_thought, self.lm_logits)
 
     # the meta tokens and their scale are part of the weights: they cannot change for a block
     FIXED_FIELDS = ("start_token", "end_token", "meta_init_text", "meta_scale")
@@ -150,14 +117,21 @@ class QuietStar(VocabularyHead, nn.Module):
         """Write the HF model and tokenizer, ``qstar_config.json`` and ``qstar_heads.safetensors``.
 
         ``state_dict``: this module's weights as whole tensors, to write in place of its own
-        parameters (a sharded model gathers them first, see :mod:`qstar.recipes.distributed`)."""
+        parameters (a sharded model gathers them first, see :mod:`qstar.runs.distributed`)."""
         return persistence.save_pretrained(self, directory, state_dict)
 
     # ------------------------------------------------------------------ model pieces
     @property
     def backbone(self) -> nn.Module:
-        """The transformer without its LM head (``LlamaModel``, ``GPT2Model``...)."""
-        return self.base_model.base_model
+        """The transformer without its LM head (``LlamaModel``, ``GPT2Model``...), also under a
+        PEFT wrapper (:func:`qstar.core.hf.backbone`)."""
+        return hf.backbone(self.base_model)
+
+    def backbone_pass(self, input_ids: torch.Tensor, **kwargs):
+        """The transformer over ``input_ids`` embedded with the trained meta tokens: its output
+        (``last_hidden_state``, ``cache``); ``kwargs`` go to the backbone (``attention_mask``,
+        ``position_ids``, ``cache``, ``use_cache``)."""
+        return self.backbone(inputs_embeds=self.embed(input_ids), **kwargs)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, L) -> (B, L, H)``: the model's input embeddings with the trained meta tokens."""
@@ -169,16 +143,18 @@ class QuietStar(VocabularyHead, nn.Module):
         emb = torch.where((input_ids == self.start_id).unsqueeze(-1), meta[0], emb)
         return torch.where((input_ids == self.end_id).unsqueeze(-1), meta[1], emb)
 
-    def _check_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    def check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, think: bool = True
     ) -> torch.Tensor:
+        """Shape checks (right padding only; room for the thought block when thinking); the
+        ``(B, L)`` bool mask."""
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}"
             )
         limit = getattr(self.base_model.config, "max_position_embeddings", None)
-        needed = input_ids.shape[1] + self.config.thought_block
-        if limit is not None and needed > limit:
+        needed = input_ids.shape[1] + (self.config.thought_block if think else 0)
+        if think and limit is not None and needed > limit:
             raise ValueError(
                 f"sequence length {input_ids.shape[1]} + thought block {self.config.thought_block} "
                 f"exceeds the model's {limit} positions; use shorter windows"
@@ -197,17 +173,14 @@ class QuietStar(VocabularyHead, nn.Module):
             )
         return valid
 
-    def _base_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    def base_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         """``(B, L) -> h (B, L, H)``, KV cache of the ``L`` tokens."""
-        out = self.backbone(
-            inputs_embeds=self.embed(input_ids),
-            attention_mask=attention_mask,
-            cache=hf.new_cache(),
-            use_cache=True,
+        out = self.backbone_pass(
+            input_ids, attention_mask=attention_mask, cache=hf.new_cache(), use_cache=True
         )
         return out.last_hidden_state, out.cache
 
-    def _thought_pass(
+    def thought_pass(
         self, tokens: torch.Tensor, cache: hf.Cache, n_prefix: int, first_block: int
     ) -> torch.Tensor:
         """Feed ``nq`` depth blocks at once.
@@ -223,7 +196,7 @@ class QuietStar(VocabularyHead, nn.Module):
             # The authors' way: one depth per call, each with its dense (L, (d+1)L) mask slice.
             return torch.cat(
                 [
-                    self._thought_pass(tokens[:, d : d + 1], cache, n_prefix, first_block + d)
+                    self.thought_pass(tokens[:, d : d + 1], cache, n_prefix, first_block + d)
                     for d in range(nq)
                 ],
                 dim=1,
@@ -233,10 +206,17 @@ class QuietStar(VocabularyHead, nn.Module):
         position_ids = position_ids.reshape(1, nq * L).expand(B, -1)  # (B, nq*L): i + d
         kwargs = {}
         if self.config.attention == "dense":
-            kwargs["attention_mask"] = self._dense_mask(L, first_block + nq, nq, tokens.device)
+            kwargs["attention_mask"] = dense_mask_for(
+                self.base_model.config,
+                L,
+                first_block + nq,
+                nq,
+                self.meta_embeddings.dtype,
+                tokens.device,
+            )
         with thought_attention(self.base_model, n_prefix, self.config.attention):
-            out = self.backbone(
-                inputs_embeds=self.embed(tokens.reshape(B, nq * L)),
+            out = self.backbone_pass(
+                tokens.reshape(B, nq * L),
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=True,
@@ -244,21 +224,8 @@ class QuietStar(VocabularyHead, nn.Module):
             )
         return out.last_hidden_state.view(B, nq, L, -1)
 
-    def _dense_mask(self, L: int, m: int, nq: int, device):
-        """The reference path's mask: one tensor, or one per layer type for sliding-window models."""
-        cfg = self.base_model.config
-        dtype = self.meta_embeddings.dtype
-        layer_types = getattr(cfg, "layer_types", None) or []
-        window = getattr(cfg, "sliding_window", None)
-        if "sliding_attention" in layer_types:
-            return {
-                "full_attention": dense_thought_mask(L, m, nq, dtype, None, device),
-                "sliding_attention": dense_thought_mask(L, m, nq, dtype, window, device),
-            }
-        return dense_thought_mask(L, m, nq, dtype, window if not layer_types else None, device)
-
     @torch.no_grad()
-    def _sample(
+    def sample_from_cache(
         self,
         cache: hf.Cache,
         n_prefix: int,
@@ -271,16 +238,16 @@ class QuietStar(VocabularyHead, nn.Module):
         extends ``cache`` by ``t`` blocks. Returns token ids ``(batch, L, t)``."""
         L, t = n_prefix, self.config.thought_len
         device = self.meta_embeddings.device
-        self._head_cache = None  # one meta-free head per sampling (sharded weights move)
+        self.reset_head_cache()  # one meta-free head per sampling (sharded weights move)
         if not greedy and uniforms is None:
-            uniforms = think.draw_uniforms((batch, t, L), generator, device)
+            uniforms = think_mod.draw_uniforms((batch, t, L), generator, device)
 
         def step(idx: torch.Tensor, depth: int) -> torch.Tensor:  # (B, L) -> (B, L, H)
             tok = idx if depth == 0 else self.to_vocab(idx)
-            return self._thought_pass(tok[:, None], cache, n_prefix, first_block=depth)[:, 0]
+            return self.thought_pass(tok[:, None], cache, n_prefix, first_block=depth)[:, 0]
 
         start = torch.full((batch, L), self.start_id, dtype=torch.long, device=device)
-        idx = think.sample(
+        idx = think_mod.sample(
             step, self.thought_logits, start, t, uniforms, self.config.thought_temperature
         )
         return self.to_vocab(idx)
@@ -296,12 +263,14 @@ class QuietStar(VocabularyHead, nn.Module):
         """One thought per position: ``(B, L) -> (B, L, t)`` (no ``<start>``/``<end>``).
 
         The thought at position ``i`` is what autoregressive decoding of ``x_0..x_i, <start>``
-        would produce (greedy, or the same uniform draws; see :mod:`qstar.think`).
+        would produce (greedy, or the same uniform draws; see :mod:`qstar.core.think`).
         """
-        self._check_inputs(input_ids, attention_mask)
+        self.check_inputs(input_ids, attention_mask)
         with torch.no_grad():
-            _, cache = self._base_pass(input_ids, attention_mask)
-            return self._sample(cache, input_ids.shape[1], input_ids.shape[0], greedy, generator)
+            _, cache = self.base_pass(input_ids, attention_mask)
+            return self.sample_from_cache(
+                cache, input_ids.shape[1], input_ids.shape[0], greedy, generator
+            )
 
     def mixed_logits(
         self,
@@ -319,8 +288,6 @@ class QuietStar(VocabularyHead, nn.Module):
         the returned values are normalised log-probabilities. ``fixed_thought``: a token id that
         replaces every thought token (a control: the same mixing head and passes, no content).
         """
-        from qstar.core import inference
-
         return inference.mixed_logits(
             self, input_ids, attention_mask, greedy, generator, return_thoughts, fixed_thought
         )
@@ -335,8 +302,6 @@ class QuietStar(VocabularyHead, nn.Module):
     ) -> torch.Tensor:
         """Mixed logits at chosen positions only: ``(B, L), (B, m) -> (B, m, V)``
         (:func:`qstar.core.inference.mixed_logits_at`)."""
-        from qstar.core import inference
-
         return inference.mixed_logits_at(
             self, input_ids, positions, attention_mask, greedy, generator
         )
@@ -351,8 +316,6 @@ class QuietStar(VocabularyHead, nn.Module):
         """``log p(x_{i+1})`` after greedy thoughts or from the base model, ``(B, L) ->
         (B, L - 1)``, without ``(B, L, V)`` logits
         (:func:`qstar.core.inference.next_token_logprobs`)."""
-        from qstar.core import inference
-
         return inference.next_token_logprobs(self, input_ids, attention_mask, think, fixed_thought)
 
     @torch.no_grad()
@@ -360,14 +323,12 @@ class QuietStar(VocabularyHead, nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(B, L) -> (B, L, V)``: the base model's logits (no thinking), through the same embedding."""
-        out = self.backbone(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask)
+        out = self.backbone_pass(input_ids, attention_mask=attention_mask)
         return self.lm_logits(out.last_hidden_state)
 
     def generate(self, input_ids: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
         """KV-cached batch generation that thinks before every emitted token: ``(B, P) -> (B, n)``
         new tokens (:func:`qstar.core.inference.generate`; its keyword arguments)."""
-        from qstar.core import inference
-
         return inference.generate(self, input_ids, attention_mask, **kwargs)
 
     def forward(
@@ -376,15 +337,18 @@ class QuietStar(VocabularyHead, nn.Module):
         attention_mask: torch.Tensor | None = None,
         greedy: bool = False,
         generator: torch.Generator | None = None,
-        objective: str = "quiet_star",
-    ) -> QuietStarOutput | LMOutput:
-        """One training forward: think -> talk -> learn (see the module docstring).
+        think: bool = True,
+        policy_temperature: float = 1.0,
+    ) -> StepOutput:
+        """One training forward (see the module docstring): what a step computed, no loss.
 
-        ``objective="lm"`` is the no-thought baseline (:meth:`lm_forward`), through the same
-        module so that data-parallel wrappers see it."""
-        valid = self._check_inputs(input_ids, attention_mask)
-        if objective == "lm":
-            return self.lm_forward(input_ids, attention_mask, valid)
+        ``think=False`` is the base pass alone (the no-thought baseline), through the same module
+        so that data-parallel wrappers see it. ``policy_temperature``: the temperature of the
+        thought tokens' log-probabilities (the objective's; the authors score at 3)."""
+        valid = self.check_inputs(input_ids, attention_mask, think)
+        if not think:
+            h = self.backbone_pass(input_ids, attention_mask=attention_mask).last_hidden_state
+            return StepOutput(self.token_logprob(h[:, :-1], input_ids[:, 1:]), valid)
         cfg = self.config
         if cfg.attention == "flex" and torch.is_grad_enabled() and not input_ids.is_cuda:
             raise ValueError(
@@ -395,56 +359,36 @@ class QuietStar(VocabularyHead, nn.Module):
         k, t, n = cfg.n_thoughts, cfg.thought_len, cfg.n_true
 
         # base pass, once per sequence: (B, L, H) and its KV cache
-        h_base, cache = self._base_pass(input_ids, attention_mask)
+        h_base, cache = self.base_pass(input_ids, attention_mask)
         base_lp = self.token_logprob(h_base[:, :-1], input_ids[:, 1:])  # (B, L-1)
-        base_nll = learn.next_token_nll(base_lp, valid)
         # think: (Bk, L, t) thoughts, then (Bk, D, L, H) hidden states of every depth
         thoughts, h = self._think(input_ids, cache, k, greedy, generator)
         # talk: mix base and post-thought predictions of x_{i+1..i+n}, (Bk, n, L, 1) weights
-        h_b = h_base[:, think.lookahead_index(L, n, h.device)].repeat_interleave(k, dim=0)
-        targets = think.shifted_targets(input_ids, n, self.fill_id).transpose(1, 2)  # (B, n, L)
+        h_b = h_base[:, think_mod.lookahead_index(L, n, h.device)].repeat_interleave(k, dim=0)
+        targets = think_mod.shifted_targets(input_ids, n, self.fill_id).transpose(1, 2)
         targets = targets.repeat_interleave(k, dim=0)  # (Bk, n, L)
         raw_w = self.mixing_head(h_b, h[:, t + 1 :])
         if self._fused():  # no (Bk, n, L, V) logits kept
             logprob, w = self.mixed_token_logprob(cfg.mixing, raw_w, h_b, h[:, t + 1 :], targets)
-        else:
-            logits, w = self._mixer(raw_w, h_b, h[:, t + 1 :], self.lm_logits)  # (Bk, n, L, V)
-            logprob = learn.logprob_of(logits, targets)
+        else:  # the reference path: logits materialised
+            logits, w = self.mix_logits(raw_w, h_b, h[:, t + 1 :])  # (Bk, n, L, V)
+            logprob = logprob_of(logits, targets)
             del logits
-        # learn
-        nll = (-logprob).view(B, k, n, L).transpose(2, 3)  # (B, k, L, n)
         # policy log-probs of c_1..c_t, predicted at depths 0..t-1, at the policy temperature
         thought_lp = self.token_logprob(
             h[:, :t],
             self.from_vocab(thoughts.transpose(1, 2)),
-            cfg.policy_temperature,
+            policy_temperature,
             thought=True,
         )  # (Bk, t, L)
-        thought_lp = thought_lp.view(B, k, t, L).transpose(2, 3)  # (B, k, L, t)
-        target_valid = think.shifted_valid(valid, n)[:, None]  # (B, 1, L, n)
-        mixed = learn.mixed_nll(nll, target_valid)
-        base_ll = (
-            learn.lookahead_loglik(base_lp, target_valid[:, 0]) if cfg.baseline == "none" else None
-        )
-        rewards = learn.thought_rewards(
-            nll, target_valid, cfg.baseline, cfg.reward_filter, base_ll
-        )  # (B, k, L)
-        policy = learn.policy_loss(
-            thought_lp, rewards, target_valid[..., 0], per_token=cfg.policy_logprob == "per_token"
-        )
-        loss = learn.weighted_loss(
-            base_nll, mixed, policy, cfg.base_loss_weight, cfg.mixed_loss_weight, cfg.policy_weight
-        )
-        return QuietStarOutput(
-            loss=loss,
-            base_nll=base_nll.detach(),
-            mixed_nll=mixed.detach(),
-            policy_loss=policy.detach(),
-            policy_term=cfg.policy_weight * policy,
-            rewards=rewards,
+        return StepOutput(
+            base_logprob=base_lp,
+            valid=valid,
+            lookahead_logprob=logprob.view(B, k, n, L).transpose(2, 3),  # (B, k, L, n)
+            thought_logprob=thought_lp.view(B, k, t, L).transpose(2, 3),  # (B, k, L, t)
             mixing_weight=w.detach().view(B, k, n, L).transpose(2, 3),  # (B, k, L, n)
             thoughts=thoughts.view(B, k, L, t),
-            target_valid=target_valid,
+            target_valid=think_mod.shifted_valid(valid, n)[:, None],  # (B, 1, L, n)
         )
 
     def _think(self, input_ids, cache, k: int, greedy: bool, generator):
@@ -453,8 +397,10 @@ class QuietStar(VocabularyHead, nn.Module):
         ``(Bk, D, L, H)``, depth 0 = ``<start>`` ... ``t`` = ``c_t``, ``t+1`` = ``<end>``,
         ``t+1+j`` = ``x_{i+j}``."""
         B, L = input_ids.shape
-        thoughts = self._sample(hf.repeat_cache(cache, k, detach=True), L, B * k, greedy, generator)
-        block = think.thought_block_tokens(
+        thoughts = self.sample_from_cache(
+            hf.repeat_cache(cache, k, detach=True), L, B * k, greedy, generator
+        )
+        block = think_mod.thought_block_tokens(
             input_ids.repeat_interleave(k, dim=0),
             thoughts,
             self.start_id,
@@ -462,23 +408,5 @@ class QuietStar(VocabularyHead, nn.Module):
             self.config.n_true,
             self.fill_id,
         )
-        h = self._thought_pass(block, hf.repeat_cache(cache, k, detach=False), L, first_block=0)
+        h = self.thought_pass(block, hf.repeat_cache(cache, k, detach=False), L, first_block=0)
         return thoughts, h
-
-    def lm_forward(self, input_ids, attention_mask=None, valid=None) -> LMOutput:
-        """The no-thought baseline: the base model's next-token NLL on the same tokens."""
-        if valid is None:
-            valid = self._check_inputs(input_ids, attention_mask)
-        h = self.backbone(
-            inputs_embeds=self.embed(input_ids), attention_mask=attention_mask
-        ).last_hidden_state
-        nll = learn.next_token_nll(self.token_logprob(h[:, :-1], input_ids[:, 1:]), valid)
-        return LMOutput(loss=nll, base_nll=nll.detach())
-
-
-def _token_id(tokenizer, token: str) -> int:
-    ids = tokenizer.convert_tokens_to_ids([token])
-    unk = tokenizer.unk_token_id
-    if not ids or ids[0] is None or (unk is not None and ids[0] == unk):
-        raise ValueError(f"tokenizer has no token {token!r}; build with QuietStar.from_base")
-    return int(ids[0])

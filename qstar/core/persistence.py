@@ -9,12 +9,15 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qstar.config import QuietStarConfig
+from qstar.models.loading import load_model
 
 CONFIG_FILE = "qstar_config.json"
 HEADS_FILE = "qstar_heads.safetensors"
+BASE_PREFIX = "base_model."  # the wrapped Hugging Face model, saved in its own format
 
 
 def from_base(cls, model: nn.Module, tokenizer, config: QuietStarConfig | None = None):
@@ -35,8 +38,6 @@ def from_base(cls, model: nn.Module, tokenizer, config: QuietStarConfig | None =
 
 def from_pretrained(cls, path_or_id, config: QuietStarConfig | None = None, **load_kwargs):
     """Load a saved QuietStar directory, or wrap a base model (hub id, directory, GGUF file)."""
-    from qstar.models.loading import load_model
-
     path = Path(str(path_or_id)).expanduser()
     if (path / CONFIG_FILE).is_file():
         saved = QuietStarConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
@@ -49,43 +50,53 @@ def from_pretrained(cls, path_or_id, config: QuietStarConfig | None = None, **lo
 
 
 def save_pretrained(qs, directory, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the HF model and tokenizer, ``qstar_config.json`` and ``qstar_heads.safetensors``;
-    ``state_dict``: whole tensors to write in place of the module's own (a sharded model)."""
-    from safetensors.torch import save_file
-
+    """Write the HF model and tokenizer, ``qstar_config.json`` and ``qstar_heads.safetensors``
+    (every parameter and buffer outside the base model); ``state_dict``: whole tensors to write
+    in place of the module's own (a sharded model)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if state_dict is None:
         state_dict = {k: v.detach() for k, v in qs.state_dict().items()}
         base = None  # the model's own save_pretrained handles tied weights
     else:
-        prefix = "base_model."
-        base = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        base = {
+            k[len(BASE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(BASE_PREFIX)
+        }
     qs.base_model.save_pretrained(directory, state_dict=base)
     qs.tokenizer.save_pretrained(directory)
-    heads = {
-        k: v
-        for k, v in state_dict.items()
-        if k == "meta_embeddings" or k.startswith("mixing_head.")
-    }
+    heads = {k: v for k, v in state_dict.items() if not k.startswith(BASE_PREFIX)}
     save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(directory / HEADS_FILE))
     (directory / CONFIG_FILE).write_text(qs.config.to_json() + "\n")
     return directory
 
 
-def load_heads(qs, file: Path) -> None:
-    """Restore the trained meta tokens and mixing head."""
-    from safetensors.torch import load_file
+def trained_outside_base(qs) -> list[str]:
+    """The names of what the model adds to the Hugging Face model (meta tokens, mixing head, an
+    adapter or any other head): what ``save_pretrained`` writes to ``qstar_heads.safetensors``."""
+    return [k for k in qs.state_dict() if not k.startswith(BASE_PREFIX)]
 
+
+def load_heads(qs, file: Path) -> None:
+    """Restore every trained part outside the base model (:func:`trained_outside_base`)."""
     if not file.is_file():
         raise FileNotFoundError(
             f"{file} is missing: this directory has no saved meta tokens/mixing head"
         )
     state = load_file(str(file))
-    with torch.no_grad():
-        qs.meta_embeddings.copy_(state.pop("meta_embeddings"))
-    prefix = "mixing_head."
-    qs.mixing_head.load_state_dict({k[len(prefix) :]: v for k, v in state.items()})
+    wanted = set(trained_outside_base(qs))
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise ValueError(
+            f"{file} has no {', '.join(missing[:3])}: it was saved by a model without these "
+            "parts; load it with the config it was saved with"
+        )
+    unknown = sorted(set(state) - wanted)
+    if unknown:
+        raise ValueError(
+            f"{file} holds {', '.join(unknown[:3])}, which this model does not have; load it "
+            "with the config it was saved with"
+        )
+    qs.load_state_dict(state, strict=False)
 
 
 @torch.no_grad()
@@ -107,7 +118,7 @@ def check_output_head(qs) -> None:
     """Refuse models whose logits are not ``lm_logits(last_hidden_state)``."""
     ids = torch.tensor([[1, 2, 3]], device=qs.meta_embeddings.device)
     ref = qs.base_model(input_ids=ids).logits
-    ours = qs.lm_logits(qs.backbone(input_ids=ids).last_hidden_state)
+    ours = qs.lm_logits(qs.backbone_pass(ids).last_hidden_state)
     # ours are at least fp32; a bf16 model's own logits are not
     tol = 1e-3 if ref.dtype in (torch.float32, torch.float64) else 5e-2
     if ref.shape != ours.shape or not torch.allclose(ref.to(ours.dtype), ours, atol=tol, rtol=tol):
@@ -115,3 +126,12 @@ def check_output_head(qs) -> None:
             f"{type(qs.base_model).__name__}: its logits are not lm_head(last hidden state) "
             "(+ final softcapping); qstar cannot wrap this architecture yet"
         )
+
+
+def token_id(tokenizer, token: str) -> int:
+    """The id of a meta token; a tokenizer without it fails naming the fix."""
+    ids = tokenizer.convert_tokens_to_ids([token])
+    unk = tokenizer.unk_token_id
+    if not ids or ids[0] is None or (unk is not None and ids[0] == unk):
+        raise ValueError(f"tokenizer has no token {token!r}; build with QuietStar.from_base")
+    return int(ids[0])

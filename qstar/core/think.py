@@ -112,7 +112,7 @@ def sample(
 
     Args:
         step: ``(tokens (B, L), depth) -> hidden (B, L, H)``: feeds one depth block to the model
-            (extending its cache), as :meth:`qstar.QuietStar._thought_pass` does.
+            (extending its cache), as :meth:`qstar.QuietStar.thought_pass` does.
         logits_of: ``hidden -> (B, L, V')`` sampling logits over the allowed vocabulary.
         first: ``(B, L)`` the tokens fed at depth 0 (``<start>``).
         uniforms: ``(B, t, L)`` draws for :func:`sample_from_logits`, or ``None`` for greedy.
