@@ -243,8 +243,8 @@ def test_paper_and_stock_local_tasks_run(lm, shared_data):
 
 
 def test_training_hook_logs_task_metrics(tmp_path, tiny_run_config):
-    from qstar.recipes.tracking import read_metrics
     from qstar.recipes.train import train
+    from qstar.runs.tracking import read_metrics
 
     task_dir = _custom_task(tmp_path)
     cfg = tiny_run_config(

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qstar.recipes.tracking import read_metrics
 from qstar.recipes.train import train
+from qstar.runs.tracking import read_metrics
 
 LOSS_KEYS = (
     "loss",
@@ -235,7 +235,7 @@ def test_cli_help_and_bad_config(tmp_path):
 def test_compiled_layers_give_the_same_losses(tiny_run_config):
     """torch.compile of the decoder layers (slow on CPU: minutes of compilation)."""
     from qstar.cli import resolve_config  # noqa: F401
-    from qstar.recipes.common import build_model, compile_layers
+    from qstar.runs.build import build_model, compile_layers
 
     cfg = tiny_run_config()
     qs = build_model(cfg, torch.device("cpu"))
@@ -248,7 +248,7 @@ def test_compiled_layers_give_the_same_losses(tiny_run_config):
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_run_config):
-    from qstar.recipes.train import TrainingDiverged
+    from qstar.errors import TrainingDiverged
 
     cfg = tiny_run_config("optim.lr=10000.0", "optim.warmup_steps=0", "train.checkpoint_every=1")
     with pytest.raises(TrainingDiverged, match=r"diverged at step \d+: non-finite") as info:
@@ -256,7 +256,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
     assert "last good checkpoint" in str(info.value) and "\n" not in str(info.value)
     run = tmp_path / "run"
     assert not (run / "final").exists()  # no NaN model is saved
-    from qstar.recipes.checkpoint import latest
+    from qstar.runs.checkpoint import latest
 
     good = latest(run)
     assert good is not None
@@ -281,7 +281,7 @@ def test_disk_full_names_the_path_and_resume_works_once_space_is_freed(
     import errno
 
     from qstar.errors import WriteFailed
-    from qstar.recipes.tracking import MetricsLogger
+    from qstar.runs.tracking import MetricsLogger
 
     cfg = tiny_run_config("train.checkpoint_every=2", "eval.every=0")
     full = {"on": False}
@@ -312,7 +312,7 @@ def test_disk_full_names_the_path_and_resume_works_once_space_is_freed(
     message = str(info.value)
     assert "\n" not in message and "No space left on device" in message
     assert ("step_000004" in message) if where == "checkpoint" else ("metrics.jsonl" in message)
-    from qstar.recipes.checkpoint import latest
+    from qstar.runs.checkpoint import latest
 
     assert latest(run).name == "step_000002"
     assert not list((run / "checkpoints").glob(".tmp-*"))  # no half-written checkpoint left
@@ -343,7 +343,7 @@ def test_crash_during_a_checkpoint_write_leaves_the_previous_one(
 ):
     """A process that dies half-way through writing checkpoint 4 (simulated by an exception
     between its files): no partial checkpoint, `latest` still names step 2, resume finishes."""
-    from qstar.recipes.checkpoint import latest
+    from qstar.runs.checkpoint import latest
 
     real = torch.save
     crash = {"on": True}

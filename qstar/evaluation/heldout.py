@@ -10,6 +10,7 @@ import torch
 
 from qstar.core.model import QuietStar
 from qstar.data import collate
+from qstar.evaluation.results import metric_table
 from qstar.run_config import RunConfig
 
 
@@ -60,15 +61,20 @@ def heldout_nll(
 
 
 def task_metrics(
-    qs: QuietStar, cfg: RunConfig, think: bool, samples_dir: Path | None = None
+    qs: QuietStar,
+    cfg: RunConfig,
+    think: bool,
+    samples_dir: Path | None = None,
+    plain: bool = False,
 ) -> dict[str, float]:
     """lm-eval ``eval.tasks`` on the live model: ``{"eval/TASK/METRIC": value}``.
 
-    Without thinking (``think=False``) on a Quiet-STaR run the keys are ``eval/TASK:nothink/...``.
+    Without thinking (``think=False``) the keys are ``eval/TASK:nothink/...``, unless the model
+    never thinks in this run (``plain``: the LM baseline, the STaR family without ``qa.think``),
+    whose scores keep the plain names.
     ``samples_dir``: where to write each task's per-example metrics (``TASK[:nothink].jsonl``,
     one ``{"doc_id", METRIC: value}`` row per example), for paired confidence intervals."""
-    from qstar.evaluation import backend as evaluation
-    from qstar.evaluation.results import metric_table
+    from qstar.evaluation import backend as evaluation  # lm-eval: heavy, only when tasks run
 
     was_training = qs.training
     qs.eval()
@@ -85,9 +91,7 @@ def task_metrics(
         )
     finally:
         qs.train(was_training)
-    # ":nothink" marks a Quiet-STaR model scored without its thoughts; models that never think
-    # (the LM baseline, the STaR family without star.think) keep the plain names
-    plain = cfg.train.objective == "lm" or (cfg.train.method != "quiet_star" and not cfg.star.think)
+    # ":nothink" marks a Quiet-STaR model scored without its thoughts
     suffix = "" if think or plain else ":nothink"
     table = metric_table(results)
     if samples_dir is not None:

@@ -1,27 +1,24 @@
 """V-STaR (Hosseini et al. 2024, "V-STaR: Training Verifiers for Self-Taught Reasoners") as a
-recipe: ``train.method=vstar`` with the ``star`` config section.
+recipe: ``train.method=vstar`` with the ``qa``, ``star`` and ``vstar`` config sections.
 
-1. **Generator**: STaR's iterations (:func:`qstar.recipes.star.train_star`) with ``star.samples``
-   solutions sampled per question (STaR samples one), keeping every incorrect first sample as
-   well (``iterations/iter_N/rejected.jsonl``).
-2. **Verifier**: the *base* model trained with DPO (:func:`qstar.core.selftaught.dpo_loss`,
-   ``star.dpo_beta``; the frozen base model is the reference) on (correct, incorrect) pairs of
-   solutions to the same question, from every iteration, for ``star.verifier_steps`` steps of
-   ``train.batch_size`` pairs. Rationalised solutions are not used as positives (they were
-   written with the answer in view). Saved under ``verifier/``.
-3. **Inference**: for each held-out question the generator samples ``star.samples`` solutions at
-   ``star.temperature``; the verifier scores each by DPO's implicit reward ``beta (log
+1. **Generator**: STaR's iterations (:class:`qstar.recipes.star.StarRecipe`) with
+   ``vstar.samples`` solutions sampled per question (STaR samples one), keeping every incorrect
+   first sample as well (``iterations/iter_N/rejected.jsonl``).
+2. **Verifier** (the step after the last iteration): the *base* model trained with DPO
+   (:func:`qstar.core.selftaught.dpo_loss`, ``vstar.dpo_beta``; the frozen base model is the
+   reference) on (correct, incorrect) pairs of solutions to the same question, from every
+   iteration, for ``vstar.verifier_steps`` steps of ``train.batch_size`` pairs. Rationalised
+   solutions are not used as positives (they were written with the answer in view). Saved
+   under ``verifier/``.
+3. **Inference**: for each held-out question the generator samples ``vstar.samples`` solutions
+   at ``qa.temperature``; the verifier scores each by DPO's implicit reward ``beta (log
    p_verifier - log p_ref)`` and the best one is the answer. Logged beside it, on the same
    samples: majority vote and pass@1 (the mean accuracy of a single sample), and the greedy
    accuracy of STaR (``eval/qa_acc``).
 
 TRL's ``DPOTrainer`` is not used: it is a ``transformers.Trainer`` with its own loop, data
-pipeline and checkpoints, where every qstar recipe owns its loop, run directory and resume. The
-loss is the same sigmoid DPO loss (tested against TRL's where it is installed,
-``tests/test_selftaught.py``).
-
-Run directory: STaR's, plus ``pairs.jsonl``, ``verifier/`` (with ``done.json`` once trained;
-a resumed run skips what is done) and the V-STaR figures in ``summary.json``.
+pipeline and checkpoints, where every qstar recipe runs in the shared loop. The loss is the
+same sigmoid DPO loss (tested against TRL's where it is installed, ``tests/test_selftaught.py``).
 """
 
 from __future__ import annotations
@@ -38,17 +35,22 @@ import torch
 from qstar.core import selftaught
 from qstar.core.model import QuietStar
 from qstar.errors import TrainingDiverged
-from qstar.recipes import star
-from qstar.recipes.common import (
-    autocast_for,
-    build_model,
-    build_optimizer,
-    peak_memory_mb,
-    pick_device,
+from qstar.qa import answers, extract_answer, format_prompt, majority, shots_for
+from qstar.qa.sampling import sample_rationales
+from qstar.qa.scoring import score_texts
+from qstar.recipes.registry import Method, register
+from qstar.recipes.star import (
+    StarRecipe,
+    final_tasks,
+    iteration_figures,
+    per_iteration,
+    strip_eval,
 )
-from qstar.recipes.rundir import write_json
-from qstar.recipes.tracking import MetricsLogger, read_metrics
-from qstar.run_config import RunConfig
+from qstar.run_config import QASection, RunConfig, StarSection, VStarSection
+from qstar.runs import distributed
+from qstar.runs.build import build_model, build_optimizer
+from qstar.runs.rundir import write_json
+from qstar.runs.state import Run
 
 
 def preference_pairs(run_dir: Path, seed: int) -> list[dict]:
@@ -76,22 +78,13 @@ def preference_pairs(run_dir: Path, seed: int) -> list[dict]:
     ]
 
 
-def _logps(qs: QuietStar, prompts: list[str], targets: list[str], device) -> torch.Tensor:
-    ids, mask, cmask = star._batch(
-        qs.tokenizer,
-        [{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)],
-        device,
-    )
-    return star.completion_logprobs(qs, ids, mask, cmask)
-
-
 def train_verifier(
     cfg: RunConfig, pairs: list[dict], device, log: Callable[[dict[str, Any]], None], autocast
 ) -> tuple[QuietStar, QuietStar]:
     """DPO from the base model on ``pairs``; returns ``(verifier, reference)``."""
     reference = build_model(cfg, device).eval()
     verifier = build_model(cfg, device)
-    if not pairs or cfg.star.verifier_steps == 0:
+    if not pairs or cfg.vstar.verifier_steps == 0:
         return verifier.eval(), reference
     params = [p for p in verifier.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(cfg, params)
@@ -100,7 +93,7 @@ def train_verifier(
     micro = cfg.train.micro_batch_size
     accum = cfg.train.batch_size // micro
     verifier.train()
-    for step in range(1, cfg.star.verifier_steps + 1):
+    for step in range(1, cfg.vstar.verifier_steps + 1):
         t0 = time.perf_counter()
         parts = {"dpo_loss": 0.0, "reward_margin": 0.0, "pair_acc": 0.0}
         for _ in range(accum):
@@ -111,13 +104,14 @@ def train_verifier(
                     rng.shuffle(order)
                 batch.append(pairs[order.pop()])
             prompts = [b["prompt"] for b in batch]
+            chosen, rejected = [b["chosen"] for b in batch], [b["rejected"] for b in batch]
             with autocast:
                 with torch.no_grad():
-                    ref_c = _logps(reference, prompts, [b["chosen"] for b in batch], device)
-                    ref_r = _logps(reference, prompts, [b["rejected"] for b in batch], device)
-                pol_c = _logps(verifier, prompts, [b["chosen"] for b in batch], device)
-                pol_r = _logps(verifier, prompts, [b["rejected"] for b in batch], device)
-            loss, r_c, r_r = selftaught.dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.star.dpo_beta)
+                    ref_c = score_texts(reference, prompts, chosen)
+                    ref_r = score_texts(reference, prompts, rejected)
+                pol_c = score_texts(verifier, prompts, chosen)
+                pol_r = score_texts(verifier, prompts, rejected)
+            loss, r_c, r_r = selftaught.dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.vstar.dpo_beta)
             (loss / accum).backward()
             parts["dpo_loss"] += float(loss.detach()) / accum
             parts["reward_margin"] += float((r_c - r_r).mean()) / accum
@@ -126,7 +120,10 @@ def train_verifier(
             raise TrainingDiverged(
                 f"V-STaR verifier diverged at step {step}: non-finite DPO loss; lower optim.lr"
             )
-        grad_norm, _ = star.optimizer_step(params, optimizer, scheduler, cfg.optim.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         log(
             {
                 "kind": "verifier",
@@ -144,44 +141,41 @@ def best_of_k_eval(
     generator: QuietStar, verifier: QuietStar, reference: QuietStar, cfg: RunConfig, questions: list
 ) -> dict[str, float]:
     """Best-of-k by the verifier, majority vote and pass@1 on the same ``k`` samples each."""
-    import qstar.qa as qa
-
-    s = cfg.star
+    qa = cfg.qa
     if not questions:
         return {}
-    k = s.samples
-    shots = qa.shots_for(s.task)[: s.shots]
-    prompts = [qa.format_prompt(q, shots) for q in questions for _ in range(k)]
-    texts = star.sample_rationales(
+    k = cfg.vstar.samples
+    shots = shots_for(qa.task)[: qa.shots]
+    prompts = [format_prompt(q, shots) for q in questions for _ in range(k)]
+    texts = sample_rationales(
         generator,
         prompts,
-        s.max_new_tokens,
-        s.temperature,
-        s.think,
+        qa.max_new_tokens,
+        qa.temperature,
+        qa.think,
         cfg.train.seed + 7,
-        s.generation_batch,
+        qa.generation_batch,
         progress=f"{k} samples a question" if cfg.logging.progress else None,
     )
-    plain = [qa.format_prompt(q, []) for q in questions for _ in range(k)]
-    device = next(verifier.parameters()).device
+    plain = [format_prompt(q, []) for q in questions for _ in range(k)]
     scores = []
-    for lo in range(0, len(texts), s.generation_batch):
-        p, t = plain[lo : lo + s.generation_batch], texts[lo : lo + s.generation_batch]
+    for lo in range(0, len(texts), qa.generation_batch):
+        p, t = plain[lo : lo + qa.generation_batch], texts[lo : lo + qa.generation_batch]
         scores.append(
             selftaught.verifier_score(
-                _logps(verifier, p, t, device), _logps(reference, p, t, device), s.dpo_beta
+                score_texts(verifier, p, t), score_texts(reference, p, t), cfg.vstar.dpo_beta
             )
         )
     score = torch.cat(scores).view(len(questions), k).float()
     correct = torch.tensor(
-        [qa.is_correct(q, texts[i * k + j]) for i, q in enumerate(questions) for j in range(k)]
+        [answers.is_correct(q, texts[i * k + j]) for i, q in enumerate(questions) for j in range(k)]
     ).view(len(questions), k)
     votes = [
-        qa.majority([qa.extract_answer(s.task, texts[i * k + j]) for j in range(k)])
+        majority([extract_answer(qa.task, texts[i * k + j]) for j in range(k)])
         for i in range(len(questions))
     ]
     maj = [
-        v is not None and qa.is_correct(q, f"The answer is {v}.")
+        v is not None and answers.is_correct(q, f"The answer is {v}.")
         for q, v in zip(questions, votes, strict=True)
     ]
     return {
@@ -191,85 +185,107 @@ def best_of_k_eval(
     }
 
 
-def train_vstar(
-    cfg: RunConfig,
-    run_dir: str | Path,
-    resume: bool = False,
-    stop_after: int | None = None,
-    on_eval: Callable[[int, dict[str, Any], Path | None], None] | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) V-STaR; returns the summary. ``stop_after`` stops after that generator
-    iteration, as in STaR."""
-    run_dir = Path(run_dir)
-    t_start = time.perf_counter()
-    gen = star.train_star(cfg, run_dir, resume, stop_after, on_eval, finish=False)
-    if "stopped_at" in gen:
-        return gen
-    generator: QuietStar = gen["model"]
-    device = pick_device(cfg.train.device)
-    autocast = autocast_for(cfg, device)
-    pairs = preference_pairs(run_dir, cfg.train.seed)
-    with (run_dir / "pairs.jsonl").open("w", encoding="utf-8") as fh:
-        for p in pairs:
-            fh.write(json.dumps(p) + "\n")
-    logger = MetricsLogger(run_dir, cfg.logging.tensorboard, False)
-    metrics = run_dir / "metrics.jsonl"
-    try:
-        done = run_dir / "verifier" / "done.json"
-        if done.is_file():  # a resumed run: the verifier is trained already
-            verifier = QuietStar.from_pretrained(run_dir / "verifier").to(device).eval()
-            reference = build_model(cfg, device).eval()
-        else:
-            logger.close()  # drop verifier rows of an interrupted attempt
-            rows = [r for r in read_metrics(metrics) if r.get("kind") != "verifier"]
-            metrics.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-            logger = MetricsLogger(run_dir, cfg.logging.tensorboard, False)
-            verifier, reference = train_verifier(cfg, pairs, device, logger.log, autocast)
-            verifier.save_pretrained(run_dir / "verifier")
-            write_json(done, {"pairs": len(pairs), "steps": cfg.star.verifier_steps})
-        eval_q = star.load_examples(cfg, held_out=True)[: cfg.star.eval_questions]
-        with autocast:
-            figures = best_of_k_eval(generator, verifier, reference, cfg, eval_q)
-        step = gen["steps"]
-        logger.log({"kind": "eval", "step": step, "iteration": cfg.star.iterations, **figures})
-        if on_eval is not None:  # with the generator's last greedy accuracy: every result has it
-            qa_rows = [r for r in read_metrics(metrics) if "eval/qa_acc" in r]
-            last_qa = star.strip_eval(qa_rows[-1]) if qa_rows else {}
-            on_eval(step, {"kind": "eval", "step": step, **last_qa, **figures}, None)
-    finally:
-        logger.close()
-    with autocast:
-        tasks = star.final_tasks(generator, cfg, run_dir)
-    final_dir = generator.save_pretrained(run_dir / "final")
-    rows = read_metrics(metrics)
-    evals = [r for r in rows if r.get("kind") == "eval" and "eval/qa_acc" in r]
-    verif = [r for r in rows if r.get("kind") == "verifier"]
-    summary = {
-        "run_dir": str(run_dir),
-        "method": "vstar",
-        "iterations": cfg.star.iterations,
-        "steps": gen["steps"],
-        "resumed_from": gen["resumed_from"],
-        "seconds": time.perf_counter() - t_start,
-        "peak_mem_mb": peak_memory_mb(device),
-        "per_iteration": star.per_iteration(rows),
-        "pairs": len(pairs),
-        "verifier_pair_acc": verif[-1]["pair_acc"] if verif else None,
-        "eval_first": star.strip_eval(evals[0]) if evals else None,
-        "eval_last": {**(star.strip_eval(evals[-1]) if evals else {}), **figures, **tasks},
-        "final_model": str(final_dir),
-        "verifier": str(run_dir / "verifier"),
-    }
-    write_json(run_dir / "summary.json", summary)
-    return summary
+class VStarRecipe(StarRecipe):
+    """V-STaR: STaR's iterations as steps ``1..star.iterations``, then one step that trains
+    the verifier and scores best-of-k."""
+
+    def total_steps(self) -> int:
+        return self.cfg.star.iterations + 1
+
+    def questions(self, n: int) -> list:  # k solutions a question: the verifier's pairs
+        return [q for q in super().questions(n) for _ in range(self.cfg.vstar.samples)]
+
+    def train_step(self, run: Run, step: int) -> dict[str, Any]:
+        if step <= self.cfg.star.iterations:
+            return super().train_step(run, step)
+        cfg = self.cfg
+        pairs = preference_pairs(run.run_dir, cfg.train.seed) if run.ctx.main else []
+        pairs = distributed.broadcast(pairs, run.ctx)
+        if run.ctx.main:
+            with (run.run_dir / "pairs.jsonl").open("w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(p) + "\n" for p in pairs)
+        self.verifier, self.reference = train_verifier(
+            cfg, pairs, run.device, run.log, run.autocast
+        )
+        if run.ctx.main:
+            self.verifier.save_pretrained(run.run_dir / "verifier")
+            write_json(
+                run.run_dir / "verifier" / "done.json",
+                {"pairs": len(pairs), "steps": cfg.vstar.verifier_steps},
+            )
+        self.pairs = len(pairs)
+        return {"kind": "verifier", "step": self.ft_steps, "pairs": len(pairs)}
+
+    def evaluate(self, run: Run, step: int) -> dict[str, Any] | None:
+        if step <= self.cfg.star.iterations:
+            return super().evaluate(run, step)
+        row: dict[str, float] = {}
+        if run.ctx.main:
+            with run.autocast:
+                row = best_of_k_eval(run.qs, self.verifier, self.reference, self.cfg, self.eval_q)
+            # with the generator's last greedy accuracy: every result of the run has it
+            qa_rows = [r for r in run.rows() if "eval/qa_acc" in r]
+            row = {**(strip_eval(qa_rows[-1]) if qa_rows else {}), **row}
+        row = distributed.broadcast(row, run.ctx)
+        return {"kind": "eval", "step": self.ft_steps, "iteration": self.cfg.star.iterations, **row}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pairs": getattr(self, "pairs", None)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.pairs = state.get("pairs")
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        rows = run.rows() if run.ctx.main else []
+        qa_evals = [r for r in rows if r.get("kind") == "eval" and "eval/qa_acc" in r]
+        best = [r for r in rows if r.get("kind") == "eval" and "eval/pass_at_1" in r]
+        verif = [r for r in rows if r.get("kind") == "verifier" and "pair_acc" in r]
+        figures = strip_eval(best[-1]) if best else {}
+        return {
+            "iterations": self.cfg.star.iterations,
+            "steps": self.ft_steps,
+            "per_iteration": per_iteration(rows),
+            "pairs": self.pairs,
+            "verifier_pair_acc": verif[-1]["pair_acc"] if verif else None,
+            "eval_first": strip_eval(qa_evals[0]) if qa_evals else None,
+            "eval_last": {
+                **(strip_eval(qa_evals[-1]) if qa_evals else {}),
+                **figures,
+                **final_tasks(run),
+            },
+            "verifier": str(run.run_dir / "verifier"),
+        }
+
+    @staticmethod
+    def report_figures(summary: dict[str, Any]) -> dict[str, Any]:
+        row = {
+            **iteration_figures(summary),
+            "pairs": summary.get("pairs"),
+            "verifier pair acc": summary.get("verifier_pair_acc"),
+        }
+        for key, value in (summary.get("eval_last") or {}).items():
+            if key.startswith(("eval/vstar_best_of_", "eval/maj_at_", "eval/pass_at_1")):
+                row[key[5:]] = value
+        return row
+
+    @staticmethod
+    def format_summary(summary: dict[str, Any]) -> str:
+        lines = StarRecipe.format_summary(summary).splitlines()[:-1]
+        acc = summary["verifier_pair_acc"]
+        lines.append(
+            f"verifier        {summary['pairs']} preference pairs"
+            + (f", last-step pair accuracy {acc:.3f}" if acc is not None else " (not trained)")
+        )
+        lines.append(f"final model     {summary['final_model']} (verifier: {summary['verifier']})")
+        return "\n".join(lines)
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    lines = star.format_summary({**summary}).splitlines()[:-1]
-    acc = summary["verifier_pair_acc"]
-    lines.append(
-        f"verifier        {summary['pairs']} preference pairs"
-        + (f", last-step pair accuracy {acc:.3f}" if acc is not None else " (not trained)")
+register(
+    Method(
+        "vstar",
+        VStarRecipe,
+        "V-STaR",
+        (("qa", QASection), ("star", StarSection), ("vstar", VStarSection)),
     )
-    lines.append(f"final model     {summary['final_model']} (verifier: {summary['verifier']})")
-    return "\n".join(lines)
+)

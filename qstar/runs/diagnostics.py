@@ -1,8 +1,8 @@
 """Optimisation diagnostics: where the gradient and the update go, per parameter role.
 
 Roles (:func:`parameter_roles`): ``trunk`` (the transformer's layers and norms), ``embeddings``
-(input embeddings and LM head; one matrix when tied), ``meta`` (the two meta-token vectors) and
-``mixing_head``. These answer the questions a collapsing run raises: which loss term sets the
+(input embeddings and LM head; one matrix when tied), ``meta`` (the two meta-token vectors),
+``mixing_head``, ``adapter`` (LoRA weights) and any head a model adds (named by its module). These answer the questions a collapsing run raises: which loss term sets the
 direction of the update (``grad_norm/policy/ROLE`` against ``grad_norm/nll/ROLE``), how much of
 the mixing head's gradient survives clipping (``grad_norm/mixing_head`` x ``grad_clip_coef``),
 how far each role moves per step (``update_norm/ROLE``) and, under pure bf16 parameters, how many
@@ -14,11 +14,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ROLES = ("trunk", "embeddings", "meta", "mixing_head")
+ROLES = ("trunk", "embeddings", "meta", "mixing_head", "adapter")
+ADAPTER_MARKERS = ("lora_",)  # PEFT's and qstar's adapter parameters carry these in their names
+
+
+def role_of(name: str, in_base: bool, is_embedding: bool) -> str:
+    """The role of parameter ``name`` of a ``QuietStar``: an adapter anywhere; inside the base
+    model the input embeddings and LM head, or the trunk; outside it the module it belongs to
+    (``meta`` for the meta tokens, ``mixing_head``, or the name of any head added later), so a
+    new parameter gets a role of its own without a change here."""
+    if any(m in name for m in ADAPTER_MARKERS):
+        return "adapter"
+    if in_base:
+        return "embeddings" if is_embedding else "trunk"
+    if name == "meta_embeddings":
+        return "meta"
+    return name.split(".", 1)[0]
 
 
 def parameter_roles(qs: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """``{role: [(name, parameter)]}`` over the trainable parameters of a ``QuietStar``."""
+    """``{role: [(name, parameter)]}`` over the trainable parameters of a ``QuietStar``
+    (:func:`role_of`); the built-in roles first, in :data:`ROLES` order."""
     base = qs.base_model
     emb_ids = {id(base.get_input_embeddings().weight)}
     out_emb = base.get_output_embeddings()
@@ -30,15 +46,8 @@ def parameter_roles(qs: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if name == "meta_embeddings":
-            role = "meta"
-        elif name.startswith("mixing_head."):
-            role = "mixing_head"
-        elif id(p) in emb_ids:
-            role = "embeddings"
-        else:
-            role = "trunk"
-        roles[role].append((name, p))
+        role = role_of(name, name.startswith("base_model."), id(p) in emb_ids)
+        roles.setdefault(role, []).append((name, p))
     return {r: ps for r, ps in roles.items() if ps}
 
 

@@ -199,3 +199,17 @@ def barrier(ctx: Context) -> None:
 def shutdown(ctx: Context) -> None:
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_map(fn, items: list[Any], ctx: Context, replicated: bool = True) -> list[Any]:
+    """``fn(items)`` (a list in, a list of the same length out), each process doing every
+    ``world``-th item and all of them getting the whole result in order. Without
+    ``replicated`` (a sharded model, whose every forward is a collective) each process does
+    all items itself, in lockstep."""
+    if not ctx.active or not replicated:
+        return fn(items)
+    mine = fn(items[ctx.rank :: ctx.world])
+    out: list[Any] = [None] * len(items)
+    for rank, part in enumerate(gather(mine, ctx)):
+        out[rank :: ctx.world] = part
+    return out

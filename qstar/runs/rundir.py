@@ -9,7 +9,7 @@ Run directory (written before step 0, read by sweeps and reports):
     heldout/step_N.json    per-token held-out NLL of each evaluation
     tasks/step_N/          per-example task scores
     tb/                    TensorBoard events
-    checkpoints/step_N/    see :mod:`qstar.recipes.checkpoint`; checkpoints/latest names the newest
+    checkpoints/step_N/    see :mod:`qstar.runs.checkpoint`; checkpoints/latest names the newest
     final/                 the trained model (``QuietStar.from_pretrained`` loads it)
     summary.json           final figures
 """
@@ -21,16 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qstar.recipes import checkpoint
-from qstar.recipes.tracking import provenance
 from qstar.run_config import RunConfig, load_run_config
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
-    tmp.replace(path)
+from qstar.runs import checkpoint
+from qstar.runs.tracking import provenance
 
 
 def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
@@ -65,27 +58,30 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def write_run_dir(cfg, run_dir, ctx, resume, ckpt, qs, device, val_windows, data_info) -> None:
-    if ctx.main:
-        if resume and ckpt is None:
-            print(f"qstar: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    if ctx.main and ckpt is None:
-        info = {
-            "model": cfg.model.name,
-            "model_class": type(qs.base_model).__name__,
-            "model_source": getattr(qs.base_model, "qstar_source", None),
-            "device": str(device),
-            "processes": ctx.world,
-            **data_info,
-        }
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
+    tmp.replace(path)
+
+
+def start_run_dir(
+    run_dir: Path, cfg: RunConfig, main: bool, resume: bool, ckpt: Path | None, info: dict[str, Any]
+) -> None:
+    """What every run writes before its first step: ``config.yaml`` and, for a new run,
+    ``run.json`` (provenance and ``info``: model and data sources). A resume without a
+    checkpoint starts over."""
+    if not main:
+        return
+    if resume and ckpt is None:
+        print(f"qstar: no checkpoint in {run_dir}; starting from step 0", file=sys.stderr)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if ckpt is None:
         (run_dir / "run.json").write_text(json.dumps(provenance(info), indent=2) + "\n")
-        # the held-out windows as token ids, so reports can analyse the run without its data source
-        (run_dir / "heldout.json").write_text(json.dumps({"windows": val_windows}) + "\n")
-    if ctx.main and data_info["skipped_rows"]:
-        print(
-            f"qstar: skipped {data_info['skipped_rows']} bad rows, e.g. {data_info['skipped_examples'][0]}",
-            file=sys.stderr,
-        )
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """``summary.json``: a run's final figures (its presence marks the run done)."""
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

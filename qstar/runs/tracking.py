@@ -16,10 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qstar.errors import write_failed
+from qstar.version import __version__
+
 
 def git_info() -> dict[str, Any]:
     """The qstar source's git commit and whether it has uncommitted changes (if a checkout)."""
-    root = Path(__file__).resolve().parents[2]  # the checkout: qstar/recipes/tracking.py
+    root = Path(__file__).resolve().parents[2]  # the checkout: qstar/runs/tracking.py
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
@@ -44,8 +47,6 @@ def git_info() -> dict[str, Any]:
 def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
     import transformers
-
-    from qstar.version import __version__
 
     info = {
         "qstar_version": __version__,
@@ -106,8 +107,6 @@ class MetricsLogger:
             self._fh.write(json.dumps(row, sort_keys=True) + "\n")
             self._fh.flush()
         except OSError as exc:
-            from qstar.errors import write_failed
-
             raise write_failed(
                 self.path, exc, "the lines up to the last checkpoint are kept by --resume"
             ) from exc
