@@ -8,11 +8,18 @@ import os
 import sys
 from pathlib import Path
 
-from qstar.run_config import CONFIG_DIR, resolve_config  # resolve_config: re-exported for callers
+from qstar.config import quiet_star_overrides
+from qstar.errors import RunFailed
+from qstar.run_config import (  # resolve_config: also re-exported for callers
+    CONFIG_DIR,
+    load_run_config,
+    resolve_config,
+)
+from qstar.runs.tracking import STATUS_ERROR, STATUS_PENDING, STATUS_STOPPED
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from qstar.analysis import bench
+    from qstar.analysis import bench  # torch: heavy; not loaded by a bare import of qstar.cli
 
     return bench.main(args)
 
@@ -20,8 +27,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from qstar.recipes.train import format_summary, train
-    from qstar.run_config import load_run_config
+    from qstar.recipes.train import format_summary, train  # torch, lm_eval: heavy
 
     config = args.config
     overrides = list(args.overrides)
@@ -43,25 +49,19 @@ def _train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"qstar: run directory {run_dir}", file=sys.stderr)
     summary = train(cfg, run_dir, resume=args.resume)
-    if summary and summary.get("method"):  # the STaR family
-        from qstar.recipes import methods
-
-        print(methods.SUMMARIES[summary["method"]](summary))
-    elif summary:  # the main process of a data-parallel run
-        print(format_summary(summary))
+    if summary:  # the main process of a data-parallel run
+        print(format_summary(cfg, summary))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from qstar.evaluation import backend as ev
-    from qstar.evaluation import results as evres
+    from qstar.evaluation import backend as ev  # lm_eval, torch: heavy
+    from qstar.evaluation import results as evres  # lm_eval (the package): heavy
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks needs at least one task name")
     modes = {"think": [True], "no-think": [False], "both": [True, False]}[args.mode]
-    from qstar.config import quiet_star_overrides
-
     overrides = quiet_star_overrides(args.overrides)  # a typo fails before anything loads
     ev.resolve_tasks(
         tasks, args.include_path, args.data_dir
@@ -107,8 +107,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from qstar.experiments.sweep import describe, load_sweep
-    from qstar.recipes.tracking import STATUS_ERROR, STATUS_PENDING, STATUS_STOPPED
+    from qstar.experiments.sweep import describe, load_sweep, preflight  # lm_eval: heavy
 
     sweep = load_sweep(args.file, smoke=args.smoke)
     if args.name:
@@ -116,8 +115,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe(sweep))
         return 0
-    from qstar.experiments import tune_adapter
-    from qstar.experiments.sweep import preflight
+    from qstar.experiments import tune_adapter  # Ray's side, lm_eval: heavy; not for --dry-run
 
     problems = preflight(sweep)  # before Ray starts and before anything is written
     if problems:
@@ -173,7 +171,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from qstar.analysis.report import write_report
+    from qstar.analysis.report import write_report  # pandas, matplotlib: heavy
 
     exp = Path(args.experiment)
     out = Path(args.out) if args.out else Path("reports") / exp.resolve().name
@@ -336,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_report)
 
-    from qstar.analysis import bench
+    from qstar.analysis import bench  # torch: heavy; not loaded by a bare import of qstar.cli
 
     p = sub.add_parser(
         "bench",
@@ -357,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from qstar.errors import RunFailed
-    from qstar.models.loading import ModelLoadError
+    from qstar.models.loading import ModelLoadError  # torch: heavy; keeps qstar --help fast
 
     try:
         return int(args.func(args) or 0)

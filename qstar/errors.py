@@ -1,7 +1,7 @@
 """Failures of a run (as opposed to bad input): the CLI prints their one-line message and exits 1.
 
 Bad input -- a config key, a data row, a model path, a task file -- raises ``ValueError`` /
-:class:`qstar.data.DataError` / :class:`qstar.loading.ModelLoadError` instead (exit 2).
+:class:`qstar.data.DataError` / :class:`qstar.models.loading.ModelLoadError` instead (exit 2).
 """
 
 from __future__ import annotations

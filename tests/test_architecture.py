@@ -1,4 +1,5 @@
-"""The import graph of the package: no cycle, no upward arrow, no production import of tests."""
+"""The shape of the package: the import graph (no cycle, no upward arrow, no production import of
+tests) and the size of its rooms (no file over ~400 lines, no function over ~80)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,27 @@ LAYERS = {
     "config": 0,
     "overrides": 0,
     "run_config": 0,
+    "sections": 0,
     "errors": 0,
     "hub": 0,
     "version": 0,
     "data": 1,
+    "data_sources": 1,
     "qa": 1,
     "models": 1,
     "core": 2,
-    "recipes": 3,
-    "evaluation": 3,
-    "experiments": 3,
-    "analysis": 3,
-    "cli": 4,
-    "__init__": 4,
+    "runs": 3,
+    "evaluation": 4,
+    "recipes": 5,
+    "experiments": 6,
+    "analysis": 7,
+    "cli": 8,
+    "__init__": 8,
 }
+MAX_FILE_LINES = 420
+MAX_FUNCTION_LINES = 85
+# declarative argument parsers: long by nature, one add_argument per option
+LONG_BY_DESIGN = {("qstar/cli.py", "build_parser"), ("qstar/analysis/bench.py", "add_arguments")}
 
 
 def _module_name(path: Path) -> str:
@@ -114,3 +122,51 @@ def test_production_code_never_imports_tests():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests"):
                 raise AssertionError(f"{path} imports {node.module}")
+
+
+def test_no_file_is_too_long():
+    long = [
+        f"{p.relative_to(PACKAGE.parent)} ({n} lines)"
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
+    ]
+    assert not long, "files over ~400 lines: " + ", ".join(sorted(long))
+
+
+def test_no_function_is_too_long():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = str(path.relative_to(PACKAGE.parent))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES and (rel, node.name) not in LONG_BY_DESIGN:
+                    long.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "functions over ~80 lines: " + ", ".join(sorted(long))
+
+
+def test_imports_of_qstar_modules_are_at_the_top():
+    """Deferred imports of qstar modules are for optional or heavy dependencies and say so."""
+    deferred = []
+    for path in PACKAGE.rglob("*.py"):
+        if "tasks" in path.parts:
+            continue
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Import | ast.ImportFrom):
+                    names = (
+                        [inner.module or ""]
+                        if isinstance(inner, ast.ImportFrom)
+                        else [a.name for a in inner.names]
+                    )
+                    if (
+                        any(n.startswith("qstar") for n in names)
+                        and "#" not in lines[inner.lineno - 1]
+                    ):
+                        deferred.append(f"{path.relative_to(PACKAGE.parent)}:{inner.lineno}")
+    assert not deferred, "qstar imports inside functions without a reason: " + ", ".join(
+        sorted(deferred)
+    )

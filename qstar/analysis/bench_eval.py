@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import qstar.qa as qa
 from qstar.analysis.bench_memory import (
     _current_rss_bytes,
     _peak_rss_bytes,
@@ -26,7 +27,10 @@ from qstar.analysis.bench_memory import (
     wrap_model,
 )
 from qstar.config import QuietStarConfig
+from qstar.core.model import QuietStar
+from qstar.models.loading import DEFAULT_MODEL
 from qstar.models.random import mistral_shaped, tiny_tokenizer
+from qstar.qa.sampling import sample_rationales
 
 PATHS = ("fused", "logits")
 
@@ -200,9 +204,6 @@ def generation(
     """Tokens/s of thinking generation against plain generation of the same model and prompt
     (greedy, one row), and ``samples`` sampled answers from one shared prefill against the same
     prompt repeated ``samples`` times in the batch. Interleaved repeats, medians."""
-    from qstar.core.model import QuietStar
-    from qstar.models.loading import DEFAULT_MODEL
-
     name = model or DEFAULT_MODEL
     torch.manual_seed(0)
     qs = QuietStar.from_pretrained(name, config=QuietStarConfig(thought_len=thought_len)).eval()
@@ -267,16 +268,11 @@ def rationale_generation(
     repeats: int = 2,
     out: Path | None = None,
 ) -> dict:
-    """Rationales/s of the STaR family's sampler (:func:`qstar.recipes.star.sample_rationales`:
+    """Rationales/s of the STaR family's sampler (:func:`qstar.qa.sampling.sample_rationales`:
     one left-padded batch, KV cache, no thinking) against ``transformers``' ``generate`` on the
     same batch of few-shot GSM8K prompts, both greedy for exactly ``new_tokens`` tokens (so both
     do the same work); and the sampler as the recipes run it (stopping rows at the end of the
     answer). Interleaved repeats, medians."""
-    import qstar.qa as qa
-    from qstar.core.model import QuietStar
-    from qstar.models.loading import DEFAULT_MODEL
-    from qstar.recipes.star import sample_rationales
-
     name = model or DEFAULT_MODEL
     torch.manual_seed(0)
     qs = QuietStar.from_pretrained(name).eval()

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from qstar.config import QuietStarConfig
+from qstar.core import learn
+from qstar.core.model import QuietStar
 from qstar.models.random import mistral_shaped, tiny_tokenizer
 
 
@@ -45,14 +47,10 @@ def dense_attention_bytes(qcfg: QuietStarConfig, L: int, heads: int, layers: int
 def wrap_model(model, tok, qcfg, fused_ce: str = "chunked"):
     """Wrap ``model`` again for each config without re-adding tokens (they are already there);
     ``fused_ce`` as ``train.fused_ce``."""
-    from qstar.core.model import QuietStar
-
+    qcfg = qcfg.replace(fused_ce=fused_ce)
     if qcfg.start_token in tok.get_vocab():
-        qs = QuietStar(model, tok, qcfg)
-    else:
-        qs = QuietStar.from_base(model, tok, qcfg)
-    qs.fused_ce = fused_ce
-    return qs
+        return QuietStar(model, tok, qcfg)
+    return QuietStar.from_base(model, tok, qcfg)
 
 
 def fmt(x, spec):
@@ -103,7 +101,8 @@ def memory_growth(
                 continue
             with qs.using(attention="sparse" if name == "fast" else "dense"):
                 with saved_activation_bytes() as acc:
-                    loss = qs(ids, generator=torch.Generator().manual_seed(0)).loss
+                    gen = torch.Generator().manual_seed(0)
+                    loss = learn.objective_loss(qs, ids, generator=gen).loss
             del loss  # the graph (and what it saved) goes with it
             row[f"act_mb_{name}"] = acc["bytes"] / 2**20
         rows.append(row)
@@ -271,7 +270,7 @@ def rss_child(spec: dict) -> dict:
         gen = torch.Generator().manual_seed(0)
 
         def step():
-            module(ids, generator=gen).loss.backward()
+            learn.objective_loss(module, ids, generator=gen).loss.backward()
 
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
 

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from qstar.analysis.evidence import Arm, _all, _combine
+from qstar.analysis.evidence_arms import Arm
+from qstar.analysis.evidence_estimates import _all, _combine
+from qstar.config import ObjectiveConfig
+from qstar.core import learn
+from qstar.core.model import QuietStar
+from qstar.data import collate
+from qstar.run_config import load_run_config
 
 
 def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.ndarray]] | None:
@@ -17,11 +24,6 @@ def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.nda
     greedy thought (``thought``) and after a content-free thought that repeats the pause token
     ``---`` (``fixed``): the same mixing head and passes, nothing to think. In fp32; cached in
     ``RUN_DIR/analysis/content_control.json`` (keyed by the final model file)."""
-    import torch
-
-    from qstar.core.model import QuietStar
-    from qstar.data import collate
-
     run_dir = Path(run_dir)
     final = run_dir / "final"
     weights = next(iter(sorted(final.glob("*.safetensors"))), None)
@@ -87,17 +89,20 @@ def content_table(arms: list[Arm]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def run_objective(run_dir: Path) -> ObjectiveConfig:
+    """The objective a run trained with (its ``config.yaml``; the authors' where it has none)."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return ObjectiveConfig()
+    return load_run_config(str(config)).quiet_star.objective()
+
+
 def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, top: int = 8):
     """Per-token base and post-thought NLL on held-out windows, and the highest-reward thoughts.
 
     Uses the trial's final model; thoughts for the loss table are greedy, those for the reward
     table are sampled (``k`` per position, seeded) as in training.
     """
-    import torch
-
-    from qstar.core.model import QuietStar
-    from qstar.data import collate
-
     saved = run_dir / "heldout.json"
     if not saved.is_file():
         raise ValueError(f"{run_dir} has no heldout.json (the windows qstar train evaluated on)")
@@ -120,8 +125,15 @@ def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, 
                     "thought_nll": float(m[w, i]),
                 }
             )
-        out = qs(ids, attention_mask=mask, generator=torch.Generator().manual_seed(seed))
-    r = out.rewards  # (B, k, L)
+        objective = run_objective(run_dir)
+        gen = torch.Generator().manual_seed(seed)
+        out = qs(
+            ids,
+            attention_mask=mask,
+            generator=gen,
+            policy_temperature=objective.policy_temperature,
+        )
+        r = learn.quiet_star_loss(out, objective).rewards  # (B, k, L)
     flat = [
         (float(r[w, s, i]), w, s, i)
         for w, s, i in (out.target_valid[..., 0].expand_as(r)).nonzero().tolist()

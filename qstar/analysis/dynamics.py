@@ -1,5 +1,5 @@
 """What happened during training: mixing weight and reward statistics, and the optimisation
-diagnostics of :mod:`qstar.recipes.diagnostics`, as tables."""
+diagnostics of :mod:`qstar.runs.diagnostics`, as tables."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from qstar.analysis.evidence import arm_of
+from qstar.analysis.evidence_arms import arm_of
 
 
 def _trial_arm(exp) -> dict[str, str]:
@@ -52,7 +52,7 @@ DIAG = {
 
 def diagnostics_table(exp, run_dirs: dict[str, Path]) -> pd.DataFrame:
     """Per trial: medians over steps of the optimisation diagnostics that were logged
-    (:mod:`qstar.diagnostics`), the fraction of trunk weights changed by the end, and the
+    (:mod:`qstar.runs.diagnostics`), the fraction of trunk weights changed by the end, and the
     held-out NLL without thinking at every evaluation."""
     s = exp.steps
     if s.empty or "grad_norm/trunk" not in s.columns:

@@ -4,7 +4,7 @@ Reads what ``qstar train`` writes at every evaluation: ``heldout/step_N.json`` (
 NLL of every held-out window without thinking, ``base``, and after a greedy thought,
 ``thought``) and ``tasks/step_N/TASK[:nothink].jsonl`` (per-example task scores). Trials that
 differ only in ``train.seed`` form one *arm*. Every comparison is paired on the same tokens or
-questions and carries a 95% percentile bootstrap interval (:mod:`qstar.stats`) over held-out
+questions and carries a 95% percentile bootstrap interval (:mod:`qstar.analysis.stats`) over held-out
 windows or questions; across seeds, per-window values are averaged first (seeds share the
 held-out windows when ``eval.heldout_seed`` is fixed), so the interval is over text, and the
 seeds' own values are listed beside it.
@@ -17,213 +17,34 @@ thinking - its step-0 value (positive: the language model got worse).
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from qstar.analysis import stats
+from qstar.analysis.evidence_arms import (  # noqa: F401  (re-exported: evidence's public face)
+    Arm,
+    Tokens,
+    arm_of,
+    arms_of,
+    load_task_samples,
+    load_tokens,
+)
+from qstar.analysis.evidence_estimates import (  # noqa: F401  (re-exported)
+    HARD_FRACTION,
+    Row,
+    Windows,
+    _all,
+    _combine,
+    _estimate,
+    _hard_mask,
+    drift,
+    gain,
+    nll,
+    vs_baseline,
+)
 from qstar.analysis.stats import Estimate
-
-HARD_FRACTION = 0.1  # "hardest decile": tokens with the top 10% step-0 base NLL
-
-
-@dataclass
-class Tokens:
-    """Per-token held-out NLL of one trial at one step: one array per window."""
-
-    base: list[np.ndarray]
-    thought: list[np.ndarray] | None
-
-
-def arm_of(trial_id: str) -> str:
-    """``t003-policy_weight=1.0e2-seed=1`` -> ``policy_weight=1.0e2`` (seed and index dropped)."""
-    arm = re.sub(r"^t\d+-", "", trial_id)
-    arm = re.sub(r"-?seed=\d+$", "", arm)
-    return arm or trial_id
-
-
-def load_tokens(run_dir: Path) -> dict[int, Tokens]:
-    """``{step: Tokens}`` from ``RUN_DIR/heldout/step_N.json`` (empty if none)."""
-    out = {}
-    folder = Path(run_dir) / "heldout"
-    for f in sorted(folder.glob("step_*.json")) if folder.is_dir() else []:
-        data = json.loads(f.read_text())
-        step = int(f.stem.split("_")[1])
-        thought = data.get("thought")
-        out[step] = Tokens(
-            [np.asarray(w, dtype=np.float64) for w in data["base"]],
-            [np.asarray(w, dtype=np.float64) for w in thought] if thought else None,
-        )
-    return out
-
-
-def load_task_samples(run_dir: Path) -> dict[tuple[int, str], pd.DataFrame]:
-    """``{(step, task): per-example frame}``; task ends in ``:nothink`` for the no-thinking run."""
-    out = {}
-    folder = Path(run_dir) / "tasks"
-    for f in sorted(folder.glob("step_*/*.jsonl")) if folder.is_dir() else []:
-        step = int(f.parent.name.split("_")[1])
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        out[(step, f.stem)] = pd.DataFrame(rows).set_index("doc_id").sort_index()
-    return out
-
-
-# ---------------------------------------------------------------------------- arms
-@dataclass
-class Arm:
-    name: str
-    label: str
-    baseline: bool
-    thought_len: int
-    trials: dict[str, Path]  # trial_id -> run dir (one per seed)
-    tokens: dict[str, dict[int, Tokens]]  # trial_id -> step -> Tokens
-    tasks: dict[str, dict[tuple[int, str], pd.DataFrame]]
-
-    @property
-    def seeds(self) -> int:
-        return len(self.trials)
-
-    def steps(self) -> list[int]:
-        """Steps every seed has evaluated."""
-        sets = [set(t) for t in self.tokens.values() if t]
-        return sorted(set.intersection(*sets)) if sets else []
-
-
-def arms_of(exp, run_dirs: dict[str, Path]) -> list[Arm]:
-    """Group an :class:`qstar.analysis.Experiment`'s finished or running trials into arms."""
-    arms: dict[str, Arm] = {}
-    for _, t in exp.trials.iterrows():
-        if t["trial_id"] not in run_dirs:
-            continue
-        name = arm_of(t["trial_id"])
-        arm = arms.get(name)
-        if arm is None:
-            label = re.sub(r",? ?seed \d+$", "", str(t["label"]))
-            thought_len = 0 if t["baseline"] or pd.isna(t["thought_len"]) else int(t["thought_len"])
-            arm = arms[name] = Arm(name, label, bool(t["baseline"]), thought_len, {}, {}, {})
-        run_dir = run_dirs[t["trial_id"]]
-        arm.trials[t["trial_id"]] = run_dir
-        arm.tokens[t["trial_id"]] = load_tokens(run_dir)
-        arm.tasks[t["trial_id"]] = load_task_samples(run_dir)
-    return sorted(arms.values(), key=lambda a: (a.baseline, a.thought_len, a.name))
-
-
-@dataclass
-class Row:
-    """One estimate (bootstrap over windows of the seed-averaged values) and each seed's value."""
-
-    est: Estimate
-    seeds: list[float]
-    signed: bool = True  # a difference (printed with its sign) rather than a level
-
-    def fmt(self, digits: int = 4) -> str:
-        text = self.est.fmt(digits, sign=self.signed)
-        if len(self.seeds) > 1:
-            f = f"{{:{'+' if self.signed else ''}.{digits}f}}"
-            text += " (seeds " + ", ".join(f.format(v) for v in self.seeds) + ")"
-        return text
-
-
-Windows = list[tuple[np.ndarray, np.ndarray]]  # per window: (per-token values, selected)
-
-
-def _combine(per_seed: list[Windows]) -> Row:
-    """Per-window sums and counts, averaged over seeds when the windows match (else pooled)."""
-    sums = [np.array([float(v[m].sum()) for v, m in ws]) for ws in per_seed]
-    counts = [np.array([float(m.sum()) for _, m in ws]) for ws in per_seed]
-    seeds = [float(s.sum() / max(c.sum(), 1)) for s, c in zip(sums, counts, strict=True)]
-    if all(len(ws) == len(per_seed[0]) for ws in per_seed) and all(
-        [len(v) for v, _ in ws] == [len(v) for v, _ in per_seed[0]] for ws in per_seed
-    ):
-        est = stats.ratio_bootstrap(np.mean(sums, axis=0), np.mean(counts, axis=0))
-    else:
-        est = stats.ratio_bootstrap(np.concatenate(sums), np.concatenate(counts))
-    return Row(est, seeds)
-
-
-def _estimate(arm: Arm, step: int, fn) -> Row | None:
-    """``fn(trial_id, Tokens) -> Windows | None`` for every seed at ``step``, combined."""
-    per_seed = []
-    for trial_id, steps in arm.tokens.items():
-        if step not in steps:
-            continue
-        windows = fn(trial_id, steps[step])
-        if windows is None:
-            return None
-        per_seed.append(windows)
-    return _combine(per_seed) if per_seed else None
-
-
-def _all(values: list[np.ndarray]) -> Windows:
-    return [(v, np.ones(len(v), dtype=bool)) for v in values]
-
-
-def _hard_mask(arm: Arm, trial_id: str) -> list[np.ndarray] | None:
-    """Hardest decile by this trial's step-0 base NLL (the starting model's difficulty)."""
-    first = arm.tokens[trial_id].get(0)
-    if first is None:
-        return None
-    cut = np.quantile(np.concatenate(first.base), 1 - HARD_FRACTION)
-    return [w >= cut for w in first.base]
-
-
-def nll(arm: Arm, step: int, which: str = "base") -> Row | None:
-    """Held-out NLL without (``base``) or with (``thought``) thinking."""
-
-    def fn(_, tok: Tokens):
-        values = tok.base if which == "base" else tok.thought
-        return None if values is None else _all(values)
-
-    row = _estimate(arm, step, fn)
-    if row is not None:
-        row.signed = False
-    return row
-
-
-def gain(arm: Arm, step: int, hard: bool = False) -> Row | None:
-    """NLL without - with thinking (positive: thinking helps), optionally on the hardest decile."""
-
-    def fn(trial_id, tok: Tokens):
-        if tok.thought is None:
-            return None
-        diffs = [b - t for b, t in zip(tok.base, tok.thought, strict=True)]
-        if not hard:
-            return _all(diffs)
-        mask = _hard_mask(arm, trial_id)
-        return None if mask is None else list(zip(diffs, mask, strict=True))
-
-    return _estimate(arm, step, fn)
-
-
-def drift(arm: Arm, step: int) -> Row | None:
-    """NLL without thinking at ``step`` - at step 0 (positive: the LM got worse)."""
-
-    def fn(trial_id, tok: Tokens):
-        first = arm.tokens[trial_id].get(0)
-        if first is None:
-            return None
-        return _all([b - b0 for b, b0 in zip(tok.base, first.base, strict=True)])
-
-    return _estimate(arm, step, fn)
-
-
-def vs_baseline(arm: Arm, baseline: Arm, step: int) -> Row | None:
-    """Baseline NLL - this arm's NLL with thinking at the same step; seeds paired in order."""
-    refs = [baseline.tokens[b].get(step) for b in sorted(baseline.tokens)]
-    per_seed = []
-    for tid, ref in zip(sorted(arm.tokens), refs, strict=False):
-        tok = arm.tokens[tid].get(step)
-        if tok is None or ref is None or tok.thought is None:
-            continue
-        if [len(w) for w in tok.thought] != [len(w) for w in ref.base]:
-            return None  # not the same held-out windows
-        per_seed.append(_all([r - t for r, t in zip(ref.base, tok.thought, strict=True)]))
-    return _combine(per_seed) if per_seed else None
 
 
 # ---------------------------------------------------------------------------- tables

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from qstar.recipes.tracking import flatten, run_status
+from qstar.runs.tracking import flatten, run_status
 
 HELDOUT = "heldout"
 TRAIN_CURVES = ("base_nll", "mixed_nll", "policy_loss", "reward_mean", "mixing_weight_mean")
@@ -87,14 +87,15 @@ LABEL_KEYS = {
     "train.seed",
     "train.method",
     "star.iterations",
+    "qa.think",
     "star.think",
 }
-METHOD_NAMES = {"star": "STaR", "trice": "TRICE", "vstar": "V-STaR"}
 
 
 def label_of(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> str:
     """``"4 thought tokens, n_true 2"``, plus any other varying parameter of the trial."""
-    from qstar.experiments.sweep import _fmt
+    from qstar.experiments.sweep import _fmt  # imports the recipes and lm-eval: heavy
+    from qstar.recipes import registry  # the same: heavy
 
     extra = ", ".join(
         f"{k.split('.')[-1]} {_fmt(v)}"
@@ -104,7 +105,12 @@ def label_of(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> str:
     method = cfg.get("train", {}).get("method", "quiet_star")
     if method != "quiet_star":
         untrained = cfg.get("star", {}).get("iterations") == 0 and method == "star"
-        base = "base model (untrained)" if untrained else METHOD_NAMES.get(method, method)
+        known = method in registry.names()
+        base = (
+            "base model (untrained)"
+            if untrained
+            else (registry.get(method).label if known else method)
+        )
     elif cfg.get("train", {}).get("objective") == "lm":
         base = "no thought (baseline)"
     else:

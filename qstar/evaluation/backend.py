@@ -17,7 +17,10 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from qstar.core.model import QuietStar
+from qstar.core.think import mask_meta_logits
 from qstar.data import collate
+from qstar.data import data_dir as _data_dir
 from qstar.evaluation.lookup import TaskError, resolve_tasks
 
 
@@ -62,8 +65,6 @@ class QStarLM(TemplateLM):
         **kwargs,
     ):
         super().__init__()
-        from qstar.core.model import QuietStar
-
         if model is None:
             if pretrained is None:
                 raise ValueError("qstar backend: pass pretrained=PATH_OR_ID")
@@ -125,8 +126,6 @@ class QStarLM(TemplateLM):
         and the base model never had) are excluded, so that ``think=False`` scores exactly as
         lm-eval's ``hf`` model does on the same weights and thinking is compared on the same
         vocabulary."""
-        from qstar.core.think import mask_meta_logits
-
         masked = mask_meta_logits(logits.float(), (self.qs.start_id, self.qs.end_id))
         return torch.log_softmax(masked, dim=-1).cpu()
 
@@ -332,8 +331,6 @@ def evaluate(
 
     for name in ("lm_eval", "lm-eval"):  # its per-task notices drown the results on stderr
         logging.getLogger(name).setLevel(logging.ERROR)
-    from qstar.data import data_dir as _data_dir
-
     root = _data_dir(data_dir)
     data_dir = str(root) if root is not None else None
     specs, tm = resolve_tasks(tasks, include_paths, data_dir)

@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from qstar.evaluation.tasks import qstar_task_utils
 from qstar.overrides import did_you_mean
 
 TASK_DIR = Path(__file__).parent / "tasks"
@@ -86,8 +87,6 @@ def resolve_tasks(
             cfg = dict(
                 load_yaml(entry["yaml_path"] if isinstance(entry, dict) else entry.yaml_path)
             )
-            from qstar.evaluation.tasks import qstar_task_utils
-
             cfg.update(task=name, custom_dataset=getattr(qstar_task_utils, loader))
             cfg.pop("dataset_path", None)
             cfg.pop("dataset_name", None)

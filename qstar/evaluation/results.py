@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qstar.runs.tracking import provenance
+
 if TYPE_CHECKING:
     from qstar.evaluation.backend import QStarLM
 
@@ -31,8 +33,6 @@ def metric_table(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 def provenance_block(
     model: str, lm: QStarLM, tasks: list[str], results: dict[str, Any]
 ) -> dict[str, Any]:
-    from qstar.recipes.tracking import provenance
-
     return provenance(
         {
             "model": model,

@@ -40,8 +40,11 @@ from typing import Any
 
 import yaml
 
+from qstar.data import DataError, announce, resolve
+from qstar.models.loading import ModelLoadError, resolve_model
 from qstar.overrides import did_you_mean
-from qstar.run_config import RunConfig, load_run_config
+from qstar.recipes import registry
+from qstar.run_config import RunConfig, load_run_config, resolve_config
 
 SWEEP_KEYS = {
     "name",
@@ -130,8 +133,6 @@ def _as_overrides(path: Path, value: Any) -> list[str]:
 
 
 def _resolve_base(path: Path, base: Any) -> str:
-    from qstar.run_config import resolve_config
-
     if not isinstance(base, str) or not base:
         raise _fail(path, "base must name a shipped config or a YAML file")
     local = (path.parent / base).expanduser()
@@ -310,6 +311,7 @@ def _check_trials(path: Path, sweep: Sweep) -> None:
     for trial in sweep.trials:
         try:
             cfg = sweep.run_config(trial)
+            registry.recipe_for(cfg)  # the method exists and its settings fit together
         except (ValueError, FileNotFoundError) as exc:
             raise _fail(path, f"trial {trial.trial_id}: {exc}") from None
         per_step = cfg.train.micro_batch_size * sweep.workers
@@ -341,9 +343,6 @@ def preflight(sweep: Sweep) -> list[str]:
 
     Returns one line per source that cannot be used (naming it and the fix); sources that fall
     back to a bundled sample are announced on stderr (:func:`qstar.data.announce`)."""
-    from qstar.data import DataError, announce, resolve
-    from qstar.models.loading import ModelLoadError, resolve_model
-
     problems: list[str] = []
     seen: set[tuple] = set()
     for trial in sweep.trials:

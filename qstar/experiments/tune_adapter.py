@@ -37,7 +37,9 @@ from typing import Any
 
 from qstar.errors import RunFailed
 from qstar.experiments.sweep import Sweep
-from qstar.recipes.tracking import STATUS_ERROR, run_status
+from qstar.recipes.train import train
+from qstar.run_config import load_run_config
+from qstar.runs.tracking import STATUS_ERROR, run_status
 
 
 def check_resources(sweep: Sweep, address: str | None) -> None:
@@ -129,9 +131,6 @@ def _train_worker(job: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from qstar.run_config import load_run_config
-    from qstar.recipes.train import train
-
     torch.set_num_threads(max(1, int(job["cpus"])))
     run_dir = Path(job["run_dir"])
     cfg = load_run_config(job["base"], job["overrides"])
@@ -181,9 +180,6 @@ def _make_trainable(sweep: Sweep, exp_dir: Path):
     def run_trial(config: dict[str, Any]) -> None:
         import torch
         from ray import tune
-
-        from qstar.run_config import load_run_config
-        from qstar.recipes.train import train
 
         torch.set_num_threads(max(1, int(cpus)))
         trial = config["trial"]
@@ -247,12 +243,51 @@ def run_sweep(
     verbose: int = 1,
 ):
     """Run (or resume) ``sweep`` under ``storage/sweep.name``; returns Tune's ResultGrid."""
-    import ray
     from ray import tune
 
     check_resources(sweep, address)
     exp_dir = (storage / sweep.name).resolve()
-    tune_dir = exp_dir / "tune"
+    _prepare_experiment(sweep, exp_dir, resume)
+    _init_ray(address, verbose)
+    # a multi-worker trial's own process only drives Ray Train: its workers hold the resources
+    # (Tune needs some resource per trial: a token MiB of memory, not a CPU the workers need)
+    trial_resources = sweep.resources if sweep.workers == 1 else {"cpu": 0, "memory": 2**20}
+    trainable = tune.with_resources(_make_trainable(sweep, exp_dir), trial_resources)
+    if resume and tune.Tuner.can_restore(str(exp_dir / "tune")):
+        tuner = tune.Tuner.restore(
+            str(exp_dir / "tune"),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=retry_failed,
+            restart_errored=False,
+        )
+        return _fit(tuner, exp_dir)
+    scheduler = _asha_scheduler(sweep) if sweep.scheduler else None
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([t.to_dict() for t in sweep.trials])},
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            scheduler=scheduler,
+            max_concurrent_trials=sweep.max_concurrent,
+            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(exp_dir),
+            callbacks=[_summary_callback(exp_dir)],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=verbose,
+        ),
+    )
+    return _fit(tuner, exp_dir)
+
+
+def _prepare_experiment(sweep: Sweep, exp_dir: Path, resume: bool) -> None:
+    """Check ``exp_dir`` (resumed: the same trials; else new); write its sweep and trial files."""
     trials_file = exp_dir / "trials.json"
     expanded = {
         "name": sweep.name,
@@ -279,9 +314,13 @@ def run_sweep(
         trials_file.write_text(json.dumps(expanded, indent=2) + "\n")
     write_summary(exp_dir)
 
-    os.environ.setdefault(
-        "RAY_CHDIR_TO_TRIAL_DIR", "0"
-    )  # trials see the driver's working directory
+
+def _init_ray(address: str | None, verbose: int) -> None:
+    """Start (or join, with ``address``) Ray unless this process already did."""
+    import ray
+
+    # trials see the driver's working directory
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {
             "include_dashboard": False,
@@ -299,51 +338,19 @@ def run_sweep(
                 logging.ERROR
             )
         ray.init(**kwargs)
-    # a multi-worker trial's own process only drives Ray Train: its workers hold the resources
-    # (Tune needs some resource per trial: a token MiB of memory, not a CPU the workers need)
-    trial_resources = sweep.resources if sweep.workers == 1 else {"cpu": 0, "memory": 2**20}
-    trainable = tune.with_resources(_make_trainable(sweep, exp_dir), trial_resources)
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
-        tuner = tune.Tuner.restore(
-            str(tune_dir),
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=retry_failed,
-            restart_errored=False,
-        )
-        return _fit(tuner, exp_dir)
-    scheduler = None
-    if sweep.scheduler:
-        from ray.tune.schedulers import ASHAScheduler
 
-        steps = max(sweep.run_config(t).train.steps for t in sweep.trials)
-        scheduler = ASHAScheduler(
-            time_attr="step",
-            max_t=int(sweep.scheduler.get("max_t", steps)),
-            grace_period=int(sweep.scheduler.get("grace_period", 1)),
-            reduction_factor=float(sweep.scheduler.get("reduction_factor", 2)),
-        )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search([t.to_dict() for t in sweep.trials])},
-        tune_config=tune.TuneConfig(
-            metric=sweep.metric,
-            mode=sweep.mode,
-            scheduler=scheduler,
-            max_concurrent_trials=sweep.max_concurrent,
-            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
-            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
-        ),
-        run_config=tune.RunConfig(
-            name="tune",
-            storage_path=str(exp_dir),
-            callbacks=[_summary_callback(exp_dir)],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=verbose,
-        ),
+
+def _asha_scheduler(sweep: Sweep):
+    """The ASHA scheduler of the sweep file's ``scheduler:`` section."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    steps = max(sweep.run_config(t).train.steps for t in sweep.trials)
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=int(sweep.scheduler.get("max_t", steps)),
+        grace_period=int(sweep.scheduler.get("grace_period", 1)),
+        reduction_factor=float(sweep.scheduler.get("reduction_factor", 2)),
     )
-    return _fit(tuner, exp_dir)
 
 
 MEMORY_KILL = (

