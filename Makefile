@@ -7,7 +7,7 @@ VENV := .venv/bin
 export QSTAR_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup run train test test-all bench lint format
+.PHONY: setup run train test test-all bench reports lint format
 
 setup:
 	@bash scripts/setup.sh
@@ -29,6 +29,12 @@ test-all: setup
 
 bench: setup
 	$(VENV)/qstar bench --out reports/bench
+
+# Re-render every committed report under reports/ (not archive/, bench/) from its committed data
+# bundle reports/NAME/data (with reports/NAME/reading.md when present), then list any report that
+# does not regenerate or any broken link; afterwards `git status` shows no change.
+reports: setup
+	$(VENV)/python -m qstar.analysis.bundle reports
 
 lint: setup
 	$(VENV)/ruff check qstar tests

@@ -95,10 +95,23 @@ def test_report_is_complete_and_reproducible(experiment, tmp_path):
         assert f"figures/{name}.png" in text
     assert "Thoughts with the highest reward" in text and "no thought (baseline)" in text
     assert "## Provenance" in text and "git_sha" in text
-    first = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    first = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     analysis.write_report(experiment, out)
-    again = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    again = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert first == again
+    # the data bundle: no weights, the model analyses cached; rendered from it alone (no model
+    # loaded), the same report.md and figures, byte for byte
+    bundled = [k for k in first if k.startswith("data/")]
+    assert not [k for k in bundled if "/final/" in k or "/checkpoints/" in k or "/tb/" in k]
+    assert any(k.endswith("analysis/top_thoughts.json.gz") for k in bundled)
+    assert any(k.endswith("analysis/content_control.json.gz") for k in bundled)
+    analysis.write_report(out / "data", tmp_path / "again", bundle=False)
+    rerendered = {
+        str(p.relative_to(tmp_path / "again")): p.read_bytes()
+        for p in sorted((tmp_path / "again").rglob("*"))
+        if p.is_file()
+    }
+    assert rerendered == {k: v for k, v in first.items() if not k.startswith("data/")}
 
 
 @pytest.mark.parametrize("notebook", ["overview.ipynb", "compare.ipynb"])

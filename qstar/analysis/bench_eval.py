@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import qstar.qa as qa
+from qstar.analysis.bench_info import header, run_info
 from qstar.analysis.bench_memory import (
     _current_rss_bytes,
     _peak_rss_bytes,
@@ -133,8 +134,9 @@ def run(
             )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (out / "eval.md").write_text(markdown(rows, " ".join(sys.argv)))
+        meta = {"torch": torch.__version__, **run_info()}
+        (out / "eval.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        (out / "eval.md").write_text(markdown(rows, meta))
         print(f"# wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return rows
 
@@ -143,12 +145,10 @@ def _fmt(v, spec=".0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], meta: dict) -> str:
+    """eval.md; ``meta``: the environment and :func:`qstar.analysis.bench_info.run_info`."""
     lines = [
-        "# Evaluation scoring: fused head against materialised logits",
-        "",
-        f"Command: `{command}`",
-        "",
+        *header("Evaluation scoring: fused head against materialised logits", meta),
         "Scoring one batch of held-out windows as `qstar train`'s evaluation does: `log p` of "
         "every true token without and with (greedy) thoughts. `fused`: through the fused head "
         "(no `(B, L, V)` logits); `logits`: the logits of `base_logits` / `mixed_logits`, their "
@@ -239,6 +239,7 @@ def generation(
         "sampled_separate_s": med["sampled_separate"],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        **run_info(),
     }
     print(
         f"# generation, {name}, thought_len={thought_len}, {new_tokens} new tokens, "
@@ -317,6 +318,7 @@ def rationale_generation(
         "qstar_over_transformers_time": med["qstar"] / med["transformers"],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        **run_info(),
     }
     print(
         f"# rationale sampling, {name}, {n} GSM8K questions with {shots} worked examples "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from qstar.analysis.bench_info import header, run_info
 from qstar.config import QuietStarConfig
 from qstar.core import learn
 from qstar.core.model import QuietStar
@@ -118,11 +119,17 @@ def memory_growth(
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"torch": torch.__version__, "model": size, "device": str(dev), "dtype": dtype}
+        meta = {
+            "torch": torch.__version__,
+            "model": size,
+            "device": str(dev),
+            "dtype": dtype,
+            **run_info(),
+        }
         (out / "memory.json").write_text(
             json.dumps({"meta": meta, "rows": rows, "growth_exponent": slopes}, indent=2) + "\n"
         )
-        (out / "memory.md").write_text(memory_markdown(rows, slopes, meta, " ".join(sys.argv)))
+        (out / "memory.md").write_text(memory_markdown(rows, slopes, meta))
         _memory_figure(rows, out / "memory.png")
         print(f"# wrote {out / 'memory.md'}, memory.json and memory.png")
     return rows
@@ -140,14 +147,10 @@ def _loglog_slope(rows: list[dict], key: str) -> float | None:
     return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
 
-def memory_markdown(rows: list[dict], slopes: dict, meta: dict, command: str) -> str:
+def memory_markdown(rows: list[dict], slopes: dict, meta: dict) -> str:
+    """memory.md; ``meta``: the environment and :func:`qstar.analysis.bench_info.run_info`."""
     lines = [
-        "# Activation memory against thought length",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Environment: {json.dumps(meta)}",
-        "",
+        *header("Activation memory against thought length", meta),
         f"One training forward, L={rows[0]['L']}, n_true={rows[0]['n_true']}, "
         f"k={rows[0]['k']}; activation MB = bytes autograd saves for backward. `passes = "
         "thought_len + 2 + n_true`. Growth exponent e: act MB ~ passes^e (least squares over the "

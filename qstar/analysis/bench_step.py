@@ -9,13 +9,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from qstar.analysis.bench_info import header, run_info
 from qstar.analysis.bench_memory import (
     dense_attention_bytes,
     fmt,
@@ -211,11 +211,12 @@ def _write(out: Path | None, rows: list[dict], fused_ce: str) -> None:
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
         "fused_ce": fused_ce,
+        **run_info(),
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        (out / "bench.md").write_text(markdown(rows, meta, " ".join(sys.argv)))
+        (out / "bench.md").write_text(markdown(rows, meta))
         print(f"# wrote {out / 'bench.json'} and {out / 'bench.md'}")
 
 
@@ -296,14 +297,10 @@ def _print_row(r: dict) -> None:
     )
 
 
-def markdown(rows: list[dict], meta: dict, command: str) -> str:
+def markdown(rows: list[dict], meta: dict) -> str:
+    """bench.md; ``meta``: the environment and :func:`qstar.analysis.bench_info.run_info`."""
     lines = [
-        "# Train-step benchmark",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Environment: {json.dumps(meta)}",
-        "",
+        *header("Train-step benchmark", meta),
         "Ratios are measured side by side in one run. `passes = thought_len + 2 + n_true`; "
         "`fast/(passes x plain)` near 1 means a Quiet-STaR step costs about its model passes. "
         "Activation MB = bytes autograd saves for backward. Peak RSS MB = the increase of the "

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qstar.analysis import files
 from qstar.analysis.evidence_arms import Arm
 from qstar.analysis.evidence_estimates import _all, _combine
 from qstar.config import ObjectiveConfig
@@ -19,26 +20,61 @@ from qstar.data import collate
 from qstar.run_config import load_run_config
 
 
+def _final_key(run_dir: Path) -> str | None:
+    """What identifies the trial's final model (size and time of its weights); ``None`` when the
+    run directory has none (a report's data bundle, an unfinished run)."""
+    weights = next(iter(sorted((run_dir / "final").glob("*.safetensors"))), None)
+    if weights is None:
+        return None
+    return f"{weights.stat().st_size}-{int(weights.stat().st_mtime)}"
+
+
+def _cached(run_dir: Path, name: str, key: str | None) -> dict | None:
+    """``RUN_DIR/analysis/NAME[.gz]``: with the final model present, only when made from it;
+    without it (a data bundle), whatever was cached."""
+    path = run_dir / "analysis" / name
+    if not files.exists(path):
+        return None
+    saved = files.read_json(path)
+    return saved if key is None or saved.get("key") == key else None
+
+
+def _cache(run_dir: Path, name: str, value: dict) -> dict:
+    """Write ``value`` to the cache and return it as read back (so a report made now and one
+    made later from the cache see the same numbers)."""
+    text = json.dumps(value, default=lambda v: v.item())  # NumPy scalars as Python numbers
+    path = run_dir / "analysis" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return json.loads(text)
+
+
 def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.ndarray]] | None:
     """Per-token held-out NLL of the trial's final model without thinking (``base``), after its
     greedy thought (``thought``) and after a content-free thought that repeats the pause token
     ``---`` (``fixed``): the same mixing head and passes, nothing to think. In fp32; cached in
-    ``RUN_DIR/analysis/content_control.json`` (keyed by the final model file)."""
+    ``RUN_DIR/analysis/content_control.json`` (keyed by the final model file), which is all a
+    report's data bundle has."""
     run_dir = Path(run_dir)
-    final = run_dir / "final"
-    weights = next(iter(sorted(final.glob("*.safetensors"))), None)
+    key = _final_key(run_dir)
+    saved = _cached(run_dir, "content_control.json", key)
     windows_file = run_dir / "heldout.json"
-    if weights is None or not windows_file.is_file():
+    if saved is None and (key is None or not windows_file.is_file()):
         return None
-    key = f"{weights.stat().st_size}-{int(weights.stat().st_mtime)}"
-    cache = run_dir / "analysis" / "content_control.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return {k: [np.asarray(w) for w in v] for k, v in saved["tokens"].items()}
-    windows = json.loads(windows_file.read_text())["windows"]
-    if not windows:
-        return None
+    if saved is None:
+        windows = json.loads(windows_file.read_text())["windows"]
+        if not windows:
+            return None
+        tokens = _content_tokens(run_dir / "final", windows, batch_size)
+        saved = _cache(
+            run_dir,
+            "content_control.json",
+            {"key": key, "tokens": {k: [w.tolist() for w in v] for k, v in tokens.items()}},
+        )
+    return {k: [files.floats(w, saved) for w in v] for k, v in saved["tokens"].items()}
+
+
+def _content_tokens(final: Path, windows: list, batch_size: int) -> dict[str, list[np.ndarray]]:
     qs = QuietStar.from_pretrained(final).eval()
     pause = qs.tokenizer.encode(qs.config.meta_init_text, add_special_tokens=False)[0]
     out: dict[str, list[np.ndarray]] = {"base": [], "thought": [], "fixed": []}
@@ -53,11 +89,40 @@ def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.nda
             ):
                 nll = -lp
                 out[name] += [row[v].double().numpy() for row, v in zip(nll, valid, strict=True)]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(
-        json.dumps({"key": key, "tokens": {k: [w.tolist() for w in v] for k, v in out.items()}})
-    )
     return out
+
+
+def top_thoughts(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """:func:`token_losses_and_thoughts`, cached in ``RUN_DIR/analysis/top_thoughts.json`` (keyed
+    by the final model file). A ``ValueError``/``OSError`` is cached too, as its first line, and
+    raised again as ``ValueError`` where only the cache is (a report's data bundle). ``None``
+    when there is neither a final model nor a cache."""
+    run_dir = Path(run_dir)
+    key = _final_key(run_dir)
+    saved = _cached(run_dir, "top_thoughts.json", key)
+    if saved is not None and "error" in saved and key is not None:
+        saved = None  # an error is retried where the model is
+    if saved is None:
+        if key is None:
+            return None
+        try:
+            losses, thoughts = token_losses_and_thoughts(run_dir)
+        except (ValueError, OSError) as exc:
+            saved = _cache(run_dir, "top_thoughts.json", {"key": key, "error": _line(exc)})
+        else:
+            value = {
+                "key": key,
+                "losses": losses.to_dict(orient="list"),
+                "thoughts": thoughts.to_dict(orient="records"),
+            }
+            saved = _cache(run_dir, "top_thoughts.json", value)
+    if "error" in saved:
+        raise ValueError(saved["error"])
+    return pd.DataFrame(saved["losses"]), pd.DataFrame(saved["thoughts"])
+
+
+def _line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def content_table(arms: list[Arm]) -> pd.DataFrame:
@@ -105,7 +170,9 @@ def token_losses_and_thoughts(run_dir: Path, n_windows: int = 4, seed: int = 0, 
     """
     saved = run_dir / "heldout.json"
     if not saved.is_file():
-        raise ValueError(f"{run_dir} has no heldout.json (the windows qstar train evaluated on)")
+        raise ValueError(
+            f"{run_dir.name} has no heldout.json (the windows qstar train evaluated on)"
+        )
     qs = QuietStar.from_pretrained(run_dir / "final").eval()
     windows = json.loads(saved.read_text())["windows"][:n_windows]
     if not windows:

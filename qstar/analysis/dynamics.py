@@ -4,18 +4,19 @@ diagnostics of :mod:`qstar.runs.diagnostics`, as tables."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from qstar.analysis import files
 from qstar.analysis.evidence_arms import arm_of
+from qstar.analysis.experiment import without_seed
 
 
 def _trial_arm(exp) -> dict[str, str]:
     labels = dict(zip(exp.trials.trial_id, exp.trials.label, strict=True))
-    return {tid: re.sub(r",? ?seed \d+$", "", str(labels[tid])) for tid in labels}
+    return {tid: without_seed(labels[tid]) for tid in labels}
 
 
 def mixing_reward_table(exp, points: int = 4) -> pd.DataFrame:
@@ -50,6 +51,31 @@ DIAG = {
 }
 
 
+# what each column of diagnostics_table is (medians over training steps unless said)
+DIAG_TEXT = {
+    "trial": "the trial",
+    "grad norm": "the gradient norm before clipping",
+    "clip factor": "the factor clipping multiplied it by",
+    "policy/NLL grad, trunk": "the REINFORCE term's gradient norm over the NLL terms' on the trunk",
+    "mixing-head grad after clip": "the mixing head's gradient norm after clipping",
+    "trunk update / weights": "each step's update of the trunk over its weights' norm",
+    "head update / weights": "each step's update of the mixing head over its weights' norm",
+    "trunk weights changed": "the fraction of trunk weights that differ from step 0 at the end",
+}
+
+
+def diagnostics_legend(columns: list[str]) -> str:
+    """One sentence naming exactly the columns of a diagnostics table, in order."""
+    parts = [f"`{c}`: {DIAG_TEXT[c]}" for c in columns if c in DIAG_TEXT and c != "trial"]
+    if any(c.startswith("NLL@") for c in columns):
+        parts.append("`NLL@step`: the held-out NLL without thinking at that evaluation")
+    medians = [c for c in columns if c in DIAG and c != "trial"]
+    lead = "Per trial; medians over training steps for " + (
+        ", ".join(f"`{c}`" for c in medians) if medians else "none"
+    )
+    return lead + ". Columns: " + "; ".join(parts) + "."
+
+
 def diagnostics_table(exp, run_dirs: dict[str, Path]) -> pd.DataFrame:
     """Per trial: medians over steps of the optimisation diagnostics that were logged
     (:mod:`qstar.runs.diagnostics`), the fraction of trunk weights changed by the end, and the
@@ -58,11 +84,12 @@ def diagnostics_table(exp, run_dirs: dict[str, Path]) -> pd.DataFrame:
     if s.empty or "grad_norm/trunk" not in s.columns:
         return pd.DataFrame()
     rows = []
+    labels = dict(zip(exp.trials.trial_id, exp.trials.label, strict=True))
     for tid in exp.trials.trial_id:
         d = s[s.trial_id == tid]
         if d.empty:
             continue
-        row: dict[str, Any] = {"trial": arm_of(tid)}
+        row: dict[str, Any] = {"trial": labels.get(tid, arm_of(tid))}
         for name, key in DIAG.items():
             if isinstance(key, tuple):
                 if not set(key) <= set(d.columns) or d[key[0]].isna().all():
@@ -87,10 +114,10 @@ def diagnostics_table(exp, run_dirs: dict[str, Path]) -> pd.DataFrame:
 
 
 def _last_metric(run_dir: Path | None, key: str) -> float | None:
-    if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
+    if run_dir is None or not files.exists(run_dir / "metrics.jsonl"):
         return None
     value = None
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in files.read_text(run_dir / "metrics.jsonl").splitlines():
         if key in line:
             try:
                 value = float(json.loads(line)[key])

@@ -178,10 +178,12 @@ def task_table(arms: list[Arm], metrics=TASK_METRICS) -> pd.DataFrame:
 
 
 def fmt_cell(value: Any, digits: int = 4) -> str:
+    """An estimate with at least ``digits`` decimals, more where a small one would print as
+    0.0000."""
     if isinstance(value, Row):
-        return value.fmt(digits)
+        return value.fmt(value.est.digits(least=digits))
     if isinstance(value, Estimate):
-        return value.fmt(digits)
+        return value.fmt(value.digits(least=digits))
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return ""
     return str(value)
@@ -218,35 +220,28 @@ FINDINGS = (
 
 
 def findings(held: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
-    """Plain sentences read off the tables: each names the estimate and its interval."""
+    """Plain sentences read off the tables: each names the estimate and its interval; a verdict
+    only where the interval excludes zero ("no difference resolved" otherwise)."""
     out = []
 
-    def verdict(row: Row, pos: str, neg: str) -> str:
-        if row.est.lo > 0:
-            return pos
-        if row.est.hi < 0:
-            return neg
-        return "no difference detectable at this size"
+    def verdict(est: Estimate, pos: str, neg: str) -> str:
+        return {1: pos, -1: neg}.get(est.sign(), "no difference resolved at this size")
 
     for _, r in held.iterrows():
         arm, step = r["arm"], int(r["step"])
         for column, text, pos, neg in FINDINGS:
             row = r.get(column)
             if isinstance(row, Row):
-                value = row.est.fmt(4, sign=True)
+                value = row.est.fmt(row.est.digits(least=4), sign=True)
                 out.append(
-                    f"{arm}, step {step}: {text.format(value=value)}{verdict(row, pos, neg)})."
+                    f"{arm}, step {step}: {text.format(value=value)}{verdict(row.est, pos, neg)})."
                 )
     for _, r in tasks.iterrows() if not tasks.empty else []:
         diff = r.get("thinking - not")
         if isinstance(diff, Estimate):
-            v = (
-                "no difference detectable"
-                if not diff.excludes_zero()
-                else ("thinking helps" if diff.lo > 0 else "thinking hurts")
-            )
+            value = diff.fmt(diff.digits(scale=100), scale=100, sign=True)
             out.append(
-                f"{r['arm']}, {r['task']} {r['metric']}: thinking minus not "
-                f"{diff.fmt(1, scale=100, sign=True)} points ({v})."
+                f"{r['arm']}, {r['task']} {r['metric']}: thinking minus not {value} points "
+                f"({verdict(diff, 'thinking helps', 'thinking hurts')})."
             )
     return out

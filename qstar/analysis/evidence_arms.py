@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from qstar.analysis import files
+from qstar.analysis.experiment import without_seed
+
 
 @dataclass
 class Tokens:
@@ -28,16 +31,15 @@ def arm_of(trial_id: str) -> str:
 
 
 def load_tokens(run_dir: Path) -> dict[int, Tokens]:
-    """``{step: Tokens}`` from ``RUN_DIR/heldout/step_N.json`` (empty if none)."""
+    """``{step: Tokens}`` from ``RUN_DIR/heldout/step_N.json[.gz]`` (empty if none)."""
     out = {}
-    folder = Path(run_dir) / "heldout"
-    for f in sorted(folder.glob("step_*.json")) if folder.is_dir() else []:
-        data = json.loads(f.read_text())
+    for f in files.matching(Path(run_dir) / "heldout", "step_*.json"):
+        data = files.read_json(f)
         step = int(f.stem.split("_")[1])
         thought = data.get("thought")
         out[step] = Tokens(
-            [np.asarray(w, dtype=np.float64) for w in data["base"]],
-            [np.asarray(w, dtype=np.float64) for w in thought] if thought else None,
+            [files.floats(w, data) for w in data["base"]],
+            [files.floats(w, data) for w in thought] if thought else None,
         )
     return out
 
@@ -45,10 +47,9 @@ def load_tokens(run_dir: Path) -> dict[int, Tokens]:
 def load_task_samples(run_dir: Path) -> dict[tuple[int, str], pd.DataFrame]:
     """``{(step, task): per-example frame}``; task ends in ``:nothink`` for the no-thinking run."""
     out = {}
-    folder = Path(run_dir) / "tasks"
-    for f in sorted(folder.glob("step_*/*.jsonl")) if folder.is_dir() else []:
+    for f in files.matching(Path(run_dir) / "tasks", "step_*/*.jsonl"):
         step = int(f.parent.name.split("_")[1])
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in files.read_text(f).splitlines() if line.strip()]
         out[(step, f.stem)] = pd.DataFrame(rows).set_index("doc_id").sort_index()
     return out
 
@@ -82,7 +83,7 @@ def arms_of(exp, run_dirs: dict[str, Path]) -> list[Arm]:
         name = arm_of(t["trial_id"])
         arm = arms.get(name)
         if arm is None:
-            label = re.sub(r",? ?seed \d+$", "", str(t["label"]))
+            label = without_seed(t["label"])
             thought_len = 0 if t["baseline"] or pd.isna(t["thought_len"]) else int(t["thought_len"])
             arm = arms[name] = Arm(name, label, bool(t["baseline"]), thought_len, {}, {}, {})
         run_dir = run_dirs[t["trial_id"]]

@@ -13,6 +13,7 @@ single ``qstar train`` run directory (one trial). Tables:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from qstar.analysis import files
 from qstar.runs.tracking import flatten, run_status
 
 HELDOUT = "heldout"
@@ -42,12 +44,17 @@ class Experiment:
     configs: dict[str, dict[str, Any]]
     provenance: dict[str, dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    name: str = ""  # the experiment's name (a bundle keeps its experiment's)
+    bundle: dict[str, Any] = field(default_factory=dict)  # bundle.json when read from a bundle
 
 
-def read_jsonl(path: Path, allow_partial_last: bool = True) -> tuple[list[dict], str | None]:
-    """Rows of a JSON-lines file. A malformed line raises ``ValueError`` naming file and line; a
-    crashed run's last partial line (no trailing newline) is dropped and reported instead."""
-    text = path.read_text(encoding="utf-8")
+def read_jsonl(
+    path: Path, allow_partial_last: bool = True, name: str | None = None
+) -> tuple[list[dict], str | None]:
+    """Rows of a JSON-lines file (or its ``.gz``). A malformed line raises ``ValueError`` naming
+    file and line; a crashed run's last partial line (no trailing newline) is dropped and
+    reported instead, as ``name`` (default: the path) and the line."""
+    text = files.read_text(path)
     lines = text.split("\n")
     rows, note = [], None
     for i, line in enumerate(lines, 1):
@@ -61,20 +68,20 @@ def read_jsonl(path: Path, allow_partial_last: bool = True) -> tuple[list[dict],
         except json.JSONDecodeError as exc:
             is_last_partial = i == len(lines) and not text.endswith("\n")
             if allow_partial_last and is_last_partial:
-                note = f"{path}:{i}: dropped a partial last line (a crashed or killed run)"
+                note = f"{name or path}:{i}: dropped a partial last line (a crashed or killed run)"
                 continue
             raise ValueError(f"{path}:{i}: malformed metrics row ({exc.msg})") from None
     return rows, note
 
 
 def _trial_dirs(path: Path) -> list[tuple[str, Path, dict[str, Any]]]:
-    if (path / "trials.json").is_file():
-        spec = json.loads((path / "trials.json").read_text())
+    if files.exists(path / "trials.json"):
+        spec = files.read_json(path / "trials.json")
         return [
             (t["trial_id"], path / "trials" / t["trial_id"], t["params"]) for t in spec["trials"]
         ]
-    if (path / "metrics.jsonl").is_file() or (path / "config.yaml").is_file():
-        return [(path.name, path, {})]
+    if files.exists(path / "metrics.jsonl") or (path / "config.yaml").is_file():
+        return [(path.resolve().name, path, {})]
     raise FileNotFoundError(
         f"{path} is neither a sweep experiment (trials.json) nor a run directory (metrics.jsonl)"
     )
@@ -119,71 +126,89 @@ def label_of(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> str:
     return f"{base}, {extra}" if extra else base
 
 
+SEED_SUFFIX = re.compile(r",? ?seed \d+$")
+
+
+def without_seed(label: str) -> str:
+    """``"4 thought tokens, n_true 2, seed 1"`` -> ``"4 thought tokens, n_true 2"``."""
+    return SEED_SUFFIX.sub("", str(label))
+
+
+def _add_seeds(trial_rows: list[dict[str, Any]]) -> None:
+    """Labels name the seed when the trials differ by seed (else rows would repeat)."""
+    if len({r["seed"] for r in trial_rows if r["seed"] is not None}) > 1:
+        for r in trial_rows:
+            if r["seed"] is not None and not SEED_SUFFIX.search(r["label"]):
+                r["label"] = f"{r['label']}, seed {r['seed']}"
+
+
+def _metric_rows(trial_id: str, rows: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
+    """A trial's ``metrics.jsonl`` rows as (step rows, eval rows) of the tidy tables."""
+    step_rows, eval_rows = [], []
+    flat_cfg = {
+        k: ",".join(map(str, v)) if isinstance(v, list) else v
+        for k, v in flatten(cfg, "cfg.").items()
+    }
+    for row in rows:
+        if row.get("kind") != "eval":
+            step_rows.append(
+                {"trial_id": trial_id, **{k: v for k, v in row.items() if k != "kind"}, **flat_cfg}
+            )
+            continue
+        for key, value in row.items():
+            if not key.startswith("eval/") or not isinstance(value, int | float):
+                continue
+            parts = key.split("/")
+            task, metric = (
+                (HELDOUT, parts[1]) if len(parts) == 2 else (parts[1], "/".join(parts[2:]))
+            )
+            eval_rows.append(
+                {
+                    "trial_id": trial_id,
+                    "step": row["step"],
+                    "task": task,
+                    "metric": metric,
+                    "value": float(value),
+                }
+            )
+    return step_rows, eval_rows
+
+
 def load_experiment(path: str | Path) -> Experiment:
-    """Read an experiment (or one run) into tidy DataFrames; see the module docstring."""
+    """Read an experiment (or one run, or a report's data bundle) into tidy DataFrames; see the
+    module docstring."""
     path = Path(path)
+    meta = files.bundle_meta(path)
     notes: list[str] = []
     trial_rows, step_rows, eval_rows = [], [], []
     configs, provenance = {}, {}
     for trial_id, run_dir, params in _trial_dirs(path):
-        cfg = (
-            yaml.safe_load((run_dir / "config.yaml").read_text())
-            if (run_dir / "config.yaml").is_file()
-            else {}
-        )
+        config = run_dir / "config.yaml"
+        cfg = yaml.safe_load(config.read_text()) if config.is_file() else {}
         configs[trial_id] = cfg
-        if (run_dir / "run.json").is_file():
-            provenance[trial_id] = json.loads((run_dir / "run.json").read_text())
-        status = run_status(run_dir)
+        if files.exists(run_dir / "run.json"):
+            provenance[trial_id] = files.read_json(run_dir / "run.json")
         baseline = cfg.get("train", {}).get("objective") == "lm"
-        thought_len = 0 if baseline else cfg.get("quiet_star", {}).get("thought_len")
         trial_rows.append(
             {
                 "trial_id": trial_id,
-                "status": status,
+                "status": run_status(run_dir),
                 "label": label_of(cfg, params) if cfg else trial_id,
-                "thought_len": thought_len,
+                "thought_len": 0 if baseline else cfg.get("quiet_star", {}).get("thought_len"),
                 "baseline": baseline,
-                "seed": cfg.get("train", {}).get("seed"),
+                "seed": cfg.get("train", {}).get("seed", params.get("train.seed")),
                 **params,
             }
         )
-        metrics = run_dir / "metrics.jsonl"
-        if not metrics.is_file():
+        if not files.exists(run_dir / "metrics.jsonl"):
             continue
-        rows, note = read_jsonl(metrics)
+        rows, note = read_jsonl(run_dir / "metrics.jsonl", name=f"{trial_id}/metrics.jsonl")
         if note:
             notes.append(note)
-        flat_cfg = {
-            k: ",".join(map(str, v)) if isinstance(v, list) else v
-            for k, v in flatten(cfg, "cfg.").items()
-        }
-        for row in rows:
-            if row.get("kind") == "eval":
-                for key, value in row.items():
-                    if not key.startswith("eval/") or not isinstance(value, int | float):
-                        continue
-                    parts = key.split("/")
-                    task, metric = (
-                        (HELDOUT, parts[1]) if len(parts) == 2 else (parts[1], "/".join(parts[2:]))
-                    )
-                    eval_rows.append(
-                        {
-                            "trial_id": trial_id,
-                            "step": row["step"],
-                            "task": task,
-                            "metric": metric,
-                            "value": float(value),
-                        }
-                    )
-            else:
-                step_rows.append(
-                    {
-                        "trial_id": trial_id,
-                        **{k: v for k, v in row.items() if k != "kind"},
-                        **flat_cfg,
-                    }
-                )
+        steps, evals = _metric_rows(trial_id, rows, cfg)
+        step_rows += steps
+        eval_rows += evals
+    _add_seeds(trial_rows)
     trials = pd.DataFrame(trial_rows)
     steps = pd.DataFrame(step_rows)
     evals = pd.DataFrame(eval_rows, columns=["trial_id", "step", "task", "metric", "value"])
@@ -191,4 +216,5 @@ def load_experiment(path: str | Path) -> Experiment:
         evals = evals.merge(
             trials[["trial_id", "label", "thought_len", "baseline", "seed"]], on="trial_id"
         )
-    return Experiment(path, trials, steps, evals, configs, provenance, notes)
+    name = meta.get("name") or path.resolve().name
+    return Experiment(path, trials, steps, evals, configs, provenance, notes, name, meta)

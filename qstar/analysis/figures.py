@@ -69,7 +69,8 @@ def final_values(exp: Experiment, task: str, metric: str) -> pd.DataFrame:
 
 
 def fig_final_vs_thought_tokens(exp: Experiment, metrics=("soft_score", "acc")):
-    """Final accuracy against the number of thought tokens (0 = the baseline), spread over seeds."""
+    """Final task scores against the number of thought tokens (0 = the baseline), spread over
+    seeds; in an experiment without tasks, the final held-out NLL without thinking."""
     plt = _plt()
     tasks = (
         sorted(t for t in exp.evals["task"].unique() if t != HELDOUT) if not exp.evals.empty else []
@@ -87,10 +88,14 @@ def fig_final_vs_thought_tokens(exp: Experiment, metrics=("soft_score", "acc")):
             g["thought_len"], g["mean"] * scale, yerr=g["std"] * scale, marker="o", capsize=4
         )
         ax.set_xlabel("thought tokens (0 = no-thought baseline)")
-        ax.set_ylabel(f"final {metric}" + (" (%)" if scale == 100 else ""))
+        if task == HELDOUT and metric == "nll_base":
+            ax.set_ylabel("final held-out NLL (nats/token)")
+            title = "held-out NLL without thinking"
+        else:
+            ax.set_ylabel(f"final {metric}" + (" (%)" if scale == 100 else ""))
+            title = f"{task}: {metric}"
         ax.set_title(
-            f"{task}: {metric}"
-            + (f" (n={int(g['count'].max())} seeds)" if g["count"].max() > 1 else "")
+            title + (f" (n={int(g['count'].max())} seeds)" if g["count"].max() > 1 else "")
         )
     fig.tight_layout()
     return fig

@@ -8,13 +8,19 @@ single ``qstar train`` run directory (one trial). Tables:
 * ``evals``:  one row per (trial, step, task, metric, value) -- held-out NLL rows have task
   ``heldout``; lm-eval rows come from ``eval/TASK/METRIC``;
 * ``trials``: one row per trial: status, parameters, thought length, label.
+
+Beside ``report.md`` and ``figures/``, ``write_report`` writes ``data/``: the data bundle, the
+compact copy of every file the report read (:mod:`qstar.analysis.files`), from which the same
+report renders again without the experiment folder or a model (:mod:`qstar.analysis.bundle`).
 """
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
+from qstar.analysis import files
 from qstar.analysis.content import token_losses_and_thoughts  # noqa: F401  (re-exported)
 from qstar.analysis.experiment import (  # noqa: F401  (the report's data, re-exported)
     HELDOUT,
@@ -55,6 +61,7 @@ from qstar.analysis.report_tables import (  # noqa: F401  (the tables, re-export
     _md_table,
     method_table,
     results_table,
+    source,
 )
 
 
@@ -63,15 +70,27 @@ def write_report(
     out: str | Path,
     analyse_model: bool = True,
     reading: str | Path | None = None,
+    bundle: bool = True,
 ) -> Path:
-    """Write ``report.md`` and figures for an experiment; deterministic for the same inputs.
+    """Write ``report.md``, figures and (with ``bundle``) the data bundle ``out/data/`` for an
+    experiment; deterministic for the same inputs.
 
-    ``reading``: a Markdown file with a written interpretation, placed under "Reading" (it is
-    an input like the runs, so the report stays generated)."""
+    ``exp_dir``: an experiment, a run directory, or a data bundle (``DIR/data``): a report
+    rendered from its bundle is byte-identical to the one rendered from the experiment, and
+    loads no model (the model analyses come from the bundle's caches). ``reading``: a Markdown
+    file with a written interpretation, placed under "Reading" (an input like the runs, so the
+    report stays generated)."""
     exp = load_experiment(exp_dir)
     out = Path(out)
+    if exp.bundle:
+        analyse_model = analyse_model and exp.bundle.get("analyse_model", True)
+    data = out / "data"
+    if bundle and data.exists() and not files.is_bundle(data):
+        raise ValueError(f"{data} exists and is not a data bundle; remove it or choose --out")
     figs_dir = out / "figures"
-    sections = [f"# qstar report: {exp.path.name}", ""]
+    for stale in [*figs_dir.glob("*.png"), *figs_dir.glob("*.svg"), out / "curves.csv"]:
+        stale.unlink(missing_ok=True)  # what this render draws, and nothing older
+    sections = [f"# qstar report: {exp.name}", ""]
     for note in exp.notes:
         warnings.warn(note, stacklevel=2)
     sections += _failed_section(exp)
@@ -79,13 +98,20 @@ def write_report(
         sections += ["## Reading", "", Path(reading).read_text().strip(), ""]
     evidence_sections = _evidence_sections(exp, figs_dir, analyse_model)
     sections += ["## Results", "", _md_table(results_table(exp)), ""]
+    sections += [
+        source(
+            "the last `eval/...` row and the last training step in "
+            "`data/trials/*/metrics.jsonl`; status from the files in each trial's folder"
+        ),
+        "",
+    ]
     sections += _methods_section(exp, figs_dir)
     sections += evidence_sections
     sections += _figure_sections(exp, figs_dir, analyse_model)
     sections += _provenance_section(exp)
     sections += [
-        "Configs: each trial's resolved `config.yaml` is in its run directory; the sweep's varying "
-        "parameters:",
+        "Configs: each trial's resolved config is `data/trials/ID/config.yaml`; the sweep's "
+        "varying parameters (`data/trials.json`):",
         "",
         _md_table(exp.trials.drop(columns=["label"], errors="ignore")),
         "",
@@ -95,4 +121,18 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.md"
     report.write_text("\n".join(sections))
+    if bundle:
+        _write_bundle(exp, data, analyse_model)
     return report
+
+
+def _write_bundle(exp: Experiment, data: Path, analyse_model: bool) -> None:
+    """The experiment's data bundle at ``data`` (a bundle rendered in place is left as it is;
+    one rendered elsewhere is copied)."""
+    if exp.bundle:
+        if data.resolve() != exp.path.resolve():
+            shutil.rmtree(data, ignore_errors=True)
+            shutil.copytree(exp.path, data)
+        return
+    meta = {"name": exp.name, "analyse_model": analyse_model, "task_versions": _task_versions(exp)}
+    files.write_bundle(exp.path, _trial_dirs(exp.path), data, meta, model_caches=analyse_model)

@@ -11,7 +11,9 @@ from qstar.analysis import content, dynamics, figures
 from qstar.analysis import evidence as ev
 from qstar.analysis.experiment import Experiment, _trial_dirs
 from qstar.analysis.plotting import save
-from qstar.analysis.report_tables import _md_table
+from qstar.analysis.report_tables import _md_table, source
+
+HELDOUT_FILES = "`data/trials/*/heldout/step_N.json.gz`"
 
 
 def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = True) -> list[str]:
@@ -54,6 +56,12 @@ def _heldout_section(held: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
         "",
         _md_table(held.map(ev.fmt_cell) if not held.empty else held),
         "",
+        source(
+            f"per-token held-out NLL in {HELDOUT_FILES} of each arm's trials, N = the `step` "
+            "column (and N = 0 for `drift` and the hardest tokens); the findings above read "
+            "this table and the task table"
+        ),
+        "",
     ]
 
 
@@ -61,16 +69,19 @@ def _curve_sections(arms, figs_dir: Path) -> list[str]:
     """The held-out figures and every evaluation's estimates (also written to ``curves.csv``)."""
     out: list[str] = []
     curves = ev.curves(arms)
-    for name, title, fig in (
+    every = f"per-token held-out NLL in {HELDOUT_FILES}, every N evaluated"
+    for name, title, fig, where in (
         (
             "heldout_vs_step",
             "Held-out NLL and the gain of thinking against step",
             figures.fig_heldout_vs_step(curves),
+            every,
         ),
         (
             "gain_vs_thought_tokens",
             "Final gain against thought tokens",
             figures.fig_gain_vs_thought_tokens(curves),
+            f"per-token held-out NLL in {HELDOUT_FILES}, N = each arm's last step",
         ),
         (
             "gain_by_difficulty",
@@ -82,11 +93,12 @@ def _curve_sections(arms, figs_dir: Path) -> list[str]:
                     if not a.baseline and a.steps()
                 }
             ),
+            f"per-token held-out NLL in {HELDOUT_FILES}, N = 0 (the deciles) and the last step",
         ),
     ):
         if fig is not None:
             save(fig, figs_dir, name)
-            out += [f"### {title}", "", f"![{title}](figures/{name}.png)", ""]
+            out += [f"### {title}", "", f"![{title}](figures/{name}.png)", "", source(where), ""]
     if not curves.empty:
         wide = curves.pivot_table(
             index=["arm", "step"], columns="quantity", values="value", sort=False
@@ -95,6 +107,8 @@ def _curve_sections(arms, figs_dir: Path) -> list[str]:
             "Every evaluation (point estimates; intervals in `curves.csv`):",
             "",
             _md_table(wide.reset_index()),
+            "",
+            source(f"{every}; the same estimates as `curves.csv`"),
             "",
         ]
         figs_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +131,12 @@ def _content_section(arms) -> list[str]:
             "",
             _md_table(table.map(ev.fmt_cell)),
             "",
+            source(
+                "per-token NLL of each arm's final model in "
+                "`data/trials/*/analysis/content_control.json.gz` (cached when the report was "
+                "first made from the experiment)"
+            ),
+            "",
         ]
     return out
 
@@ -131,6 +151,11 @@ def _task_section(tasks: pd.DataFrame) -> list[str]:
             "questions; `thinking - not` is paired on the same questions.",
             "",
             _md_table(tasks.map(ev.fmt_cell)),
+            "",
+            source(
+                "per-question scores in `data/trials/*/tasks/step_N/TASK.jsonl` (thinking) and "
+                "`TASK:nothink.jsonl` (not thinking), N = each arm's last task evaluation"
+            ),
             "",
         ]
     return out
@@ -150,19 +175,22 @@ def _dynamics_sections(exp: Experiment, run_dirs: dict[str, Path]) -> list[str]:
             "",
             _md_table(mix, ".3g"),
             "",
+            source("the training rows of `data/trials/*/metrics.jsonl`"),
+            "",
         ]
     diag = dynamics.diagnostics_table(exp, run_dirs)
     if not diag.empty:
         out += [
             "## Optimisation diagnostics",
             "",
-            "Medians over training steps: the gradient norm before clipping, the factor clipping "
-            "multiplied it by, the REINFORCE term's gradient over the NLL terms' on the trunk, the "
-            "mixing head's gradient norm after clipping, and each step's update over the weights' "
-            "norm; then the fraction of trunk weights that differ from step 0 at the end and the "
-            "held-out NLL without thinking at every evaluation (`NLL@step`).",
+            dynamics.diagnostics_legend(list(diag.columns)),
             "",
             _md_table(diag, ".3g"),
+            "",
+            source(
+                "the training rows of `data/trials/*/metrics.jsonl` (`NLL@step`: its "
+                "`eval/nll_base` rows)"
+            ),
             "",
         ]
     return out

@@ -4,13 +4,14 @@ figures with the thoughts of highest reward, and provenance (see :mod:`qstar.ana
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from qstar.analysis.content import token_losses_and_thoughts
+from qstar.analysis import content
 from qstar.analysis.experiment import HELDOUT, Experiment, _trial_dirs
 from qstar.analysis.figures import (
     fig_accuracy_vs_step,
@@ -20,7 +21,7 @@ from qstar.analysis.figures import (
     fig_where_thinking_helps,
 )
 from qstar.analysis.plotting import save
-from qstar.analysis.report_tables import _md_table, method_table
+from qstar.analysis.report_tables import _md_table, method_table, source
 
 
 def _methods_section(exp: Experiment, figs_dir: Path) -> list[str]:
@@ -61,10 +62,17 @@ def _methods_section(exp: Experiment, figs_dir: Path) -> list[str]:
     if fig is not None:
         save(fig, figs_dir, "methods")
         out += ["![accuracy by method](figures/methods.png)", ""]
-    return out
+    return out + [
+        source("`eval_last` and each method's own figures in `data/trials/*/summary.json`"),
+        "",
+    ]
 
 
 def _task_versions(exp: Experiment) -> dict[str, Any]:
+    """``version:`` of each task's YAML (a data bundle keeps those of the report it was made
+    with)."""
+    if exp.bundle:
+        return dict(exp.bundle.get("task_versions", {}))
     from qstar.evaluation.lookup import TASK_DIR  # qstar.evaluation loads lm-eval: heavy
 
     versions = {}
@@ -87,46 +95,67 @@ def _short_source(source: str | None) -> str | None:
     return f"{kind}: {Path(path).name}" if path else kind
 
 
+def weights_of(source: str | None) -> str:
+    """The weights a run used, in words, from run.json's ``model_source``: a GGUF file is named
+    with its quantisation (``SmolLM2-135M-Instruct.Q4_1.gguf`` -> "the Instruct model's Q4_1
+    GGUF ..., dequantised"), so a hub id served by the offline GGUF fallback cannot mislead."""
+    if not source:
+        return "not recorded"
+    kind, _, path = source.partition(":")
+    name = Path(path).name
+    if kind == "gguf":
+        quant = re.search(r"[.-]((?:I?Q\d\w*)|BF16|F16|F32)\.gguf$", name, re.IGNORECASE)
+        model = "the Instruct model's" if "instruct" in name.lower() else "the model's"
+        what = f"{model} {quant.group(1)} GGUF" if quant else f"{model} GGUF"
+        return f"{what} (`{name}`), dequantised"
+    if kind == "hub":
+        return f"hub: `{path}`"
+    if kind == "tiny":
+        return f"`{source}` (random test model)"
+    return f"{kind}: `{name}`" if path else kind
+
+
 def _figure_sections(exp: Experiment, figs_dir: Path, analyse_model: bool) -> list[str]:
     """Task and training figures; with ``analyse_model``, where thinking helps and the thoughts
-    with the highest reward (the longest-thought finished arm's final model)."""
+    with the highest reward (the longest-thought finished arm's final model, or its cache)."""
     sections: list[str] = []
+    evals = "`eval/...` rows of `data/trials/*/metrics.jsonl`"
+    tasks = not exp.evals.empty and bool(set(exp.evals["task"]) - {HELDOUT})
+    final_title = (
+        "Final task scores against thought tokens"
+        if tasks
+        else "Final held-out NLL without thinking against thought tokens"
+    )
     figures = [
         (
             "accuracy_vs_step",
             "Task accuracy against training step (Figure 2 style)",
             fig_accuracy_vs_step(exp),
+            f"{evals} (`eval/TASK/METRIC`)",
         ),
         (
             "final_vs_thought_tokens",
-            "Final accuracy against thought tokens",
+            final_title,
             fig_final_vs_thought_tokens(exp),
+            f"the last {evals} of each trial (`eval/TASK/METRIC`)"
+            if tasks
+            else f"`eval/nll_base` in the last {evals} of each trial; mean and spread over seeds",
         ),
-        ("training_curves", "Training curves", fig_training_curves(exp)),
+        (
+            "training_curves",
+            "Training curves",
+            fig_training_curves(exp),
+            "the training rows of `data/trials/*/metrics.jsonl`",
+        ),
     ]
-    thoughts = None
+    thoughts, best = None, None
     if analyse_model:
-        candidates = exp.trials[(~exp.trials.baseline) & (exp.trials.status == "done")]
-        if not candidates.empty:
-            best = candidates.sort_values("thought_len").iloc[-1]
-            run_dir = {t: d for t, d, _ in _trial_dirs(exp.path)}[best.trial_id]
-            try:
-                losses, thoughts = token_losses_and_thoughts(run_dir)
-                figures.append(
-                    (
-                        "where_thinking_helps",
-                        f"Where thinking helps ({best.label}, held-out windows)",
-                        fig_where_thinking_helps(losses),
-                    )
-                )
-            except (ValueError, OSError) as exc:  # e.g. a run whose data source is unreachable here
-                exp.notes.append(f"model analyses skipped: {str(exc).splitlines()[0]}")
-                warnings.warn(exp.notes[-1], stacklevel=2)
-    for name, title, fig in figures:
+        thoughts, best = _top_thoughts(exp, figures)
+    for name, title, fig, where in figures:
         if fig is None:
             continue
         save(fig, figs_dir, name)
-        sections += [f"## {title}", "", f"![{title}](figures/{name}.png)", ""]
+        sections += [f"## {title}", "", f"![{title}](figures/{name}.png)", "", source(where), ""]
     if thoughts is not None:
         sections += [
             "## Thoughts with the highest reward",
@@ -136,12 +165,44 @@ def _figure_sections(exp: Experiment, figs_dir: Path, analyse_model: bool) -> li
             "",
             _md_table(thoughts, ".3f"),
             "",
+            source(f"`data/trials/{best}/analysis/top_thoughts.json.gz` (the final model)"),
+            "",
         ]
     return sections
 
 
+def _top_thoughts(exp: Experiment, figures: list) -> tuple[pd.DataFrame | None, str | None]:
+    """The highest-reward thoughts of the longest-thought finished arm (appending its "where
+    thinking helps" figure to ``figures``), and its trial id."""
+    candidates = exp.trials[(~exp.trials.baseline) & (exp.trials.status == "done")]
+    if candidates.empty:
+        return None, None
+    best = candidates.sort_values("thought_len").iloc[-1]
+    run_dir = {t: d for t, d, _ in _trial_dirs(exp.path)}[best.trial_id]
+    try:
+        found = content.top_thoughts(run_dir)
+    except (ValueError, OSError) as exc:  # e.g. a run whose data source is unreachable here
+        exp.notes.append(f"model analyses skipped: {str(exc).splitlines()[0]}")
+        warnings.warn(exp.notes[-1], stacklevel=2)
+        return None, None
+    if found is None:
+        return None, None
+    losses, thoughts = found
+    figures.append(
+        (
+            "where_thinking_helps",
+            f"Where thinking helps ({best.label}, held-out windows)",
+            fig_where_thinking_helps(losses),
+            f"per-token NLL of the final model in "
+            f"`data/trials/{best.trial_id}/analysis/top_thoughts.json.gz`",
+        )
+    )
+    return thoughts, best.trial_id
+
+
 def _provenance_section(exp: Experiment) -> list[str]:
-    """Code version, start time, model, weights and data of every trial; task versions."""
+    """Code version, start time, model (the configured name and the weights used), data of every
+    trial; task versions."""
     sections = ["## Provenance", ""]
     prov_rows = []
     for trial_id, prov in sorted(exp.provenance.items()):
@@ -151,8 +212,8 @@ def _provenance_section(exp: Experiment) -> list[str]:
                 "git_sha": (prov.get("git_sha") or "-")[:12],
                 "dirty": prov.get("git_dirty"),
                 "started": prov.get("started"),
-                "model": prov.get("model"),
-                "model source": _short_source(prov.get("model_source")),
+                "model (config)": prov.get("model"),
+                "weights (model_source)": weights_of(prov.get("model_source")),
                 "data": str(prov.get("data_source", ""))[-60:],
                 "data origin": prov.get("data_origin"),  # local, hub or bundled (issue 12)
                 "torch": prov.get("torch"),
@@ -160,10 +221,9 @@ def _provenance_section(exp: Experiment) -> list[str]:
             }
         )
     prov_table = pd.DataFrame(prov_rows)
-    for column in ("model source", "data origin"):  # absent from runs made before recording them
-        if column in prov_table and prov_table[column].isna().all():
-            prov_table = prov_table.drop(columns=column)
-    sections += [_md_table(prov_table), ""]
+    if "data origin" in prov_table and prov_table["data origin"].isna().all():
+        prov_table = prov_table.drop(columns="data origin")  # runs made before recording it
+    sections += [_md_table(prov_table), "", source("`data/trials/*/run.json`"), ""]
     versions = _task_versions(exp)
     if versions:
         sections += [
@@ -196,4 +256,13 @@ def _failed_section(exp: Experiment) -> list[str]:
             f'**{k} of {n} trials ended in error.** They are left out of "Does it learn?"; the '
             "Results table shows what they logged before they failed."
         )
-    return ["## Failed trials", "", text, "", _md_table(pd.DataFrame(rows)), ""]
+    return [
+        "## Failed trials",
+        "",
+        text,
+        "",
+        _md_table(pd.DataFrame(rows)),
+        "",
+        source("the last line of `data/trials/*/error.txt`"),
+        "",
+    ]

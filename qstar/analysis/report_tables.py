@@ -3,13 +3,13 @@ comparison of training methods (see :mod:`qstar.analysis.report`)."""
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import pandas as pd
 
-from qstar.analysis.experiment import HELDOUT, Experiment, _trial_dirs
+from qstar.analysis import files
+from qstar.analysis.experiment import HELDOUT, Experiment, _trial_dirs, without_seed
 from qstar.analysis.figures import _trial_order
 
 _INT_COLUMNS = {
@@ -24,6 +24,12 @@ _INT_COLUMNS = {
     "seeds",
     "qa_n",
 }
+
+
+def source(where: str) -> str:
+    """The line under a table or figure that says which files of the report's data bundle
+    (``data/``, beside report.md) it was computed from."""
+    return f"Source: {where}."
 
 
 def _md_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
@@ -90,13 +96,13 @@ def method_table(exp: Experiment) -> pd.DataFrame:
     for trial_id in _trial_order(exp):
         t = exp.trials[exp.trials.trial_id == trial_id].iloc[0]
         summary_file = dirs.get(trial_id, exp.path) / "summary.json"
-        if t["status"] != "done" or not summary_file.is_file():
+        if t["status"] != "done" or not files.exists(summary_file):
             continue
-        summary = json.loads(summary_file.read_text())
+        summary = files.read_json(summary_file)
         cfg = exp.configs.get(trial_id, {})
         method = cfg.get("train", {}).get("method", "quiet_star")
         last = summary.get("eval_last") or {}
-        label = t["label"]
+        label = without_seed(t["label"])
         row: dict[str, Any] = {
             "method": "Quiet-STaR, " + label if method == "quiet_star" else label,
             "seed": cfg.get("train", {}).get("seed"),

@@ -9,12 +9,14 @@ same statistic over per-token differences. Task scores resample examples.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 N_BOOT = 2000
 LEVEL = 0.95
+ZERO = 1e-9  # differences this small are float error (e.g. 0.1 + 0.2 - 0.3), not a finding
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,27 @@ class Estimate:
     hi: float
     n: int  # clusters (windows or examples)
 
-    def excludes_zero(self) -> bool:
-        return self.lo > 0 or self.hi < 0
+    def excludes_zero(self, tol: float = ZERO) -> bool:
+        return self.sign(tol) != 0
+
+    def sign(self, tol: float = ZERO) -> int:
+        """+1 when the interval lies above zero, -1 below, 0 when it includes zero (within
+        ``tol``: an interval of float error around 0 resolves nothing)."""
+        if self.lo > tol:
+            return 1
+        if self.hi < -tol:
+            return -1
+        return 0
+
+    def digits(self, scale: float = 1.0, least: int = 1, most: int = 6) -> int:
+        """Decimals that show the smallest non-zero of value and bounds with two significant
+        digits (at least ``least``, at most ``most``), so a small difference never prints as
+        0.0."""
+        values = [abs(v * scale) for v in (self.value, self.lo, self.hi)]
+        values = [v for v in values if v > ZERO * abs(scale) and math.isfinite(v)]
+        if not values:
+            return least
+        return max(least, min(most, 1 - math.floor(math.log10(min(values)))))
 
     def fmt(self, digits: int = 4, scale: float = 1.0, sign: bool = False) -> str:
         """``"0.0123 [0.0101, 0.0145]"``."""
