@@ -30,6 +30,9 @@ REWARD_FILTER_CHOICES = ("positive", "all", "best")
 
 
 FUSED_CE_CHOICES = ("chunked", "off")
+THINKER_CHOICES = ("shared", "lora")
+TRUNK_GRAD_CHOICES = ("all", "lm_only")
+REWARD_REFERENCE_CHOICES = ("current", "ema")
 
 # Settings of the training objective that configs written before they moved out of the model's
 # config still carry; QuietStarConfig.from_dict drops them (saved models, old run directories).
@@ -42,6 +45,9 @@ OBJECTIVE_KEYS = (
     "baseline",
     "reward_filter",
     "positive_rewards",
+    "trunk_grad",
+    "reward_reference",
+    "ema_decay",
 )
 
 
@@ -76,6 +82,12 @@ class QuietStarConfig:
             head (:mod:`qstar.core.head`; exact, no vocabulary-wide logits kept for backward);
             ``"off"`` materialises the logits (the reference path). A run sets it from
             ``train.fused_ce``.
+        thinker: ``"shared"`` thinks with the model's own weights (the paper); ``"lora"`` adds
+            LoRA weights (:mod:`qstar.core.thinker`) that only the thought rows use (thought
+            tokens, ``<end>`` and the lookahead tokens that read a thought), so the model thinks
+            with trunk + adapter and speaks without a thought through the trunk alone.
+        thinker_rank / thinker_alpha / thinker_targets: the adapter's rank, scale ``alpha /
+            rank`` and the names of the linear layers it adapts (comma-separated).
         start_token / end_token: the two meta tokens added to the tokenizer.
         meta_init_text: text whose first token's embedding initialises both meta tokens.
     """
@@ -88,6 +100,10 @@ class QuietStarConfig:
     meta_scale: float = 100.0
     attention: str = "sparse"
     fused_ce: str = "chunked"
+    thinker: str = "shared"
+    thinker_rank: int = 16
+    thinker_alpha: float = 32.0
+    thinker_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     start_token: str = "<|startofthought|>"
     end_token: str = "<|endofthought|>"
     meta_init_text: str = "---"
@@ -104,6 +120,14 @@ class QuietStarConfig:
         _choice("mixing", self.mixing, MIXING_CHOICES)
         _choice("attention", self.attention, ATTENTION_CHOICES)
         _choice("fused_ce", self.fused_ce, FUSED_CE_CHOICES)
+        _choice("thinker", self.thinker, THINKER_CHOICES)
+        _int_in("thinker_rank", self.thinker_rank, 1, 4096)
+        _float_gt("thinker_alpha", self.thinker_alpha, 0.0)
+        if not isinstance(self.thinker_targets, str) or not self.thinker_targets.strip(","):
+            raise ValueError(
+                "thinker_targets must name linear layers, comma-separated (e.g. q_proj,v_proj), "
+                f"got {self.thinker_targets!r}"
+            )
         for name in ("thought_temperature", "meta_scale"):
             _float_gt(name, getattr(self, name), 0.0)
         for name in ("start_token", "end_token", "meta_init_text"):
@@ -177,6 +201,15 @@ class ObjectiveConfig:
             ``"positive"`` (clamp at 0, the code), ``"all"`` (signed) or ``"best"`` (the best
             of the ``k`` thoughts per position, when positive). Configs that still say
             ``positive_rewards: true/false`` read as ``positive`` / ``all``.
+        trunk_grad: ``"all"`` (the paper): every loss term's gradient reaches every weight;
+            ``"lm_only"``: the thinking terms (the mixed NLL, the policy term) reach only what
+            thinking adds (meta tokens, mixing head, a ``thinker: lora`` adapter), so the
+            weights that make the prediction without a thought learn from the base NLL alone,
+            as the no-thought baseline does.
+        reward_reference: what ``baseline: none`` measures a thought's gain against:
+            ``"current"``, the model's own prediction without a thought, or ``"ema"``, an
+            exponential moving average of the model (decay ``ema_decay``) predicting without
+            a thought (RLP, arXiv 2510.01265).
     """
 
     base_loss_weight: float = 0.5
@@ -186,12 +219,25 @@ class ObjectiveConfig:
     policy_logprob: str = "per_token"
     baseline: str = "mean"
     reward_filter: str = "positive"
+    trunk_grad: str = "all"
+    reward_reference: str = "current"
+    ema_decay: float = 0.999
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the allowed values."""
+        _choice("trunk_grad", self.trunk_grad, TRUNK_GRAD_CHOICES)
+        _choice("reward_reference", self.reward_reference, REWARD_REFERENCE_CHOICES)
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if self.reward_reference == "ema" and self.baseline != "none":
+            raise ValueError(
+                "reward_reference=ema is the reference of baseline=none (a thought's gain over a "
+                f"moving-average model without thoughts); with baseline={self.baseline} it "
+                "cancels out of every reward: set baseline=none"
+            )
         for name in ("base_loss_weight", "mixed_loss_weight", "policy_weight"):
             _float_ge(name, getattr(self, name), 0.0)
         _float_gt("policy_temperature", self.policy_temperature, 0.0)

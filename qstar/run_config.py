@@ -109,6 +109,13 @@ def build_run_config(tree: dict[str, Any]) -> RunConfig:
             raise ValueError(f"{name}.{exc}") from None
         sections[name] = section
     cfg = RunConfig(**sections)
+    if cfg.quiet_star.thinker == "lora" and cfg.train.trainable == "heads":
+        raise ValueError(
+            "quiet_star.thinker=lora with train.trainable=heads: heads trains only the meta "
+            "tokens and the mixing head, so the thinker adapter would never learn; use "
+            "train.trainable=all (with quiet_star.trunk_grad=lm_only to keep the LM's weights "
+            "off the thinking terms)"
+        )
     if cfg.train.parallel == "fsdp" and cfg.eval.tasks and cfg.eval.tasks_at != "end":
         raise ValueError(
             "eval.tasks during training needs the whole model in one process, which "

@@ -26,10 +26,11 @@ SCHEDULES = ("constant", "linear", "cosine")
 OBJECTIVES = ("quiet_star", "lm")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL = ("ddp", "fsdp")
-TRAINABLE = ("all", "heads")
+TRAINABLE = ("all", "heads", "lora")
 TASKS_AT = ("every", "end", "start_end")
 ON_NONFINITE = ("error", "skip")
 FUSED_CE = ("off", "chunked")
+CLIP_MODES = ("global", "per_role")
 QA_TASKS = ("gsm8k", "csqa")
 
 
@@ -109,7 +110,17 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """AdamW with the paper's defaults; linear warmup, then ``schedule``."""
+    """AdamW with the paper's defaults; linear warmup, then ``schedule``.
+
+    ``clip``: ``global`` clips the gradient of all parameters together to norm ``grad_clip``
+    (the authors'); ``per_role`` clips each parameter role (trunk, embeddings, meta tokens,
+    mixing head, adapter; :mod:`qstar.runs.diagnostics`) to that norm on its own, so one role's
+    large gradient (the meta tokens', 99% of the global norm in ``smollm2_math``) does not set
+    the others' step weights. ``meta_lr_scale``, ``mixing_head_lr_scale``,
+    ``adapter_lr_scale``: learning-rate multipliers of those roles (parameter groups); with
+    ``quiet_star.meta_scale=1`` and ``meta_lr_scale=100`` the meta tokens get the authors' 100x
+    as a learning rate instead of ÷100 storage (equal under Adam, except in clipping and
+    epsilon)."""
 
     lr: float = 1e-6
     weight_decay: float = 0.001
@@ -119,6 +130,10 @@ class OptimSection:
     beta2: float = 0.999
     eps: float = 1e-8
     schedule: str = "constant"
+    clip: str = "global"
+    meta_lr_scale: float = 1.0
+    mixing_head_lr_scale: float = 1.0
+    adapter_lr_scale: float = 1.0
 
     def validate(self) -> None:
         _float_gt("lr", self.lr, 0.0)
@@ -131,6 +146,17 @@ class OptimSection:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         _float_gt("eps", self.eps, 0.0)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("clip", self.clip, CLIP_MODES)
+        for name in ("meta_lr_scale", "mixing_head_lr_scale", "adapter_lr_scale"):
+            _float_gt(name, getattr(self, name), 0.0)
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multiplier by parameter role (1 for the others)."""
+        return {
+            "meta": self.meta_lr_scale,
+            "mixing_head": self.mixing_head_lr_scale,
+            "adapter": self.adapter_lr_scale,
+        }
 
 
 @dataclass
@@ -143,7 +169,12 @@ class TrainSection:
     replicates the model, ``fsdp`` shards parameters, gradients and optimiser state (FSDP2,
     one unit per decoder layer) for models that do not fit one device. ``trainable: heads``
     freezes the language model (trunk, embeddings, LM head) and trains only the meta tokens and
-    the mixing head: thoughts can then be learned but the model's own predictions cannot change. ``on_nonfinite``: a NaN/inf loss part, gradient
+    the mixing head: thoughts can then be learned but the model's own predictions cannot change;
+    ``trainable: lora`` freezes the language model (in bf16 under bf16 autocast) and trains
+    PEFT LoRA adapters of rank ``lora_rank`` (scale ``lora_alpha / lora_rank``) on the
+    ``lora_targets`` linear layers (comma-separated names, or ``all-linear``) with the meta
+    tokens, the mixing head and a thinker in fp32; ``final/`` holds the merged model (and the
+    adapter alone in ``final/adapter``), checkpoints only what trains. ``on_nonfinite``: a NaN/inf loss part, gradient
     norm or weight stops the run (``error``, keeping the last good checkpoint), or the update is
     skipped and counted (``skip``), failing after ``skip_limit`` consecutive skips. ``fused_ce:
     chunked`` (the default) computes every ``log p(token)`` of the step through the fused,
@@ -167,6 +198,9 @@ class TrainSection:
     skip_limit: int = 5
     fused_ce: str = "chunked"
     method: str = "quiet_star"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
     def validate(self) -> None:
         _int_in("steps", self.steps, 1, 1 << 30)
@@ -188,6 +222,14 @@ class TrainSection:
         _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         _int_in("skip_limit", self.skip_limit, 1, 1 << 30)
         _choice("fused_ce", self.fused_ce, FUSED_CE)
+        _int_in("lora_rank", self.lora_rank, 1, 4096)
+        _float_gt("lora_alpha", self.lora_alpha, 0.0)
+        if self.trainable == "lora" and self.parallel == "fsdp":
+            raise ValueError(
+                "trainable=lora with parallel=fsdp: a LoRA run keeps the frozen weights whole in "
+                "every process; use parallel=ddp (the frozen bf16 base is what lets one GPU hold "
+                "a 7B model)"
+            )
         if not isinstance(self.method, str) or not self.method:
             raise ValueError("method must name a training method (qstar.recipes.registry.names())")
 

@@ -286,7 +286,7 @@ def test_disk_full_names_the_path_and_resume_works_once_space_is_freed(
     cfg = tiny_run_config("train.checkpoint_every=2", "eval.every=0")
     full = {"on": False}
     if where == "checkpoint":
-        import safetensors.torch as st
+        from qstar.runs import checkpoint as st
 
         real_save_model = st.save_model
 

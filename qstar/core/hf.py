@@ -51,6 +51,51 @@ def backbone(model: nn.Module) -> nn.Module:
     return inner.base_model
 
 
+def is_peft(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped by PEFT (``train.trainable: lora``)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: str) -> nn.Module:
+    """``model`` wrapped by PEFT's LoRA on ``targets`` (comma-separated linear-layer names, or
+    ``all-linear``): base weights frozen, adapters zero-initialised (``B = 0``) in fp32."""
+    import peft  # optional: only LoRA runs need it
+
+    names = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if names != "all-linear" and not set(names) <= linear:
+        missing = ", ".join(sorted(set(names) - linear))
+        raise ValueError(
+            f"train.lora_targets: {type(model).__name__} has no linear layer named {missing}; "
+            f"its linear layers: {', '.join(sorted(linear))} (or all-linear)"
+        )
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none"
+    )
+    return peft.get_peft_model(model, config, autocast_adapter_dtype=True)
+
+
+def merged_state_dict(model: nn.Module) -> dict:
+    """A PEFT-wrapped model's weights with every LoRA update merged in, keyed as the plain
+    model's own state dict (what ``merge_and_unload`` would give, without changing ``model``)."""
+    from peft.tuners.lora import LoraLayer  # optional: only LoRA runs need it
+
+    inner = model.get_base_model()
+    merged = {}
+    for name, module in inner.named_modules():
+        if isinstance(module, LoraLayer):
+            w = module.get_base_layer().weight.detach()
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+            merged[f"{name}.weight"] = (w.float() + delta.float()).to(w.dtype)
+    out = {}
+    for key, value in inner.state_dict().items():
+        if "lora_" in key:
+            continue
+        plain = key.replace(".base_layer", "")
+        out[plain] = merged.get(plain, value.detach())
+    return out
+
+
 def embedding_scale(embedding: nn.Module) -> float:
     """The factor an embedding layer multiplies its output by (Gemma scales inside it)."""
     return getattr(embedding, "embed_scale", 1.0)
@@ -97,7 +142,10 @@ def cache_length(cache: DynamicCache) -> int:
 
 __all__ = [
     "Cache",
+    "add_lora",
     "backbone",
+    "is_peft",
+    "merged_state_dict",
     "attention_implementation",
     "cache_length",
     "crop_cache",

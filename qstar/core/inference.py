@@ -144,7 +144,7 @@ def _positions_pass(
         mask = positions_thought_mask(
             positions, L, d + 1, dtype, window if not layer_types else None
         )
-    with thought_attention(qs.base_model, L, "dense"):  # eager attention, float mask
+    with thought_attention(qs.base_model, L, "dense"), qs.thinking():  # eager, float mask
         out = qs.backbone_pass(
             tokens,
             position_ids=positions + d + 1,
@@ -202,12 +202,15 @@ def generate(
         if think:
             if pending is None:
                 m = torch.cat([mask, ones], dim=1)
-                h = _feed(qs, cache, start, m, next_pos[:, None])[:, -1]
+                with qs.thinking():
+                    h = _feed(qs, cache, start, m, next_pos[:, None])[:, -1]
             else:  # x_new and <start> together: t + 2 passes per emitted token, not t + 3
                 mask = torch.cat([mask, ones], dim=1)
                 m = torch.cat([mask, ones], dim=1)
                 fed = torch.cat([pending[:, None], start], dim=1)
-                hs = _feed(qs, cache, fed, m, torch.stack([next_pos, next_pos + 1], dim=1))
+                pos = torch.stack([next_pos, next_pos + 1], dim=1)
+                with qs.thinking(rows=fed == qs.start_id):  # x_new: text; <start>: a thought
+                    hs = _feed(qs, cache, fed, m, pos)
                 h_last, h, next_pos = hs[:, 0], hs[:, 1], next_pos + 1
             logits = _think_and_mix(
                 qs, cache, h, h_last, m, next_pos, ones, end, next_thought_token
@@ -290,7 +293,8 @@ def _think_and_mix(qs, cache, h, h_last, m, next_pos, ones, end, next_thought_to
     tok = next_thought_token(h) if t > 0 else end
     for d in range(1, t + 2):  # c_1..c_t, <end> (<start> was d = 0)
         m = torch.cat([m, ones], dim=1)
-        h = _feed(qs, cache, tok[:, None], m, (next_pos + d)[:, None])[:, -1]
+        with qs.thinking():
+            h = _feed(qs, cache, tok[:, None], m, (next_pos + d)[:, None])[:, -1]
         tok = next_thought_token(h) if d < t else end
     hf.crop_cache(cache, base_len)
     logits, _ = qs.mix_logits(qs.mixing_head(h_last, h), h_last, h)

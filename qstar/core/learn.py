@@ -64,13 +64,20 @@ class Loss:
     policy_term: torch.Tensor | None = None
 
 
-def quiet_star_loss(out: StepOutput, cfg: ObjectiveConfig) -> Loss:
-    """The Quiet-STaR objective (the module docstring) of one forward."""
+def quiet_star_loss(
+    out: StepOutput, cfg: ObjectiveConfig, reference_logprob: torch.Tensor | None = None
+) -> Loss:
+    """The Quiet-STaR objective (the module docstring) of one forward.
+
+    ``reference_logprob`` (``(B, L-1)``): what ``baseline="none"`` measures a thought's gain
+    against, when not the model's own prediction without a thought (``reward_reference: ema``:
+    a moving-average copy's)."""
     nll = -out.lookahead_logprob  # (B, k, L, n)
     valid = out.target_valid  # (B, 1, L, n)
     base = next_token_nll(out.base_logprob, out.valid)
     mixed = mixed_nll(nll, valid)
-    base_ll = lookahead_loglik(out.base_logprob, valid[:, 0]) if cfg.baseline == "none" else None
+    reference = out.base_logprob if reference_logprob is None else reference_logprob
+    base_ll = lookahead_loglik(reference, valid[:, 0]) if cfg.baseline == "none" else None
     rewards = thought_rewards(nll, valid, cfg.baseline, cfg.reward_filter, base_ll)  # (B, k, L)
     policy = policy_loss(
         out.thought_logprob, rewards, valid[..., 0], per_token=cfg.policy_logprob == "per_token"
@@ -102,7 +109,12 @@ def objective_loss(
     on ``input_ids``: ``quiet_star_loss(model(input_ids, ...), cfg)`` with the thoughts scored
     at ``cfg.policy_temperature`` (the authors' objective by default)."""
     cfg = cfg or ObjectiveConfig()
-    out = model(input_ids, policy_temperature=cfg.policy_temperature, **forward_kwargs)
+    out = model(
+        input_ids,
+        policy_temperature=cfg.policy_temperature,
+        trunk_grad=cfg.trunk_grad,
+        **forward_kwargs,
+    )
     return quiet_star_loss(out, cfg)
 
 

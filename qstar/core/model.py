@@ -29,13 +29,14 @@ from torch import nn
 from qstar.config import QuietStarConfig
 from qstar.core import hf, inference, persistence
 from qstar.core import think as think_mod
-from qstar.core.attention import dense_mask_for, thought_attention
 from qstar.core.head import VocabularyHead
 from qstar.core.learn import StepOutput, logprob_of
+from qstar.core.passes import ThoughtPasses
 from qstar.core.talk import MixingHead, get_mixer
+from qstar.core.thinker import ThinkerAdapter, detached_parameters
 
 
-class QuietStar(VocabularyHead, nn.Module):
+class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
     """A Hugging Face causal LM that thinks before each token.
 
     Build with :meth:`from_base` (a loaded model and tokenizer) or :meth:`from_pretrained`
@@ -60,6 +61,13 @@ class QuietStar(VocabularyHead, nn.Module):
             torch.zeros(2, hidden, dtype=ref.dtype, device=ref.device)
         )
         self.mixing_head = MixingHead(hidden).to(device=ref.device, dtype=ref.dtype)
+        self.thinker = (
+            ThinkerAdapter(
+                base_model, config.thinker_rank, config.thinker_alpha, config.thinker_targets
+            )
+            if config.thinker == "lora"
+            else None
+        )
         self.fill_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def mix_logits(
@@ -72,7 +80,16 @@ class QuietStar(VocabularyHead, nn.Module):
         return get_mixer(self.config.mixing)(raw_w, h_base, h_thought, self.lm_logits)
 
     # the meta tokens and their scale are part of the weights: they cannot change for a block
-    FIXED_FIELDS = ("start_token", "end_token", "meta_init_text", "meta_scale")
+    FIXED_FIELDS = (
+        "start_token",
+        "end_token",
+        "meta_init_text",
+        "meta_scale",
+        "thinker",
+        "thinker_rank",
+        "thinker_alpha",
+        "thinker_targets",
+    )
 
     @contextlib.contextmanager
     def using(self, **changes):
@@ -121,138 +138,6 @@ class QuietStar(VocabularyHead, nn.Module):
         return persistence.save_pretrained(self, directory, state_dict)
 
     # ------------------------------------------------------------------ model pieces
-    @property
-    def backbone(self) -> nn.Module:
-        """The transformer without its LM head (``LlamaModel``, ``GPT2Model``...), also under a
-        PEFT wrapper (:func:`qstar.core.hf.backbone`)."""
-        return hf.backbone(self.base_model)
-
-    def backbone_pass(self, input_ids: torch.Tensor, **kwargs):
-        """The transformer over ``input_ids`` embedded with the trained meta tokens: its output
-        (``last_hidden_state``, ``cache``); ``kwargs`` go to the backbone (``attention_mask``,
-        ``position_ids``, ``cache``, ``use_cache``)."""
-        return self.backbone(inputs_embeds=self.embed(input_ids), **kwargs)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, L) -> (B, L, H)``: the model's input embeddings with the trained meta tokens."""
-        emb_layer = self.base_model.get_input_embeddings()
-        emb = emb_layer(input_ids)
-        scale = hf.embedding_scale(emb_layer)  # Gemma scales inside its embedding
-        meta = self.meta_embeddings * self.config.meta_scale * scale  # (2, H)
-        meta = meta.to(emb.dtype)
-        emb = torch.where((input_ids == self.start_id).unsqueeze(-1), meta[0], emb)
-        return torch.where((input_ids == self.end_id).unsqueeze(-1), meta[1], emb)
-
-    def check_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, think: bool = True
-    ) -> torch.Tensor:
-        """Shape checks (right padding only; room for the thought block when thinking); the
-        ``(B, L)`` bool mask."""
-        if input_ids.dim() != 2:
-            raise ValueError(
-                f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}"
-            )
-        limit = getattr(self.base_model.config, "max_position_embeddings", None)
-        needed = input_ids.shape[1] + (self.config.thought_block if think else 0)
-        if think and limit is not None and needed > limit:
-            raise ValueError(
-                f"sequence length {input_ids.shape[1]} + thought block {self.config.thought_block} "
-                f"exceeds the model's {limit} positions; use shorter windows"
-            )
-        if attention_mask is None:
-            return torch.ones_like(input_ids, dtype=torch.bool)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
-        valid = attention_mask.bool()
-        # Right padding only: each row is ones then zeros.
-        if (valid[:, 1:] & ~valid[:, :-1]).any():
-            raise ValueError(
-                "attention_mask must be right-padded (ones then zeros); pad on the right"
-            )
-        return valid
-
-    def base_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-        """``(B, L) -> h (B, L, H)``, KV cache of the ``L`` tokens."""
-        out = self.backbone_pass(
-            input_ids, attention_mask=attention_mask, cache=hf.new_cache(), use_cache=True
-        )
-        return out.last_hidden_state, out.cache
-
-    def thought_pass(
-        self, tokens: torch.Tensor, cache: hf.Cache, n_prefix: int, first_block: int
-    ) -> torch.Tensor:
-        """Feed ``nq`` depth blocks at once.
-
-        Args:
-            tokens: ``(B, nq, L)`` tokens of blocks ``first_block .. first_block + nq - 1``.
-            cache: holds the prefix and the ``first_block`` earlier blocks; extended in place.
-        Returns:
-            ``(B, nq, L, H)`` hidden states.
-        """
-        B, nq, L = tokens.shape
-        if self.config.attention == "dense" and nq > 1:
-            # The authors' way: one depth per call, each with its dense (L, (d+1)L) mask slice.
-            return torch.cat(
-                [
-                    self.thought_pass(tokens[:, d : d + 1], cache, n_prefix, first_block + d)
-                    for d in range(nq)
-                ],
-                dim=1,
-            )
-        depth = torch.arange(first_block, first_block + nq, device=tokens.device)
-        position_ids = torch.arange(L, device=tokens.device)[None, :] + depth[:, None] + 1
-        position_ids = position_ids.reshape(1, nq * L).expand(B, -1)  # (B, nq*L): i + d
-        kwargs = {}
-        if self.config.attention == "dense":
-            kwargs["attention_mask"] = dense_mask_for(
-                self.base_model.config,
-                L,
-                first_block + nq,
-                nq,
-                self.meta_embeddings.dtype,
-                tokens.device,
-            )
-        with thought_attention(self.base_model, n_prefix, self.config.attention):
-            out = self.backbone_pass(
-                tokens.reshape(B, nq * L),
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-                **kwargs,
-            )
-        return out.last_hidden_state.view(B, nq, L, -1)
-
-    @torch.no_grad()
-    def sample_from_cache(
-        self,
-        cache: hf.Cache,
-        n_prefix: int,
-        batch: int,
-        greedy: bool,
-        generator: torch.Generator | None,
-        uniforms: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Sample ``t`` thought tokens at every position (:func:`qstar.core.think.sample`);
-        extends ``cache`` by ``t`` blocks. Returns token ids ``(batch, L, t)``."""
-        L, t = n_prefix, self.config.thought_len
-        device = self.meta_embeddings.device
-        self.reset_head_cache()  # one meta-free head per sampling (sharded weights move)
-        if not greedy and uniforms is None:
-            uniforms = think_mod.draw_uniforms((batch, t, L), generator, device)
-
-        def step(idx: torch.Tensor, depth: int) -> torch.Tensor:  # (B, L) -> (B, L, H)
-            tok = idx if depth == 0 else self.to_vocab(idx)
-            return self.thought_pass(tok[:, None], cache, n_prefix, first_block=depth)[:, 0]
-
-        start = torch.full((batch, L), self.start_id, dtype=torch.long, device=device)
-        idx = think_mod.sample(
-            step, self.thought_logits, start, t, uniforms, self.config.thought_temperature
-        )
-        return self.to_vocab(idx)
-
-    # ------------------------------------------------------------------ public API
     def sample_thoughts(
         self,
         input_ids: torch.Tensor,
@@ -339,12 +224,16 @@ class QuietStar(VocabularyHead, nn.Module):
         generator: torch.Generator | None = None,
         think: bool = True,
         policy_temperature: float = 1.0,
+        trunk_grad: str = "all",
     ) -> StepOutput:
         """One training forward (see the module docstring): what a step computed, no loss.
 
         ``think=False`` is the base pass alone (the no-thought baseline), through the same module
         so that data-parallel wrappers see it. ``policy_temperature``: the temperature of the
-        thought tokens' log-probabilities (the objective's; the authors score at 3)."""
+        thought tokens' log-probabilities (the objective's; the authors score at 3).
+        ``trunk_grad="lm_only"``: everything computed from a thought reads the base model's
+        weights, the base pass's states and its cache as constants, so the thinking terms'
+        gradient reaches only what thinking adds (meta tokens, mixing head, a thinker adapter)."""
         valid = self.check_inputs(input_ids, attention_mask, think)
         if not think:
             h = self.backbone_pass(input_ids, attention_mask=attention_mask).last_hidden_state
@@ -355,14 +244,41 @@ class QuietStar(VocabularyHead, nn.Module):
                 "quiet_star.attention=flex has no backward on CPU (a FlexAttention limit); "
                 "use attention=sparse, which picks FlexAttention on CUDA by itself"
             )
-        B, L = input_ids.shape
-        k, t, n = cfg.n_thoughts, cfg.thought_len, cfg.n_true
-
         # base pass, once per sequence: (B, L, H) and its KV cache
         h_base, cache = self.base_pass(input_ids, attention_mask)
         base_lp = self.token_logprob(h_base[:, :-1], input_ids[:, 1:])  # (B, L-1)
+        lm_only = trunk_grad == "lm_only"
+        with detached_parameters(self.base_model) if lm_only else contextlib.nullcontext():
+            return self._thinking_terms(
+                input_ids,
+                valid,
+                h_base.detach() if lm_only else h_base,
+                cache,
+                base_lp,
+                greedy,
+                generator,
+                policy_temperature,
+                detach_cache=lm_only,
+            )
+
+    def _thinking_terms(
+        self,
+        input_ids,
+        valid,
+        h_base,
+        cache,
+        base_lp,
+        greedy,
+        generator,
+        policy_temperature,
+        detach_cache,
+    ) -> StepOutput:
+        """Everything a step computes from thoughts (:meth:`forward`)."""
+        cfg = self.config
+        B, L = input_ids.shape
+        k, t, n = cfg.n_thoughts, cfg.thought_len, cfg.n_true
         # think: (Bk, L, t) thoughts, then (Bk, D, L, H) hidden states of every depth
-        thoughts, h = self._think(input_ids, cache, k, greedy, generator)
+        thoughts, h = self._think(input_ids, cache, k, greedy, generator, detach_cache)
         # talk: mix base and post-thought predictions of x_{i+1..i+n}, (Bk, n, L, 1) weights
         h_b = h_base[:, think_mod.lookahead_index(L, n, h.device)].repeat_interleave(k, dim=0)
         targets = think_mod.shifted_targets(input_ids, n, self.fill_id).transpose(1, 2)
@@ -391,7 +307,7 @@ class QuietStar(VocabularyHead, nn.Module):
             target_valid=think_mod.shifted_valid(valid, n)[:, None],  # (B, 1, L, n)
         )
 
-    def _think(self, input_ids, cache, k: int, greedy: bool, generator):
+    def _think(self, input_ids, cache, k: int, greedy: bool, generator, detach_cache=False):
         """Sample ``k`` thoughts per position without gradient (no activations kept), then
         recompute every depth at once with gradient: ``(Bk, L, t)`` thoughts and hidden states
         ``(Bk, D, L, H)``, depth 0 = ``<start>`` ... ``t`` = ``c_t``, ``t+1`` = ``<end>``,
@@ -408,5 +324,6 @@ class QuietStar(VocabularyHead, nn.Module):
             self.config.n_true,
             self.fill_id,
         )
-        h = self.thought_pass(block, hf.repeat_cache(cache, k, detach=False), L, first_block=0)
+        cache = hf.repeat_cache(cache, k, detach=detach_cache)
+        h = self.thought_pass(block, cache, L, first_block=0)
         return thoughts, h

@@ -13,11 +13,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qstar.config import QuietStarConfig
+from qstar.core import hf
 from qstar.models.loading import load_model
 
 CONFIG_FILE = "qstar_config.json"
 HEADS_FILE = "qstar_heads.safetensors"
-BASE_PREFIX = "base_model."  # the wrapped Hugging Face model, saved in its own format
+BASE_PREFIX = "base_model."
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter alone (PEFT's format), beside the merged model  # the wrapped Hugging Face model, saved in its own format
 
 
 def from_base(cls, model: nn.Module, tokenizer, config: QuietStarConfig | None = None):
@@ -55,6 +57,7 @@ def save_pretrained(qs, directory, state_dict: dict[str, torch.Tensor] | None = 
     in place of the module's own (a sharded model)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    base_model = qs.base_model
     if state_dict is None:
         state_dict = {k: v.detach() for k, v in qs.state_dict().items()}
         base = None  # the model's own save_pretrained handles tied weights
@@ -62,7 +65,10 @@ def save_pretrained(qs, directory, state_dict: dict[str, torch.Tensor] | None = 
         base = {
             k[len(BASE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(BASE_PREFIX)
         }
-    qs.base_model.save_pretrained(directory, state_dict=base)
+    if hf.is_peft(base_model):  # LoRA: the merged model, loadable anywhere, and the adapter
+        base_model.save_pretrained(directory / ADAPTER_DIR)
+        base, base_model = hf.merged_state_dict(base_model), base_model.get_base_model()
+    base_model.save_pretrained(directory, state_dict=base)
     qs.tokenizer.save_pretrained(directory)
     heads = {k: v for k, v in state_dict.items() if not k.startswith(BASE_PREFIX)}
     save_file({k: v.contiguous().cpu() for k, v in heads.items()}, str(directory / HEADS_FILE))

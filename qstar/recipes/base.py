@@ -88,8 +88,13 @@ class Recipe:
         """What the recipe needs to resume (JSON): data position, iteration, memory..."""
         return {}
 
+    def tensor_state(self) -> dict[str, Any]:
+        """The recipe's own tensors to checkpoint (``recipe.safetensors``), if any."""
+        return {}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` from a checkpoint (after :meth:`prepare`)."""
+        """Restore :meth:`state_dict` from a checkpoint (after :meth:`prepare`); the tensors
+        of :meth:`tensor_state` come back under ``state["tensors"]``."""
 
     def summary(self, run: Run) -> dict[str, Any]:
         """The recipe's figures for ``summary.json`` (the final model is written after this)."""
@@ -175,7 +180,9 @@ def _loop(recipe: Recipe, r: Run, stop_after: int | None, on_eval: OnEval | None
                 or step == stop_after
                 or (on_eval is not None and evaluation is not None)
             )
-            saved = session.save(r, step, recipe.state_dict()) if due else None
+            saved = (
+                session.save(r, step, recipe.state_dict(), recipe.tensor_state()) if due else None
+            )
             if evaluation is not None and on_eval is not None:
                 on_eval(int(evaluation.get("step", step)), {**row, **evaluation}, saved)
             if bar is not None:

@@ -21,6 +21,7 @@ from qstar.evaluation.heldout import heldout_nll, task_metrics
 from qstar.qa import load_examples
 from qstar.qa.sampling import qa_accuracy
 from qstar.recipes.base import Recipe
+from qstar.recipes.reference import EmaReference
 from qstar.recipes.registry import Method, register
 from qstar.run_config import QuietStarSection, RunConfig
 from qstar.runs import distributed
@@ -120,8 +121,22 @@ class QuietStarRecipe(Recipe):
         self.skipped_info: dict[str, Any] = {}
         self.tokens_total = 0
         self.last_row: dict[str, Any] = {}
+        self.reference: EmaReference | None = None
+
+    def check(self) -> None:
+        cfg = self.cfg
+        objective = self.objective
+        if cfg.train.parallel == "fsdp" and self.thinks:
+            if objective.trunk_grad == "lm_only" or objective.reward_reference == "ema":
+                raise ValueError(
+                    "quiet_star.trunk_grad=lm_only and quiet_star.reward_reference=ema need the "
+                    "whole weights in every process (detached views, a moving-average copy); "
+                    "train.parallel=fsdp shards them: use train.parallel=ddp"
+                )
 
     def prepare(self, qs: QuietStar, ctx: distributed.Context) -> dict[str, Any]:
+        if self.thinks and self.objective.reward_reference == "ema":
+            self.reference = EmaReference(qs.base_model, self.objective.ema_decay)
         self.stream, self.val_windows, info = prepare_data(self.cfg, qs.tokenizer)
         if info["skipped_rows"] and ctx.main:
             print(
@@ -138,8 +153,13 @@ class QuietStarRecipe(Recipe):
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.stream.state()}
 
+    def tensor_state(self) -> dict[str, Any]:
+        return self.reference.state() if self.reference is not None else {}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state(state["data"])
+        if self.reference is not None:
+            self.reference.load(state["tensors"])
 
     # ------------------------------------------------------------------ one step
     def train_step(self, run: Run, step: int) -> dict[str, Any]:
@@ -160,14 +180,22 @@ class QuietStarRecipe(Recipe):
                     generator=run.generator,
                     think=self.thinks,
                     policy_temperature=self.objective.policy_temperature,
+                    trunk_grad=self.objective.trunk_grad,
                 )
-            loss = self.loss_fn(out, self.objective)
+                reference = self.reference.logprob(ids, mask) if self.reference else None
+            loss = (
+                self.loss_fn(out, self.objective, reference)
+                if reference is not None
+                else self.loss_fn(out, self.objective)
+            )
             if run.grad_parts is not None:
                 run.grad_parts.add(loss.policy_term / run.accum)
             (loss.loss / run.accum).backward()
             for key, value in learn.step_stats(out, loss).items():
                 parts[key] = parts.get(key, 0.0) + value / run.accum
         opt = optimizer_step(run, parts, step)
+        if self.reference is not None and "skipped_nonfinite" not in opt:
+            self.reference.update()
         tokens = distributed.total(tokens, ctx)
         dt = time.perf_counter() - t0
         self.tokens_total += tokens

@@ -47,6 +47,7 @@ from qstar.recipes.registry import Method, register
 from qstar.run_config import QASection, StarSection
 from qstar.runs import distributed
 from qstar.runs.build import build_optimizer
+from qstar.runs.session import optimizer_layout
 from qstar.runs.state import Run
 from qstar.runs.step import optimizer_step
 
@@ -127,7 +128,8 @@ def finetune(run: Run, kept: list[dict], steps: int, seed: int, step0: int, iter
     if not kept:
         return 0
     cfg, ctx = run.cfg, run.ctx
-    run.optimizer, run.scheduler = build_optimizer(cfg, run.params)
+    _, groups = optimizer_layout(cfg, run.qs, run.roles)
+    run.optimizer, run.scheduler = build_optimizer(cfg, groups)
     rng = random.Random(seed)
     order: list[int] = []
     micro = cfg.train.micro_batch_size

@@ -31,8 +31,13 @@ def autocast_for(cfg: RunConfig, device: torch.device):
 
 
 def model_dtype(cfg: RunConfig) -> torch.dtype:
-    """Parameters in bf16 under ``train.precision=bf16`` (the authors'), else fp32."""
-    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    """Parameters in bf16 under ``train.precision=bf16`` (the authors'), and the frozen base
+    weights of a LoRA run under bf16 autocast; else fp32."""
+    if cfg.train.precision == "bf16":
+        return torch.bfloat16
+    if cfg.train.trainable == "lora" and cfg.train.precision == "bf16-autocast":
+        return torch.bfloat16
+    return torch.float32
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> QuietStar:
@@ -74,8 +79,21 @@ def lr_lambda(cfg: RunConfig, total: int | None = None):
     return fn
 
 
-def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], total: int | None = None):
-    """AdamW and the learning-rate schedule of ``cfg.optim`` (over ``total`` steps)."""
+def param_groups(
+    cfg: RunConfig, roles: dict[str, list[tuple[str, torch.nn.Parameter]]]
+) -> list[dict]:
+    """One AdamW group per parameter role at ``optim.lr`` times the role's scale
+    (:meth:`qstar.sections.OptimSection.lr_scales`), in the roles' order."""
+    scales = cfg.optim.lr_scales()
+    return [
+        {"params": [p for _, p in ps], "lr": cfg.optim.lr * scales.get(role, 1.0), "role": role}
+        for role, ps in roles.items()
+    ]
+
+
+def build_optimizer(cfg: RunConfig, params: list, total: int | None = None):
+    """AdamW and the learning-rate schedule of ``cfg.optim`` (over ``total`` steps). ``params``:
+    parameters, or parameter groups (:func:`param_groups`)."""
     optimizer = torch.optim.AdamW(
         params,
         lr=cfg.optim.lr,

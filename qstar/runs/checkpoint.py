@@ -4,7 +4,9 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step_000010/``:
     model.safetensors   the QuietStar module: base model, meta embeddings, mixing head
     optimizer.pt        optimiser and scheduler state (loaded with ``weights_only=True``)
     rng.pt              torch CPU/CUDA RNG states and the thought-sampling generator
-    state.json          step, data-stream position, python RNG state, metrics line count
+    state.json          step, the recipe's state (data position, iteration, memory...),
+                        python RNG state, metrics line count
+    recipe.safetensors  the recipe's own tensors, when it has any
 A checkpoint is written into a temporary folder and renamed into place; ``checkpoints/latest``
 (a one-line text file, replaced atomically) names the newest complete one. A crash mid-write
 leaves at worst a stray temporary folder, never a corrupt latest checkpoint.
@@ -21,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from qstar.errors import is_write_error, write_failed
 
 LATEST = "latest"
+TENSORS = "recipe.safetensors"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -52,14 +56,13 @@ def save(
     rank_generators: list[torch.Tensor] | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep``.
 
     ``model_state``/``optimizer_state``: whole tensors gathered from a sharded (FSDP) model, written
     in place of ``model``'s and ``optimizer``'s own state (the optimiser's keyed by parameter name).
     """
-    from safetensors.torch import save_file, save_model
-
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -83,6 +86,8 @@ def save(
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
+        if tensors:  # the recipe's own tensors (e.g. a moving-average copy of the model)
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
         full_state = dict(state, step=step, python_random=_py_random_state())
         (tmp / "state.json").write_text(json.dumps(full_state, indent=2) + "\n")
         if final.exists():
@@ -139,10 +144,14 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
-    """Checkpoint ``path``'s weights into an unsharded ``model``."""
-    from safetensors.torch import load_model
-
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    """Checkpoint ``path``'s weights into an unsharded ``model``. A checkpoint of a LoRA run
+    holds only what trains (the frozen base weights come from the model's source): the
+    model's frozen parameters may be missing from it, nothing else."""
+    file = str(path / "model.safetensors")
+    missing, unexpected = load_model(model, file, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    frozen |= {n for n, _ in model.named_buffers()}
+    missing = [m for m in missing if m not in frozen] if frozen else missing
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not match the model (missing {sorted(missing)[:3]}, "
@@ -184,6 +193,8 @@ def load(
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     state = json.loads((path / "state.json").read_text())
+    if (path / TENSORS).is_file():
+        state["tensors"] = load_file(str(path / TENSORS))
     _set_py_random_state(state["python_random"])
     return state
 

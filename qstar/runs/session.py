@@ -24,6 +24,7 @@ from qstar.runs.build import (
     build_model,
     build_optimizer,
     compile_layers,
+    param_groups,
     peak_memory_mb,
     pick_device,
 )
@@ -70,18 +71,20 @@ def open_run(
     # is sharded, so no device ever holds all of it.
     qs = build_model(cfg, torch.device("cpu") if fsdp else device)
     info = prepare(qs, ctx)
+    t = cfg.train
+    lora = (t.lora_rank, t.lora_alpha, t.lora_targets)
+    prepare_trainable(qs, t.trainable, thinks, lora)  # before anything is written or wrapped
     start_run_dir(run_dir, cfg, ctx.main, resume, ckpt, _model_info(cfg, qs, device, ctx) | info)
-    prepare_trainable(qs, cfg.train.trainable, thinks)  # freezes before any wrapping
     if fsdp and ckpt is not None:
         checkpoint.load_weights(ckpt, qs)  # whole tensors, before sharding
     qs.train()
     if cfg.train.compile:
         compile_layers(qs)
     model = distributed.wrap(qs, ctx, find_unused=find_unused, strategy=cfg.train.parallel)
-    named = trainable_parameters(qs)  # after sharding, which replaces the parameters
+    roles = diagnostics.parameter_roles(qs)  # after sharding, which replaces the parameters
+    named, groups = optimizer_layout(cfg, qs, roles)
     params = [p for _, p in named]
-    optimizer, scheduler = build_optimizer(cfg, params)
-    roles = diagnostics.parameter_roles(qs)
+    optimizer, scheduler = build_optimizer(cfg, groups)
     generator = torch.Generator().manual_seed(cfg.train.seed + ctx.rank)
     start, keep_lines, state = 0, 0, None
     if ckpt is not None:
@@ -123,6 +126,16 @@ def open_run(
     )
 
 
+def optimizer_layout(cfg: RunConfig, qs: QuietStar, roles: dict) -> tuple[list, list]:
+    """The trainable ``(name, parameter)`` pairs in the optimiser's order, and what to build it
+    from: one group of all parameters (as every run before role learning rates), or with any
+    ``optim.*_lr_scale`` set one group per role (:func:`qstar.runs.build.param_groups`)."""
+    if all(scale == 1.0 for scale in cfg.optim.lr_scales().values()):
+        named = trainable_parameters(qs)
+        return named, [p for _, p in named]
+    return [pair for ps in roles.values() for pair in ps], param_groups(cfg, roles)
+
+
 def _model_info(cfg: RunConfig, qs: QuietStar, device, ctx: distributed.Context) -> dict[str, Any]:
     return {
         "method": cfg.train.method,
@@ -153,10 +166,17 @@ def _restore(ckpt, qs, named, optimizer, scheduler, generator, ctx, fsdp):
         print(f"qstar: resumed from {ckpt} (step {int(state['step'])})", file=sys.stderr)
     # checkpoints written before recipes owned their state kept the data position at the top
     recipe_state = state.get("recipe", {"data": state["data"]} if "data" in state else {})
+    if "tensors" in state:
+        recipe_state = {**recipe_state, "tensors": state["tensors"]}
     return int(state["step"]), int(state["metrics_lines"]), recipe_state
 
 
-def save(run: Run, step: int, recipe_state: dict[str, Any]) -> Path | None:
+def save(
+    run: Run,
+    step: int,
+    recipe_state: dict[str, Any],
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path | None:
     """Checkpoint ``step`` with the recipe's state (JSON). Every process takes part (their
     sampling generators are saved too); the main one writes. Refuses to save non-finite
     weights. Returns the checkpoint on the main process."""
@@ -168,6 +188,8 @@ def save(run: Run, step: int, recipe_state: dict[str, Any]) -> Path | None:
         )
     states = distributed.gather(run.generator.get_state(), ctx)
     model_state = distributed.full_model_state(run.qs, ctx, strategy)
+    if run.cfg.train.trainable == "lora":  # what trains; the frozen base comes from its source
+        model_state = {n: p.detach() for n, p in run.qs.named_parameters() if p.requires_grad}
     optimizer_state = distributed.full_optimizer_state(run.qs, run.optimizer, ctx, strategy)
     saved = None
     if ctx.main:
@@ -183,6 +205,7 @@ def save(run: Run, step: int, recipe_state: dict[str, Any]) -> Path | None:
             rank_generators=states,
             model_state=model_state,
             optimizer_state=optimizer_state,
+            tensors=tensors,
         )
     distributed.barrier(ctx)
     return saved

@@ -55,21 +55,14 @@ def optimizer_step(run: Run, parts: dict[str, float], step: int) -> dict[str, An
     diag = diagnostics.grad_norms(run.roles)
     if run.grad_parts is not None:
         diag.update(run.grad_parts.norms())
-    clip = cfg.optim.grad_clip or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, clip)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-        grad_norm = grad_norm.full_tensor()
-    grad_norm = float(grad_norm)
+    grad_norm, coefs = clip_gradients(run.roles, run.params, cfg.optim.grad_clip, cfg.optim.clip)
     bad = nonfinite_part(parts, grad_norm)
     lr = run.optimizer.param_groups[0]["lr"]
     if bad is not None:
         _skip_or_stop(run, step, bad)
         return {"skipped_nonfinite": 1.0, "lr": lr, "skipped_total": float(run.skipped_total)}
     run.skipped = 0
-    # the factor clipping multiplied every gradient by (clip_grad_norm_'s own formula)
-    diag["grad_clip_coef"] = (
-        min(1.0, cfg.optim.grad_clip / (grad_norm + 1e-6)) if cfg.optim.grad_clip else 1.0
-    )
+    diag.update(coefs)
     if run.tracker is not None:
         run.tracker.before_step()
     run.optimizer.step()
@@ -78,6 +71,31 @@ def optimizer_step(run: Run, parts: dict[str, float], step: int) -> dict[str, An
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {**parts, "lr": lr, "grad_norm": grad_norm, **diag}
+
+
+def _norm(value) -> float:
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)  # FSDP: DTensor
+
+
+def clip_gradients(
+    roles: dict[str, list], params: list, max_norm: float, mode: str = "global"
+) -> tuple[float, dict[str, float]]:
+    """Clip in place; ``(the global norm before clipping, {"grad_clip_coef...": factor})``.
+
+    ``global``: all parameters together to ``max_norm`` (``grad_clip_coef``: the factor every
+    gradient was multiplied by, clip_grad_norm_'s own formula). ``per_role``: each role's
+    gradient to ``max_norm`` on its own (``grad_clip_coef/ROLE``). ``max_norm`` 0: no clipping.
+    With one role the two are the same (tested)."""
+    limit = max_norm or float("inf")
+    if mode == "global":
+        norm = _norm(torch.nn.utils.clip_grad_norm_(params, limit))
+        return norm, {"grad_clip_coef": min(1.0, max_norm / (norm + 1e-6)) if max_norm else 1.0}
+    coefs, squares = {}, 0.0
+    for role, pairs in roles.items():
+        norm = _norm(torch.nn.utils.clip_grad_norm_([p for _, p in pairs], limit))
+        squares += norm**2
+        coefs[f"grad_clip_coef/{role}"] = min(1.0, max_norm / (norm + 1e-6)) if max_norm else 1.0
+    return math.sqrt(squares), coefs
 
 
 def _skip_or_stop(run: Run, step: int, bad: str) -> None:

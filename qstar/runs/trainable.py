@@ -4,20 +4,35 @@ from __future__ import annotations
 
 from torch import nn
 
-TRAINABLE = ("all", "heads")
+from qstar.core import hf
+
+TRAINABLE = ("all", "heads", "lora")
 
 
-def prepare_trainable(qs: nn.Module, mode: str, thinks: bool) -> list[tuple[str, nn.Parameter]]:
+def prepare_trainable(
+    qs: nn.Module, mode: str, thinks: bool, lora: tuple[int, float, str] | None = None
+) -> list[tuple[str, nn.Parameter]]:
     """Freeze what ``mode`` (``train.trainable``) leaves out and return the trainable
     ``(name, parameter)`` pairs, each parameter once, in the module's order.
 
     ``all``: everything. ``heads``: the language model (trunk, embeddings, LM head) is frozen;
-    what the model adds to it trains (meta tokens, mixing head, any new head or adapter), so
-    thoughts can be learned but the model's own predictions cannot change. ``thinks``: whether
-    the run's objective uses thoughts at all (``heads`` without them would train nothing)."""
+    the meta tokens and the mixing head train, so thoughts can be learned but the model's own
+    predictions cannot change. ``lora``: the language model is frozen and wrapped by PEFT's
+    LoRA (``lora``: rank, alpha, target layers), whose adapters train with everything the model
+    adds (meta tokens, mixing head, a thinker), all in fp32. ``thinks``: whether the run's
+    objective uses thoughts at all (``heads`` without them would train nothing)."""
     check_trainable(mode, thinks)
     if mode == "heads":
         qs.base_model.requires_grad_(False)
+        if getattr(qs, "thinker", None) is not None:
+            qs.thinker.requires_grad_(False)
+    if mode == "lora":
+        rank, alpha, targets = lora
+        qs.base_model = hf.add_lora(qs.base_model, rank, alpha, targets)
+        for name, module in qs.named_children():  # what qstar adds trains in fp32
+            if name != "base_model":
+                module.float()
+        qs.meta_embeddings.data = qs.meta_embeddings.data.float()
     return trainable_parameters(qs)
 
 
