@@ -42,7 +42,7 @@ def test_paper_config_matches_the_authors_code():
 
 def test_default_run_keeps_the_policy_term_below_the_nll_terms():
     """smollm2_math trains fp32 master weights, where the authors' policy weight 1e6 makes the
-    REINFORCE gradient 40-300x the NLL gradient on the trunk (reports/stability/); the shipped
+    REINFORCE gradient 40-300x the NLL gradient on the trunk (reports/archive/stability/); the shipped
     default must stay far below that, and the authors' regime stays available by name."""
     cfg = load_run_config(str(CONFIG_DIR / "smollm2_math.yaml"))
     assert cfg.train.precision == "bf16-autocast" and cfg.quiet_star.policy_weight <= 1e3

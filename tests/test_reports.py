@@ -21,9 +21,6 @@ from tests.test_evidence import _write_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"
-# reports made before data bundles existed, on their way to reports/archive/: a missing bundle is
-# tolerated for these names only (a name here that has a bundle is checked like any other)
-BEFORE_BUNDLES = {"default200", "small_scale", "smoke", "stability"}
 # the hand-built studies have a (fake) final model but no held-out windows: a skipped analysis
 pytestmark = pytest.mark.filterwarnings("ignore:model analyses skipped")
 
@@ -34,8 +31,6 @@ def test_every_committed_report_regenerates_from_its_bundle():
     from it alone to its committed report.md; every figure it links is committed."""
     problems = []
     for report_dir in bundle.report_dirs(REPORTS):
-        if report_dir.name in BEFORE_BUNDLES and not (report_dir / "data").exists():
-            continue
         problems += bundle.check_report(report_dir)
     assert not problems, "\n".join(problems)
 
