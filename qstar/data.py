@@ -6,7 +6,9 @@ Sources (resolved in :mod:`qstar.data_sources`, whose names this module re-expor
     (``data.data_dir`` or ``$QSTAR_DATA_DIR``; see :data:`LOCAL_LAYOUT`);
   * local ``.jsonl``, ``.json`` (an array, or JSON lines), ``.parquet``, ``.txt`` (one document
     per blank-line-separated block) files, a directory of them, or a glob;
-  * ``builtin:NAME``: small texts shipped with qstar for demos and tests.
+  * ``builtin:NAME``: small texts shipped with qstar for demos and tests;
+  * ``arith:A-B``: additions of A to B digits as ``Q: What is 624 + 257?\nA: The answer is
+    881.``, generated (:mod:`qstar.qa.arith`; ``max_documents`` of them, split train or test).
 Each row becomes one document through ``text_field`` or a ``template`` over fields
 (``"{question}\\n{answer}"``). A malformed row raises :class:`DataError` naming the file and
 line, or is skipped and counted when ``on_bad_row == "skip"``.
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from qstar.data_sources import (  # noqa: F401  (re-exported: callers import them from qstar.data)
+    ARITH_SPLITS,
     BUILTIN_DIR,
     BUNDLED,
     LOCAL_LAYOUT,
@@ -162,11 +165,12 @@ def load_documents(
     announce(resolved)
     kind, where = resolved.kind, resolved.where
     docs = Documents(texts=[], source=str(source), origin=resolved.origin)
-    rows = (
-        file_rows(where)
-        if kind == "files"
-        else _hub_rows(where, hub_config, split, seed, shuffle_buffer)
-    )
+    if kind == "arith":
+        rows = _arith_rows(where, split, max_documents)
+    elif kind == "files":
+        rows = file_rows(where)
+    else:
+        rows = _hub_rows(where, hub_config, split, seed, shuffle_buffer)
     for location, row in rows:
         if max_documents is not None and len(docs.texts) >= max_documents:
             break
@@ -200,6 +204,16 @@ def file_rows(paths: list[Path]) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
+
+
+def _arith_rows(source: str, split: str, limit: int | None) -> Iterator[tuple[str, Any]]:
+    """The first ``limit`` generated problems of ``source`` (``arith:A-B``) as plain text."""
+    from qstar.qa.arith import documents  # deferred: qstar.qa imports qstar.data (import cycle)
+
+    if limit is None:
+        raise DataError(f"data source {source} has no end: set data.max_documents")
+    for i, text in enumerate(documents(split, source, limit)):
+        yield f"{source}[{split}] problem {i}", text
 
 
 def _hub_rows(name: str, config: str | None, split: str, seed: int, buffer: int):

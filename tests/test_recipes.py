@@ -95,7 +95,11 @@ def count_method():
 
 def _rows(run_dir):
     return [
-        {k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+        {
+            k: v
+            for k, v in json.loads(line).items()
+            if not k.endswith("_s") and k not in ("peak_mem_mb", "tokens_per_s")
+        }
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
     ]
 

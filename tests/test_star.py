@@ -51,12 +51,8 @@ def test_star_runs_and_writes_its_run_directory(tmp_path, lenient):
     assert [r["iteration"] for r in its] == [1, 2]
     assert all(r["kept"] == r["correct"] + r["rationalized"] and r["kept"] > 0 for r in its)
     trains = [r for r in rows if r["kind"] == "train"]
-    assert [r["step"] for r in trains] == [
-        1,
-        2,
-        3,
-        4,
-    ]  # 2 steps per iteration, counted over the run
+    # 2 steps, then 2 x 1.2 -> 3 (the paper's growth), counted over the run
+    assert [r["step"] for r in trains] == [1, 2, 3, 4, 5]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trains)
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["iteration"] for r in evals] == [0, 1, 2] and "eval/qa_acc" in evals[-1]
@@ -65,7 +61,7 @@ def test_star_runs_and_writes_its_run_directory(tmp_path, lenient):
         for x in (run / "iterations" / "iter_1" / "kept.jsonl").read_text().splitlines()
     ]
     assert kept and all("Hint" not in r["prompt"] for r in kept)
-    assert summary["steps"] == 4 and len(summary["per_iteration"]) == 2
+    assert summary["steps"] == 5 and len(summary["per_iteration"]) == 2
     assert "iteration 2" in format_summary(cfg, summary)
     assert (run / "checkpoints" / "latest").is_file()  # the one checkpoint format
 
@@ -139,7 +135,7 @@ def test_rationalisation_keeps_the_rationale_without_the_hint(monkeypatch):
             elif q is questions[0]:
                 out.append(f" The hint says {q.answer}. The answer is {q.answer}.")
             else:
-                out.append(f" We add it up. The answer is {q.answer}.")
+                out.append(f" We add it up: 0 + {q.answer} = {q.answer}. The answer is {q.answer}.")
         return out
 
     monkeypatch.setattr(star, "_sample", fake)

@@ -185,11 +185,29 @@ def trice_surrogate(
             f"{tuple(logp_memory.shape)}, {tuple(logp_proposal.shape)}, {tuple(correct.shape)}"
         )
     beta = trice_control_variate(correct, contributes).to(logp_memory.dtype)
+    return trice_terms(logp_memory, logp_proposal, beta, contributes, correct.shape[0])
+
+
+def trice_terms(
+    logp_memory: torch.Tensor,
+    logp_proposal: torch.Tensor,
+    beta: torch.Tensor,
+    contributes: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """Part of :func:`trice_surrogate`: the sum over some questions of ``m_i [log p(r_i) -
+    beta_i log p(z'_i)] / B``, with ``beta`` (:func:`trice_control_variate`) computed over the
+    *whole* batch of ``B`` questions. Summed over micro-batches it is the surrogate of the batch
+    (a step accumulates it micro-batch by micro-batch; the control variate stays the batch's,
+    so a micro-batch of one question still gets its leave-one-out ``beta``).
+
+    Args:
+        logp_memory, logp_proposal, beta, contributes: ``(b,)`` for these questions."""
     m = contributes.bool()
     # torch.where, not a product: a non-contributing -inf / NaN must not leak into the gradient
     memory_term = torch.where(m, logp_memory, 0.0)
-    proposal_term = torch.where(m, beta * logp_proposal, 0.0)
-    return (memory_term - proposal_term).sum() / correct.shape[0]
+    proposal_term = torch.where(m, beta.to(logp_proposal.dtype) * logp_proposal, 0.0)
+    return (memory_term - proposal_term).sum() / batch_size
 
 
 # ---------------------------------------------------------------------------------------------

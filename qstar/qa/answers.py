@@ -111,12 +111,13 @@ def _letter(match: re.Match) -> str | None:
 
 
 # ---------------------------------------------------------------------------- rows
-EXTRACTORS = {"gsm8k": extract_number, "csqa": extract_letter}
+EXTRACTORS = {"gsm8k": extract_number, "csqa": extract_letter, "arith": extract_number}
 
 
 def extract_answer(task: str, text: str) -> str | None:
-    """The answer ``text`` gives: GSM8K a normalised number (:func:`extract_number`),
-    CommonsenseQA a capital letter (:func:`extract_letter`); ``None`` when it gives none."""
+    """The answer ``text`` gives: GSM8K and arithmetic a normalised number
+    (:func:`extract_number`), CommonsenseQA a capital letter (:func:`extract_letter`); ``None``
+    when it gives none."""
     if task not in EXTRACTORS:
         raise ValueError(f"unknown question-answer task {task!r}; known: {', '.join(EXTRACTORS)}")
     return EXTRACTORS[task](text)
@@ -127,4 +128,27 @@ def is_correct(example: QAExample, text: str) -> bool:
     got = extract_answer(example.task, text)
     if got is None:
         return False
-    return _same_number(got, example.answer) if example.task == "gsm8k" else got == example.answer
+    if example.task in ("gsm8k", "arith"):  # numbers: "3.50" == "3.5"
+        return _same_number(got, example.answer)
+    return got == example.answer
+
+
+_FINAL = re.compile(r"####|[Tt]he (?:final )?answer is")
+
+
+def reaches_answer(example: QAExample, text: str) -> bool:
+    """Whether ``text`` reaches the gold answer *by its reasoning*: it is correct
+    (:func:`is_correct`) and the rationale before its final answer derives it -- for a number,
+    an equation whose result is that number (``... = 42``); for a CommonsenseQA letter, the
+    chosen option's text named. A rationalisation that only repeats the hinted answer ("The
+    answer is 42.") does not count (STaR keeps rationalised rationales only when they reach the
+    answer; Zelikman et al. 2022, Sec. 3.2)."""
+    if not is_correct(example, text):
+        return False
+    cut = _FINAL.search(text)
+    body = text[: cut.start()] if cut else text
+    if example.task == "csqa":
+        option = re.search(rf"\({example.answer}\) ([^\n]+)", example.question)
+        return bool(option) and option.group(1).strip().lower() in body.lower()
+    results = re.findall(rf"=\s*({NUMBER})", body)
+    return any(_same_number(normalise_number(r), example.answer) for r in results)

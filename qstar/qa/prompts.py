@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 
 from qstar.qa.answers import EXTRACTORS, QAExample
+from qstar.qa.arith import question, scratchpad
 
 
 def _shot(task: str, n: int, question: str, rationale: str, answer: str) -> QAExample:
@@ -93,7 +94,18 @@ CSQA_SHOTS: tuple[QAExample, ...] = (
     ),
 )
 
-SHOTS: dict[str, tuple[QAExample, ...]] = {"gsm8k": GSM8K_SHOTS, "csqa": CSQA_SHOTS}
+# Additions of 2, 3, 4 and 5 digits, from the training half of the problems (never held out),
+# the rationale written by qstar.qa.arith.scratchpad: carries, a column without one, a new digit.
+ARITH_SHOTS: tuple[QAExample, ...] = tuple(
+    _shot("arith", i, question(a, b), scratchpad(a, b), str(a + b))
+    for i, (a, b) in enumerate(((48, 36), (517, 346), (5839, 4763), (47205, 38619)))
+)
+
+SHOTS: dict[str, tuple[QAExample, ...]] = {
+    "gsm8k": GSM8K_SHOTS,
+    "csqa": CSQA_SHOTS,
+    "arith": ARITH_SHOTS,
+}
 
 
 def shots_for(task: str) -> tuple[QAExample, ...]:
@@ -110,16 +122,29 @@ def format_target(rationale: str | None, answer: str) -> str:
     return f" {rationale} The answer is {answer}." if rationale else f" The answer is {answer}."
 
 
-def format_prompt(example: QAExample, shots: Sequence[QAExample], hint: str | None = None) -> str:
+def _with_hint(question: str, hint: str) -> str:
+    """``" (Hint: the answer is <hint>)"`` after the question line, before any answer options."""
+    options = re.search(r"\n\([A-Z]\) ", question)
+    cut = options.start() if options else len(question)
+    return f"{question[:cut]} (Hint: the answer is {hint}){question[cut:]}"
+
+
+def format_prompt(
+    example: QAExample,
+    shots: Sequence[QAExample],
+    hint: str | None = None,
+    hint_shots: bool = True,
+) -> str:
     """The STaR prompt: each shot as ``Q: ...\\nA: <rationale> The answer is <answer>.\\n\\n``,
-    then ``Q: <question>\\nA:``. ``hint`` (rationalization, Zelikman et al. 2022 Sec. 3.2) adds
-    ``" (Hint: the answer is <hint>)"`` to the question line, before any answer options."""
-    parts = [f"Q: {s.question}\nA:{format_target(s.rationale, s.answer)}\n\n" for s in shots]
-    question = example.question
-    if hint is not None:
-        options = re.search(r"\n\([A-Z]\) ", question)
-        cut = options.start() if options else len(question)
-        question = f"{question[:cut]} (Hint: the answer is {hint}){question[cut:]}"
+    then ``Q: <question>\\nA:``. ``hint`` makes it the rationalization prompt (Zelikman et al.
+    2022, Sec. 3.2): ``" (Hint: the answer is <hint>)"`` after the question line, and, as in the
+    paper's rationalization prompt, after each worked example's question its own answer
+    (``hint_shots``), so the examples show how a hinted question is answered."""
+    parts = []
+    for s in shots:
+        q = _with_hint(s.question, s.answer) if hint is not None and hint_shots else s.question
+        parts.append(f"Q: {q}\nA:{format_target(s.rationale, s.answer)}\n\n")
+    question = example.question if hint is None else _with_hint(example.question, hint)
     return "".join(parts) + f"Q: {question}\nA:"
 
 

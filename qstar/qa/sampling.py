@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from qstar.qa import answers
 from qstar.qa.answers import QAExample
+from qstar.qa.arith import accuracy_by_digits
 from qstar.qa.prompts import format_prompt, shots_for
 
 STOP_STRINGS = ("\nQ:", "\n\n")
@@ -30,6 +31,27 @@ def common_prefix(rows: list[list[int]]) -> int:
     return max(n, 0)
 
 
+def sampled_prefix(tok, row: list[int], eos: int | None) -> list[int]:
+    """The tokens of a generated row that belong to the sample: up to and including EOS or the
+    token that completes a stop string (generation of a batch runs on until every row has
+    stopped; what follows is not part of the sample). Binary search over prefixes: once a stop
+    string appears in the decoded prefix it stays."""
+    if eos is not None and eos in row:
+        row = row[: row.index(eos) + 1]
+
+    def stopped(n: int) -> bool:
+        text = tok.decode(row[:n], skip_special_tokens=True)
+        return any(s in text for s in STOP_STRINGS)
+
+    if not stopped(len(row)):
+        return row
+    lo, hi = 1, len(row)  # the shortest prefix that has stopped
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if stopped(mid) else (mid + 1, hi)
+    return row[:lo]
+
+
 def sample_rationales(
     qs,
     prompts: list[str],
@@ -41,14 +63,17 @@ def sample_rationales(
     stop_early: bool = True,
     progress: str | None = None,
     share_prefix: bool = True,
-) -> list[str]:
+    return_ids: bool = False,
+) -> list[str] | list[tuple[str, list[int]]]:
     """One completion per prompt: batched, KV-cached, left-padded generation
     (:func:`qstar.core.inference.generate`), greedy at ``temperature`` 0; each completion cut at
     :data:`STOP_STRINGS`. Generation of a batch ends once every row has stopped (with
     ``stop_early``; without, after ``max_new_tokens``, as the benchmark compares). The tokens
     every prompt of a batch starts with (the worked examples) are run once and their cache
     shared (``share_prefix``). ``progress``: the description of a progress bar counting
-    rationales (with their rate per second)."""
+    rationales (with their rate per second). ``return_ids``: each completion with the token ids
+    the model sampled for it, up to and including the token that ended it (EOS, or the one that
+    completed a stop string): exactly what a score of the sample must score."""
     tok = qs.tokenizer
     bar = None
     if progress is not None:
@@ -86,9 +111,11 @@ def sample_rationales(
             prefix=prefix,
         )
         for row in new.tolist():
+            sampled = sampled_prefix(tok, row, eos)
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
-            out.append(stop_text(tok.decode(row, skip_special_tokens=True)))
+            text = stop_text(tok.decode(row, skip_special_tokens=True))
+            out.append((text, sampled) if return_ids else text)
         if bar is not None:
             bar.update(len(encoded))
     if bar is not None:
@@ -100,7 +127,8 @@ def sample_rationales(
 def qa_accuracy(qs, qa, questions: list[QAExample], progress: bool = False) -> dict[str, float]:
     """Greedy answers to held-out ``questions`` with the ``qa`` section's prompt (its worked
     examples), checked (:func:`qstar.qa.answers.is_correct`): ``eval/qa_acc`` and
-    ``eval/qa_n``; ``{}`` without questions."""
+    ``eval/qa_n``, for arithmetic also ``eval/qa_acc_d{n}`` and ``eval/qa_n_d{n}`` for each digit
+    count ``n`` (:func:`qstar.qa.arith.accuracy_by_digits`); ``{}`` without questions."""
     if not questions:
         return {}
     shots = shots_for(qa.task)[: qa.shots]
@@ -120,4 +148,7 @@ def qa_accuracy(qs, qa, questions: list[QAExample], progress: bool = False) -> d
     finally:
         qs.train(was_training)
     correct = [answers.is_correct(q, t) for q, t in zip(questions, texts, strict=True)]
-    return {"eval/qa_acc": sum(correct) / len(correct), "eval/qa_n": float(len(correct))}
+    out = {"eval/qa_acc": sum(correct) / len(correct), "eval/qa_n": float(len(correct))}
+    if qa.task == "arith":
+        out.update(accuracy_by_digits(questions, correct))
+    return out

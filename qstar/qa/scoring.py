@@ -12,16 +12,29 @@ def completion_batch(
     tok, rows: list[dict], device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``(ids, attention mask, completion mask)`` of ``prompt`` + ``target`` rows
-    (the target ends with EOS where the tokenizer has one)."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    seqs, comp = [], []
+    (text; the target ends with EOS where the tokenizer has one): supervised targets."""
+    pairs = []
     for r in rows:
         p = tok(r["prompt"], add_special_tokens=False).input_ids
         t = tok(r["target"], add_special_tokens=False).input_ids
         if tok.eos_token_id is not None:
             t = t + [tok.eos_token_id]
-        seqs.append(p + t)
-        comp.append([0] * len(p) + [1] * len(t))
+        pairs.append((p, t))
+    return completion_batch_ids(pad_of(tok), pairs, device)
+
+
+def pad_of(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+def completion_batch_ids(
+    pad: int, pairs: list[tuple[list[int], list[int]]], device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same from token ids: ``(prompt ids, completion ids)`` pairs, the completion exactly
+    as given (a sample's own tokens, :func:`qstar.qa.sampling.sample_rationales` with
+    ``return_ids``), nothing re-tokenised or appended."""
+    seqs = [p + t for p, t in pairs]
+    comp = [[0] * len(p) + [1] * len(t) for p, t in pairs]
     width = max(len(s) for s in seqs)
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)

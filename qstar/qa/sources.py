@@ -4,6 +4,7 @@ sample), into :class:`~qstar.qa.answers.QAExample` rows: the question, the gold 
 the normalised final number; CommonsenseQA: the letter) and, where the data set has one, a
 worked rationale (GSM8K's solution, calculator annotations ``<<...>>`` removed). A malformed row
 raises :class:`qstar.data.DataError` naming the file and line (or the hub row) and the fix.
+The arithmetic task's problems are generated (:mod:`qstar.qa.arith`), not read.
 :func:`load_examples` reads a run's ``qa`` section.
 """
 
@@ -18,6 +19,8 @@ from typing import Any
 
 from qstar.data import DataError, announce, file_rows, resolve
 from qstar.qa.answers import CSQA_LETTERS, NUMBER, QAExample, normalise_number
+from qstar.qa.arith import DEFAULT_SOURCE as ARITH_SOURCE
+from qstar.qa.arith import load as load_arith
 
 
 def _field(row: dict, name: str, parent: str = "") -> str:
@@ -81,16 +84,19 @@ def _csqa_row(row: dict) -> tuple[str, str, str | None]:
 
 @dataclass(frozen=True)
 class Task:
-    """A question-answer data set: its default source, hub config, row parser, answer reader."""
+    """A question-answer data set: its default source, hub config and row parser; or, for
+    generated problems, ``generate(split, source, limit) -> examples`` instead of rows."""
 
     source: str
     hub_config: str | None
-    parse: Callable[[dict], tuple[str, str, str | None]]
+    parse: Callable[[dict], tuple[str, str, str | None]] | None = None
+    generate: Callable[[str, str | None, int | None], list[QAExample]] | None = None
 
 
 TASKS: dict[str, Task] = {
     "gsm8k": Task("openai/gsm8k", "main", _gsm8k_row),
     "csqa": Task("tau/commonsense_qa", None, _csqa_row),
+    "arith": Task(ARITH_SOURCE, None, generate=load_arith),
 }
 
 
@@ -113,13 +119,18 @@ def load_qa(
     ``source``: a local file, directory or glob, or a hub id (default :data:`TASKS`' one, read
     from ``data_dir`` / ``$QSTAR_DATA_DIR`` when the file is there; see
     :func:`qstar.data.resolve`). Raises :class:`qstar.data.DataError` for a bad row or no rows.
+    ``arith``: ``limit`` generated problems of ``source`` ``arith:A-B`` (:func:`qstar.qa.arith.load`).
     """
     spec = _task(task)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    if spec.generate is not None:
+        return spec.generate(split, source, limit)
     source = source or spec.source
     resolved = resolve(source, split, data_dir)
     announce(resolved)
+    if resolved.kind == "arith":
+        raise DataError(f"{source} is generated arithmetic, not {task} data: use qa.task=arith")
     if resolved.kind == "files":
         rows = file_rows(resolved.where)
     else:
@@ -164,7 +175,13 @@ def _hub_rows(name: str, config: str | None, split: str) -> Iterator[tuple[str, 
 def load_examples(qa, data_dir: str | None = None, held_out: bool = False) -> list[QAExample]:
     """The training questions of a ``qa`` config section (``source``, ``split``), or with
     ``held_out`` its evaluation questions (``eval_source``, default the same source,
-    ``eval_split``)."""
+    ``eval_split``). ``arith``: ``questions`` generated problems of ``digits`` (held out:
+    ``eval_questions`` of ``eval_digits``, default ``digits``)."""
+    if qa.task == "arith":
+        digits = (qa.eval_digits or qa.digits) if held_out else qa.digits
+        size = qa.eval_questions if held_out else qa.questions
+        split = qa.eval_split if held_out else qa.split
+        return load_qa("arith", split, source=f"arith:{digits}", limit=size)
     source = qa.source or TASKS[qa.task].source
     if held_out:
         source = qa.eval_source or source
@@ -175,7 +192,13 @@ def load_examples(qa, data_dir: str | None = None, held_out: bool = False) -> li
 
 def check_sources(qa) -> None:
     """A local file names no split: used for training and evaluation, it would score the model
-    on the questions it trained on. Refused, naming the fix."""
+    on the questions it trained on. Refused, naming the fix; so is a source for ``arith``,
+    whose problems are generated."""
+    if qa.task == "arith" and (qa.source or qa.eval_source):
+        raise ValueError(
+            "qa.source and qa.eval_source are not read by qa.task=arith (its problems are "
+            "generated from qa.digits and qa.eval_digits): unset them"
+        )
     if qa.source and qa.eval_source is None and Path(qa.source).expanduser().exists():
         raise ValueError(
             f"qa.source={qa.source} is a local file or folder, which holds one split: set "

@@ -56,16 +56,19 @@ def collect(
     run: Run, cfg, questions: list, seed: int, rejected: list | None = None
 ) -> tuple[list[dict], dict]:
     """Steps 1-3 of an iteration: sample, check, rationalise. Returns the kept examples
-    (``prompt``: the question without any hint, ``target``: rationale and answer) and figures;
-    the incorrect first samples are appended to ``rejected`` (V-STaR's negatives). Several
-    processes share the sampling (each a part of the questions, all get every rationale)."""
+    (``prompt``: the training prompt of ``star.train_format``, never with a hint; ``target``:
+    rationale and answer) and figures; the incorrect first samples are appended to ``rejected``
+    (V-STaR's negatives). Several processes share the sampling. A rationalisation is kept only
+    if its reasoning reaches the answer (:func:`qstar.qa.answers.reaches_answer`), not when it
+    merely repeats the hint."""
     qa = cfg.qa
     shots = shots_for(qa.task)[: qa.shots]
     t0 = time.perf_counter()
     texts = _sample(run, [format_prompt(q, shots) for q in questions], seed, "sample")
     correct = [answers.is_correct(q, t) for q, t in zip(questions, texts, strict=True)]
+    train_shots = shots if cfg.star.train_format == "sampled" else []
     kept = [
-        {"id": q.id, "prompt": format_prompt(q, []), "target": t, "rationalized": False}
+        {"id": q.id, "prompt": format_prompt(q, train_shots), "target": t, "rationalized": False}
         for q, t, ok in zip(questions, texts, correct, strict=True)
         if ok
     ]
@@ -73,7 +76,7 @@ def collect(
     wrong = [q for q, ok in zip(questions, correct, strict=True) if not ok]
     if rejected is not None:
         rejected += [
-            {"id": q.id, "prompt": format_prompt(q, []), "target": t}
+            {"id": q.id, "prompt": format_prompt(q, train_shots), "target": t}
             for q, t, ok in zip(questions, texts, correct, strict=True)
             if not ok
         ]
@@ -82,9 +85,14 @@ def collect(
         prompts = [format_prompt(q, shots, hint=q.answer) for q in wrong]
         for q, t in zip(wrong, _sample(run, prompts, seed + 1, "rationalise"), strict=True):
             # a rationale that talks about the hint would teach the model to expect one
-            if answers.is_correct(q, t) and "hint" not in t.lower():
+            if answers.reaches_answer(q, t) and "hint" not in t.lower():
                 kept.append(
-                    {"id": q.id, "prompt": format_prompt(q, []), "target": t, "rationalized": True}
+                    {
+                        "id": q.id,
+                        "prompt": format_prompt(q, train_shots),
+                        "target": t,
+                        "rationalized": True,
+                    }
                 )
                 n_rationalized += 1
     seconds = time.perf_counter() - t0
@@ -100,25 +108,41 @@ def collect(
     }
 
 
-def _sample(run: Run, prompts: list[str], seed: int, what: str) -> list[str]:
-    """Rationales for ``prompts`` at ``qa.temperature``, shared out over the processes."""
+def sample_shared(
+    run: Run, prompts: list[str], seed: int, what: str | None = None, return_ids: bool = False
+) -> list:
+    """Rationales for ``prompts`` at ``qa.temperature``, in batches of ``qa.generation_batch``
+    each seeded by ``seed`` and its index, shared out over the processes (batch ``c`` on process
+    ``c mod world``): the same rationales on any number of processes."""
     qa = run.cfg.qa
+    size = qa.generation_batch
+    chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     progress = what if run.cfg.logging.progress and run.ctx.main else None
 
-    def fn(part: list[str]) -> list[str]:
-        return sample_rationales(
-            run.qs,
-            part,
-            qa.max_new_tokens,
-            qa.temperature,
-            qa.think,
-            seed,
-            qa.generation_batch,
-            progress=progress,
-        )
+    def fn(indexed: list[tuple[int, list[str]]]) -> list[list]:
+        return [
+            sample_rationales(
+                run.qs,
+                chunk,
+                qa.max_new_tokens,
+                qa.temperature,
+                qa.think,
+                seed * 7919 + c,
+                size,
+                progress=progress,
+                return_ids=return_ids,
+            )
+            for c, chunk in indexed
+        ]
 
     with torch.no_grad(), run.autocast:
-        return distributed.shard_map(fn, prompts, run.ctx, replicated=not run.fsdp)
+        done = distributed.shard_map(fn, list(enumerate(chunks)), run.ctx, not run.fsdp)
+    return [x for chunk in done for x in chunk]
+
+
+def _sample(run: Run, prompts: list[str], seed: int, what: str) -> list[str]:
+    """:func:`sample_shared`'s texts."""
+    return sample_shared(run, prompts, seed, what)
 
 
 def finetune(run: Run, kept: list[dict], steps: int, seed: int, step0: int, iteration: int) -> int:
@@ -235,8 +259,13 @@ class StarRecipe(Recipe):
         run.qs.load_state_dict(self.base_state)  # STaR fine-tunes the base model every time
         torch.manual_seed(seed)
         steps = iteration_steps(self.cfg, step)
-        self.ft_steps += finetune(run, kept, steps, seed, self.ft_steps, step)
+        data = self.training_data(run, step, kept)
+        self.ft_steps += finetune(run, data, steps, seed, self.ft_steps, step)
         return row
+
+    def training_data(self, run: Run, step: int, kept: list[dict]) -> list[dict]:
+        """What iteration ``step`` fine-tunes on: STaR, its own kept rationales."""
+        return kept
 
     def evaluate(self, run: Run, step: int) -> dict[str, Any] | None:
         row: dict[str, float] = {}

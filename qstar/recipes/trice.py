@@ -6,13 +6,21 @@ TRICE maximises the marginal likelihood of the correct answer, treating the rati
 latent variable, by MCMC-EM. Setup: ``qa.questions`` training questions, each with a *memory*
 of one rationale whose answer is correct, initialised by hinted sampling (the rationalisation
 prompt of STaR, the hint dropped from what is scored), then by one plain sample for those still
-empty. One step: ``train.batch_size`` questions (a seeded draw); the current model *proposes* a
-rationale for each (at ``qa.temperature``: 1.0 keeps the proposal the model's own
-distribution, which the control variate needs); a correct proposal replaces the memory; the
+empty (a rationalisation counts only if its reasoning reaches the answer). One step:
+``train.batch_size`` questions (a seeded draw); the current model *proposes* a rationale for
+each (``qa.temperature`` must be 1 and ``qa.think`` false: the proposal must be the model's own
+distribution for the control variate); a correct proposal replaces the memory; the
 gradient is :func:`qstar.core.selftaught.trice_surrogate`'s: ``(1/B) sum_i m_i [grad log p(r_i
 | x_i) - beta_i grad log p(z'_i | x_i)]`` with the leave-one-out ``beta_i`` (``beta = 0`` with
-``trice.control_variate=false``). Rationales are sampled and scored under the same prompt
-(``qa.shots`` worked examples, then the question).
+``trice.control_variate=false``), taken over the whole batch (a step accumulates the surrogate
+micro-batch by micro-batch; the control variate stays the batch's, so it is on even with
+micro-batches of one question). A rationale is scored on exactly the token ids that were
+sampled (up to EOS or the end of the stop string; nothing re-tokenised or appended), under the
+prompt it was proposed with (``qa.shots`` worked examples, then the question); the memory's
+rationale (sampled at an earlier step, or with the hint at initialisation) is scored under the
+same plain prompt. A question whose memory is still empty (no correct rationale found yet)
+contributes nothing to the gradient and does not count in the other questions' leave-one-out
+rate (Hoffman et al. 2023: the gradient is over examples with a rationale in memory).
 
 Logged per step: ``accept_rate`` (correct proposals), ``memory_coverage`` (questions with a
 correct rationale in memory), ``contributing`` (of the batch). Every ``eval.every`` steps (and
@@ -33,92 +41,78 @@ from qstar.core import selftaught
 from qstar.core.model import QuietStar
 from qstar.qa import answers, check_sources, format_prompt, load_examples, shots_for
 from qstar.qa.sampling import qa_accuracy, sample_rationales
-from qstar.qa.scoring import completion_batch, completion_logprobs
+from qstar.qa.scoring import completion_batch_ids, completion_logprobs, pad_of
 from qstar.recipes.base import Recipe
 from qstar.recipes.registry import Method, register
-from qstar.recipes.star import accuracy_lines, final_tasks, strip_eval
+from qstar.recipes.star import accuracy_lines, final_tasks, sample_shared, strip_eval
 from qstar.run_config import QASection, TriceSection
 from qstar.runs import distributed
 from qstar.runs.state import Run
 from qstar.runs.step import optimizer_step
 
 
-def init_memory(run: Run, questions: list, seed: int) -> dict[str, str]:
-    """One correct rationale per question where hinted, then plain, sampling finds one."""
+def _sample(run: Run, prompts: list[str], seed: int, what: str | None = None):
+    """``(text, sampled token ids)`` per prompt at ``qa.temperature``, without gradient."""
+    qa = run.cfg.qa
+    with torch.no_grad(), run.autocast:
+        return sample_rationales(
+            run.qs,
+            prompts,
+            qa.max_new_tokens,
+            qa.temperature,
+            qa.think,
+            seed,
+            qa.generation_batch,
+            progress=what if run.cfg.logging.progress and run.ctx.main else None,
+            return_ids=True,
+        )
+
+
+def init_memory(run: Run, questions: list, seed: int) -> dict[str, dict]:
+    """One correct rationale per question where hinted, then plain, sampling finds one (its
+    text and its sampled token ids, which later steps score)."""
     qa = run.cfg.qa
     shots = shots_for(qa.task)[: qa.shots]
-    memory: dict[str, str] = {}
+    memory: dict[str, dict] = {}
     for attempt, hinted in enumerate((True, False)):
         todo = [q for q in questions if q.id not in memory]
         if not todo:
             break
         prompts = [format_prompt(q, shots, hint=q.answer if hinted else None) for q in todo]
 
-        def fn(part: list[str], attempt: int = attempt) -> list[str]:
-            return sample_rationales(
-                run.qs,
-                part,
-                qa.max_new_tokens,
-                qa.temperature,
-                qa.think,
-                seed + attempt,
-                qa.generation_batch,
-                progress="initialise memory" if run.cfg.logging.progress else None,
-            )
-
-        with torch.no_grad(), run.autocast:
-            texts = distributed.shard_map(fn, prompts, run.ctx, replicated=not run.fsdp)
-        for q, t in zip(todo, texts, strict=True):
-            if answers.is_correct(q, t) and "hint" not in t.lower():
-                memory[q.id] = t
+        got = sample_shared(run, prompts, seed + attempt, "initialise memory", return_ids=True)
+        for q, (text, ids) in zip(todo, got, strict=True):
+            if answers.reaches_answer(q, text) and "hint" not in text.lower():
+                memory[q.id] = {"text": text, "ids": ids}
     return memory
 
 
-def trice_step(
-    run: Run, batch: list, memory: dict[str, str], seed: int, control_variate: bool = True
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Propose, update the memory, and accumulate the gradient of ``-trice_surrogate``.
-    Returns the figures and the memory updates (correct proposals by question id)."""
-    qa = run.cfg.qa
-    qs = run.qs
-    shots = shots_for(qa.task)[: qa.shots]
-    prompts = [format_prompt(q, shots) for q in batch]
-    with torch.no_grad(), run.autocast:
-        qs.eval()
-        proposals = sample_rationales(
-            qs, prompts, qa.max_new_tokens, qa.temperature, qa.think, seed, qa.generation_batch
-        )
-    correct = [answers.is_correct(q, z) for q, z in zip(batch, proposals, strict=True)]
-    updates = {q.id: z for q, z, c in zip(batch, proposals, correct, strict=True) if c}
-    memory.update(updates)
-    contributes = [q.id in memory for q in batch]
-    qs.train()
-    # score the proposals, and the memories that differ from them, in one batch
-    rows = [{"prompt": p, "target": z} for p, z in zip(prompts, proposals, strict=True)]
-    stale = [i for i, q in enumerate(batch) if contributes[i] and not correct[i]]
-    rows += [{"prompt": prompts[i], "target": memory[batch[i].id]} for i in stale]
-    ids, mask, cmask = completion_batch(qs.tokenizer, rows, run.device)
+def score(run: Run, prompt_ids: list[list[int]], sampled: list[list[int]]) -> torch.Tensor:
+    """``(b,)`` ``log p(sampled | prompt)`` of exactly the sampled token ids, with gradient."""
+    ids, mask, cmask = completion_batch_ids(
+        pad_of(run.qs.tokenizer), list(zip(prompt_ids, sampled, strict=True)), run.device
+    )
     with run.autocast:
-        logp = completion_logprobs(run.model, ids, mask, cmask)  # (B + len(stale),)
-    B = len(batch)
-    logp_proposal = logp[:B]
-    logp_memory = logp_proposal.clone()
+        return completion_logprobs(run.model, ids, mask, cmask)
+
+
+def trice_backward(
+    run: Run, prompts: list[list[int]], proposals: list, memories: list, beta, m, batch_size: int
+) -> tuple[torch.Tensor, float]:
+    """Accumulate the gradient of ``-trice_terms`` for one micro-batch (the memory's and the
+    proposal's sampled ids scored under the plain prompt); returns the proposals' log-probs and
+    this micro-batch's part of the loss."""
+    lp_prop = score(run, prompts, [z["ids"] for z in proposals])
+    lp_mem = lp_prop.clone()
+    stale = [i for i, (z, r) in enumerate(zip(proposals, memories, strict=True)) if r is not z]
+    stale = [i for i in stale if memories[i] is not None]
     if stale:
-        logp_memory = logp_memory.index_put((torch.tensor(stale, device=run.device),), logp[B:])
-    c = torch.tensor(correct, device=run.device)
-    m = torch.tensor(contributes, device=run.device)
-    if not control_variate:  # the plain estimator: the proposal's score carries no weight
-        c = torch.zeros_like(c)
-    objective = selftaught.trice_surrogate(logp_memory, logp_proposal, c, m)
-    (-objective / run.accum).backward()  # the step's gradient: the mean over its micro-batches
-    figures = {
-        "loss": float(-objective.detach()),
-        "accept_rate": float(torch.tensor(correct, dtype=torch.float).mean()),
-        "contributing": float(m.float().mean()),
-        "proposal_logp": float(logp_proposal.detach().mean()),
-        "tokens": int(cmask.sum()),
-    }
-    return figures, updates
+        got = score(run, [prompts[i] for i in stale], [memories[i]["ids"] for i in stale])
+        lp_mem = lp_mem.index_put((torch.tensor(stale, device=run.device),), got)
+    terms = selftaught.trice_terms(lp_mem, lp_prop, beta, m, batch_size)
+    # data-parallel processes average their gradients: each carries its share of the batch sum
+    (-terms * run.ctx.world).backward()
+    return lp_prop.detach(), float(-terms.detach())
 
 
 class TriceRecipe(Recipe):
@@ -128,10 +122,18 @@ class TriceRecipe(Recipe):
         super().__init__(cfg)
         self.pool: list = []
         self.eval_q: list = []
-        self.memory: dict[str, str] = {}
+        self.memory: dict[str, dict] = {}
 
     def check(self) -> None:
-        check_sources(self.cfg.qa)
+        qa = self.cfg.qa
+        check_sources(qa)
+        if qa.temperature != 1.0 or qa.think:
+            raise ValueError(
+                "TRICE's control variate needs proposals drawn from the model it scores: "
+                "qa.temperature must be 1.0 and qa.think false (sampling while thinking draws "
+                f"from the mixed distribution, scored without it); got qa.temperature="
+                f"{qa.temperature}, qa.think={qa.think}"
+            )
 
     def prepare(self, qs: QuietStar, ctx) -> dict[str, Any]:
         cfg = self.cfg
@@ -159,36 +161,73 @@ class TriceRecipe(Recipe):
         return {"memory": self.memory}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory = dict(state["memory"])
+        self.memory = {k: dict(v) for k, v in state["memory"].items()}
 
     def coverage(self) -> float:
         return len(self.memory) / max(len(self.pool), 1)
 
     def train_step(self, run: Run, step: int) -> dict[str, Any]:
+        """Propose for the whole batch, update the memory (every process's acceptances), take the
+        leave-one-out control variate over the whole batch, then accumulate the gradient micro-
+        batch by micro-batch: the step's gradient is ``trice_surrogate``'s over the batch."""
         cfg, ctx = self.cfg, run.ctx
         t0 = time.perf_counter()
         seed = cfg.train.seed * 1_000_003 + step
         batch = random.Random(seed).sample(self.pool, min(cfg.train.batch_size, len(self.pool)))
         micro = cfg.train.micro_batch_size
-        parts: dict[str, float] = {}
-        updates: dict[str, str] = {}
-        for j in range(run.accum):
-            k = j * ctx.world + ctx.rank  # this process's micro-batch, the same split everywhere
-            part = batch[k * micro : (k + 1) * micro]
-            if not part:
-                continue
-            got, new = trice_step(run, part, self.memory, seed * 31 + k, cfg.trice.control_variate)
-            updates.update(new)
-            for key, value in got.items():
-                parts[key] = parts.get(key, 0.0) + value / run.accum
-        for other in distributed.gather(updates, ctx):  # every process's correct proposals
-            self.memory.update(other)
-        opt = optimizer_step(run, parts, step)
+        shots = shots_for(cfg.qa.task)[: cfg.qa.shots]
+        mine = [j * ctx.world + ctx.rank for j in range(run.accum)]  # the same split everywhere
+        parts = {k: batch[k * micro : (k + 1) * micro] for k in mine}
+        run.qs.eval()
+        proposals: dict[str, dict] = {}
+        for k, part in parts.items():
+            got = _sample(run, [format_prompt(q, shots) for q in part], seed * 31 + k)
+            for q, (text, ids) in zip(part, got, strict=True):
+                proposals[q.id] = {"text": text, "ids": ids, "correct": answers.is_correct(q, text)}
+        correct: dict[str, bool] = {}
+        for other in distributed.gather({i: z["correct"] for i, z in proposals.items()}, ctx):
+            correct.update(other)
+        updates = {i: z for i, z in proposals.items() if z["correct"]}
+        for other in distributed.gather(updates, ctx):
+            self.memory.update({i: {"text": z["text"], "ids": z["ids"]} for i, z in other.items()})
+        c = torch.tensor([correct[q.id] for q in batch], device=run.device)
+        m = torch.tensor([q.id in self.memory for q in batch], device=run.device)
+        beta = selftaught.trice_control_variate(c, m)
+        if not cfg.trice.control_variate:  # the plain estimator (an ablation)
+            beta = torch.zeros_like(beta)
+        run.qs.train()
+        logps, tokens, loss = [], 0, 0.0
+        for part in parts.values():
+            idx = torch.tensor([batch.index(q) for q in part], device=run.device)
+            prompt_ids = [
+                run.qs.tokenizer(format_prompt(q, shots), add_special_tokens=False).input_ids
+                for q in part
+            ]
+            props = [proposals[q.id] for q in part]
+            mems = [
+                props[i] if props[i]["correct"] else self.memory.get(q.id)
+                for i, q in enumerate(part)
+            ]
+            lp, part_loss = trice_backward(
+                run, prompt_ids, props, mems, beta[idx], m[idx], len(batch)
+            )
+            logps.append(lp)
+            loss += part_loss
+            tokens += sum(len(z["ids"]) for z in props)
+        figures = {
+            "accept_rate": float(c.float().mean()),
+            "contributing": float(m.float().mean()),
+            "beta_mean": float(beta[m].mean()) if bool(m.any()) else 0.0,
+            "proposal_logp": float(torch.cat(logps).mean()) if logps else 0.0,
+        }
+        loss = sum(distributed.gather(loss, ctx))  # the batch's surrogate, on every process
+        opt = optimizer_step(run, {"loss": loss, **figures}, step)
         run.qs.eval()
         row = {
             "kind": "train",
             "step": step,
             **opt,
+            "tokens": distributed.total(tokens, ctx),
             "memory_coverage": self.coverage(),
             "step_s": time.perf_counter() - t0,
         }

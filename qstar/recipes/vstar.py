@@ -23,6 +23,7 @@ same sigmoid DPO loss (tested against TRL's where it is installed, ``tests/test_
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -35,9 +36,9 @@ import torch
 from qstar.core import selftaught
 from qstar.core.model import QuietStar
 from qstar.errors import TrainingDiverged
-from qstar.qa import answers, extract_answer, format_prompt, majority, shots_for
+from qstar.qa import answers, extract_answer, format_prompt, format_target, majority, shots_for
 from qstar.qa.sampling import sample_rationales
-from qstar.qa.scoring import score_texts
+from qstar.qa.scoring import completion_batch, completion_loss, score_texts
 from qstar.recipes.registry import Method, register
 from qstar.recipes.star import (
     StarRecipe,
@@ -78,12 +79,69 @@ def preference_pairs(run_dir: Path, seed: int) -> list[dict]:
     ]
 
 
+def gold_rows(cfg: RunConfig, questions: list) -> list[dict]:
+    """The training questions' gold solutions as fine-tuning rows (in ``star.train_format``);
+    none for a data set without worked solutions (CommonsenseQA)."""
+    shots = shots_for(cfg.qa.task)[: cfg.qa.shots] if cfg.star.train_format == "sampled" else []
+    return [
+        {"prompt": format_prompt(q, shots), "target": format_target(q.rationale, q.answer)}
+        for q in questions
+        if q.rationale
+    ]
+
+
+def supervised(model: QuietStar, cfg: RunConfig, rows: list[dict], steps: int, autocast) -> int:
+    """``steps`` AdamW steps of next-token NLL on ``rows``' targets (cycled in a seeded order);
+    the steps taken (0 without rows)."""
+    if not rows or not steps:
+        return 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(cfg, params)
+    rng, order = random.Random(cfg.train.seed + 11), []
+    micro = cfg.train.micro_batch_size
+    accum = cfg.train.batch_size // micro
+    device = next(model.parameters()).device
+    model.train()
+    for _ in range(steps):
+        for _ in range(accum):
+            batch = []
+            while len(batch) < micro:
+                if not order:
+                    order = list(range(len(rows)))
+                    rng.shuffle(order)
+                batch.append(rows[order.pop()])
+            ids, mask, cmask = completion_batch(model.tokenizer, batch, device)
+            with autocast:
+                loss = completion_loss(model, ids, mask, cmask)
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return steps
+
+
 def train_verifier(
-    cfg: RunConfig, pairs: list[dict], device, log: Callable[[dict[str, Any]], None], autocast
+    cfg: RunConfig,
+    pairs: list[dict],
+    device,
+    log: Callable[[dict[str, Any]], None],
+    autocast,
+    gold: list[dict] | None = None,
 ) -> tuple[QuietStar, QuietStar]:
-    """DPO from the base model on ``pairs``; returns ``(verifier, reference)``."""
-    reference = build_model(cfg, device).eval()
-    verifier = build_model(cfg, device)
+    """DPO on ``pairs`` from the verifier's starting point: the model fine-tuned on the gold
+    solutions ``gold`` (``vstar.verifier_init: sft``, the paper's; also the DPO reference) or the
+    base model (``base``, or when there are no gold solutions); returns ``(verifier,
+    reference)``."""
+    reference = build_model(cfg, device)
+    if cfg.vstar.verifier_init == "sft" and gold:
+        supervised(reference, cfg, gold, cfg.vstar.sft_steps, autocast)
+        log(
+            {"kind": "verifier_sft", "step": 0, "sft_steps": cfg.vstar.sft_steps, "rows": len(gold)}
+        )
+    reference.eval().requires_grad_(False)
+    verifier = copy.deepcopy(reference).requires_grad_(True)
     if not pairs or cfg.vstar.verifier_steps == 0:
         return verifier.eval(), reference
     params = [p for p in verifier.parameters() if p.requires_grad]
@@ -157,7 +215,9 @@ def best_of_k_eval(
         qa.generation_batch,
         progress=f"{k} samples a question" if cfg.logging.progress else None,
     )
-    plain = [format_prompt(q, []) for q in questions for _ in range(k)]
+    # the verifier scores a solution under the prompt it was trained on (star.train_format)
+    scored = shots if cfg.star.train_format == "sampled" else []
+    plain = [format_prompt(q, scored) for q in questions for _ in range(k)]
     scores = []
     for lo in range(0, len(texts), qa.generation_batch):
         p, t = plain[lo : lo + qa.generation_batch], texts[lo : lo + qa.generation_batch]
@@ -195,6 +255,18 @@ class VStarRecipe(StarRecipe):
     def questions(self, n: int) -> list:  # k solutions a question: the verifier's pairs
         return [q for q in super().questions(n) for _ in range(self.cfg.vstar.samples)]
 
+    def training_data(self, run: Run, step: int, kept: list[dict]) -> list[dict]:
+        """With ``vstar.accumulate`` (the paper's) the correct solutions of every iteration so
+        far; else this iteration's."""
+        if not self.cfg.vstar.accumulate:
+            return kept
+        earlier: list[dict] = []
+        if run.ctx.main:
+            for n in range(1, step):
+                path = run.run_dir / "iterations" / f"iter_{n}" / "kept.jsonl"
+                earlier += [json.loads(x) for x in path.read_text().splitlines()]
+        return distributed.broadcast(earlier, run.ctx) + kept
+
     def train_step(self, run: Run, step: int) -> dict[str, Any]:
         if step <= self.cfg.star.iterations:
             return super().train_step(run, step)
@@ -205,7 +277,7 @@ class VStarRecipe(StarRecipe):
             with (run.run_dir / "pairs.jsonl").open("w", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(p) + "\n" for p in pairs)
         self.verifier, self.reference = train_verifier(
-            cfg, pairs, run.device, run.log, run.autocast
+            cfg, pairs, run.device, run.log, run.autocast, gold_rows(cfg, self.train_q)
         )
         if run.ctx.main:
             self.verifier.save_pretrained(run.run_dir / "verifier")
