@@ -6,6 +6,7 @@ and without thoughts (and lm-eval tasks when due). Everything else is the shared
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 import time
@@ -247,13 +248,27 @@ class QuietStarRecipe(Recipe):
                 if cfg.eval.tasks and tasks_due(cfg, step) and not run.fsdp:
                     row.update(self._tasks(run, step))
                 if cfg.eval.qa and not run.fsdp:
-                    questions = load_examples(cfg.qa, cfg.data.data_dir, held_out=True)
-                    questions = questions[: cfg.qa.eval_questions]
-                    row.update(qa_accuracy(run.qs, cfg.qa, questions, cfg.logging.progress))
+                    row.update(self._qa(run, step))
             if run.tracker is not None:
                 row.update(run.tracker.changed())
         row = distributed.broadcast(row, ctx)
         return {"kind": "eval", "step": step, **row} if row else None
+
+    def _qa(self, run: Run, step: int) -> dict[str, float]:
+        """Held-out chain-of-thought accuracy (``eval.qa``), thinking while it writes if
+        ``qa.think``, and with ``eval.tasks_both`` also without thinking
+        (``eval/qa_acc:nothink...``). At step 0 the zero-initialised mixing head makes both
+        equal, so only the plain answers are computed there."""
+        cfg = self.cfg
+        questions = load_examples(cfg.qa, cfg.data.data_dir, held_out=True)
+        questions = questions[: cfg.qa.eval_questions]
+        plain = dataclasses.replace(cfg.qa, think=False)
+        think = cfg.qa.think and self.thinks and step > 0
+        row = qa_accuracy(run.qs, cfg.qa if think else plain, questions, cfg.logging.progress)
+        if think and cfg.eval.tasks_both:
+            other = qa_accuracy(run.qs, plain, questions, cfg.logging.progress)
+            row.update({k.replace("eval/qa_", "eval/qa:nothink_"): v for k, v in other.items()})
+        return row
 
     def _tasks(self, run: Run, step: int) -> dict[str, float]:
         cfg = run.cfg
