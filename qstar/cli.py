@@ -62,6 +62,11 @@ def _eval(args: argparse.Namespace) -> int:
     if not tasks:
         raise ValueError("--tasks needs at least one task name")
     modes = {"think": [True], "no-think": [False], "both": [True, False]}[args.mode]
+    if args.think_threshold is not None and args.mode == "no-think":
+        raise ValueError(
+            "--think-threshold chooses where the model thinks; with --no-think it never does: "
+            "drop one of them"
+        )
     overrides = quiet_star_overrides(args.overrides)  # a typo fails before anything loads
     ev.resolve_tasks(
         tasks, args.include_path, args.data_dir
@@ -74,6 +79,7 @@ def _eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
+        think_threshold=args.think_threshold,
     )
     runs, payload = {}, {"runs": {}}
     for think in modes:
@@ -95,6 +101,15 @@ def _eval(args: argparse.Namespace) -> int:
             f"({timing['examples_per_s'] or 0:.2f} examples/s)",
             file=sys.stderr,
         )
+        counts = lm.gate_counts
+        if think and args.think_threshold is not None and counts["positions"]:
+            share = counts["thought"] / counts["positions"]
+            payload["runs"][label]["gate"] = dict(counts, fraction=share)
+            print(
+                f"qstar eval: the gate let {counts['thought']} of {counts['positions']} "
+                f"positions think ({share:.1%}) at threshold {args.think_threshold}",
+                file=sys.stderr,
+            )
     payload["provenance"] = evres.provenance_block(args.model, lm, tasks, results)
     payload["provenance"].update(
         limit=args.limit, include_paths=args.include_path, data_dir=args.data_dir
@@ -289,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sample-thoughts", action="store_true", help="sample thoughts (seeded) instead of greedy"
+    )
+    p.add_argument(
+        "--think-threshold",
+        type=float,
+        default=None,
+        help="think only where the model's gate (quiet_star.gate) predicts a gain of at least "
+        "this many nats; prints the fraction of positions that thought",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)

@@ -33,6 +33,7 @@ FUSED_CE_CHOICES = ("chunked", "off")
 THINKER_CHOICES = ("shared", "lora")
 TRUNK_GRAD_CHOICES = ("all", "lm_only")
 REWARD_REFERENCE_CHOICES = ("current", "ema")
+THINK_AT_CHOICES = ("all", "hardest", "random", "gate")
 
 # Settings of the training objective that configs written before they moved out of the model's
 # config still carry; QuietStarConfig.from_dict drops them (saved models, old run directories).
@@ -48,6 +49,9 @@ OBJECTIVE_KEYS = (
     "trunk_grad",
     "reward_reference",
     "ema_decay",
+    "think_at",
+    "think_fraction",
+    "gate_loss_weight",
 )
 
 
@@ -88,6 +92,10 @@ class QuietStarConfig:
             with trunk + adapter and speaks without a thought through the trunk alone.
         thinker_rank / thinker_alpha / thinker_targets: the adapter's rank, scale ``alpha /
             rank`` and the names of the linear layers it adapts (comma-separated).
+        gate: add a gate head (:class:`qstar.core.positions.GateHead`) that predicts the gain
+            of thinking at a position from its state without a thought: trained on the gains
+            each step measures, it chooses where to think (``think_at: gate``, and at inference
+            ``think_threshold``).
         start_token / end_token: the two meta tokens added to the tokenizer.
         meta_init_text: text whose first token's embedding initialises both meta tokens.
     """
@@ -104,6 +112,7 @@ class QuietStarConfig:
     thinker_rank: int = 16
     thinker_alpha: float = 32.0
     thinker_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    gate: bool = False
     start_token: str = "<|startofthought|>"
     end_token: str = "<|endofthought|>"
     meta_init_text: str = "---"
@@ -210,6 +219,12 @@ class ObjectiveConfig:
             ``"current"``, the model's own prediction without a thought, or ``"ema"``, an
             exponential moving average of the model (decay ``ema_decay``) predicting without
             a thought (RLP, arXiv 2510.01265).
+        think_at / think_fraction: think at every position (``all``, the paper) or at that
+            share of each window's positions (:func:`qstar.core.positions.choose`):
+            ``hardest`` (highest loss without a thought), ``random`` (its control) or ``gate``
+            (highest predicted gain; needs ``gate``); only the chosen positions are sampled,
+            recomputed and scored.
+        gate_loss_weight: weight of the gate head's squared error on the measured gains.
     """
 
     base_loss_weight: float = 0.5
@@ -222,6 +237,9 @@ class ObjectiveConfig:
     trunk_grad: str = "all"
     reward_reference: str = "current"
     ema_decay: float = 0.999
+    think_at: str = "all"
+    think_fraction: float = 1.0
+    gate_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -229,6 +247,13 @@ class ObjectiveConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the allowed values."""
         _choice("trunk_grad", self.trunk_grad, TRUNK_GRAD_CHOICES)
+        _choice("think_at", self.think_at, THINK_AT_CHOICES)
+        if isinstance(self.think_fraction, bool) or not 0.0 < self.think_fraction <= 1.0:
+            raise ValueError(
+                f"think_fraction must be in (0, 1] (the share of positions that think), got "
+                f"{self.think_fraction!r}"
+            )
+        _float_ge("gate_loss_weight", self.gate_loss_weight, 0.0)
         _choice("reward_reference", self.reward_reference, REWARD_REFERENCE_CHOICES)
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import qstar.hub as hub
-from qstar.sections import digit_range
+from qstar.sections_qa import digit_range
 
 # hub id, split -> file under the data directory (the layout of the project's offline data)
 LOCAL_LAYOUT: dict[tuple[str, str], str] = {

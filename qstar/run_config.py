@@ -22,7 +22,6 @@ from qstar.sections import (  # noqa: F401  (re-exported: configs and tests impo
     ON_NONFINITE,
     PARALLEL,
     PRECISIONS,
-    QA_TASKS,
     TASKS_AT,
     TRAINABLE,
     DataSection,
@@ -30,13 +29,10 @@ from qstar.sections import (  # noqa: F401  (re-exported: configs and tests impo
     LoggingSection,
     ModelSection,
     OptimSection,
-    QASection,
     QuietStarSection,
-    StarSection,
     TrainSection,
-    TriceSection,
-    VStarSection,
 )
+from qstar.sections_qa import QASection, StarSection, TriceSection, VStarSection
 
 # The built-in sections, in the order config files write them; a new method adds its own with
 # register_section (qstar.recipes.registry.register does it for a method that has one).

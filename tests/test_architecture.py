@@ -14,6 +14,7 @@ LAYERS = {
     "overrides": 0,
     "run_config": 0,
     "sections": 0,
+    "sections_qa": 0,
     "errors": 0,
     "hub": 0,
     "version": 0,

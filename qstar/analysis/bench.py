@@ -88,6 +88,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=6.0,
         help="skip the dense path where its attention would keep more than this (default: 6)",
     )
+    p.add_argument(
+        "--think-fraction",
+        type=float,
+        default=None,
+        help="also time the step that thinks at this fraction of positions (think_at: hardest) "
+        "beside the all-positions step",
+    )
+    p.add_argument(
+        "--think-threshold",
+        type=float,
+        default=None,
+        help="with --generate and a model with a gate: also time gated thinking generation",
+    )
     p.add_argument("--out", type=Path, default=None, help="write bench.json and bench.md here")
     p.add_argument(
         "overrides",
@@ -166,6 +179,7 @@ def main(args: argparse.Namespace) -> int:
             thought_len=args.thought_len,
             repeats=args.repeats,
             out=args.out,
+            think_threshold=args.think_threshold,
         )
         return 0
     if args.eval:
@@ -190,6 +204,7 @@ def main(args: argparse.Namespace) -> int:
         skip_dense=args.skip_dense,
         rss=not args.no_rss,
         fused_ce=args.fused_ce,
+        think_fraction=args.think_fraction,
         **common,
     )
     return 0

@@ -200,13 +200,17 @@ def generation(
     samples: int = 8,
     repeats: int = 2,
     out: Path | None = None,
+    think_threshold: float | None = None,
 ) -> dict:
     """Tokens/s of thinking generation against plain generation of the same model and prompt
     (greedy, one row), and ``samples`` sampled answers from one shared prefill against the same
-    prompt repeated ``samples`` times in the batch. Interleaved repeats, medians."""
+    prompt repeated ``samples`` times in the batch. Interleaved repeats, medians.
+    ``think_threshold`` (a model with a gate): also gated thinking, and the share of tokens that
+    thought."""
     name = model or DEFAULT_MODEL
     torch.manual_seed(0)
-    qs = QuietStar.from_pretrained(name, config=QuietStarConfig(thought_len=thought_len)).eval()
+    qs = QuietStar.from_pretrained(name).eval()
+    qs.config = qs.config.replace(thought_len=thought_len)
     prompt = "Q: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?\nA:"
     ids = torch.tensor([qs.tokenizer.encode(prompt, add_special_tokens=False)])
     gen = dict(max_new_tokens=new_tokens)
@@ -223,6 +227,11 @@ def generation(
             **gen,
         ),
     }
+    gate_stats: dict = {}
+    if think_threshold is not None:
+        runs["gated"] = lambda: qs.generate(
+            ids, think=True, think_threshold=think_threshold, stats=gate_stats, **gen
+        )
     med, outputs = _interleaved(runs, repeats)
     emitted = {k: v.numel() for k, v in outputs.items()}
     result = {
@@ -237,22 +246,21 @@ def generation(
         "target_ratio": thought_len + 2,
         "sampled_shared_s": med["sampled_shared"],
         "sampled_separate_s": med["sampled_separate"],
+        **(
+            {
+                "think_threshold": think_threshold,
+                "gated_tokens_per_s": emitted["gated"] / med["gated"],
+                "gated_over_think_speed": med["think"] / med["gated"],
+                "gated_fraction": gate_stats["thought"] / max(gate_stats["positions"], 1),
+            }
+            if think_threshold is not None
+            else {}
+        ),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         **run_info(),
     }
-    print(
-        f"# generation, {name}, thought_len={thought_len}, {new_tokens} new tokens, "
-        f"prompt {ids.shape[1]} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads\n"
-        f"plain {result['plain_tokens_per_s']:.2f} tokens/s, thinking "
-        f"{result['think_tokens_per_s']:.2f} tokens/s: thinking costs "
-        f"{result['think_over_plain_time']:.2f}x plain per token (target <= {thought_len + 2}x, "
-        f"the thought's passes)\n"
-        f"{samples} sampled thinking answers: one shared prefill {med['sampled_shared']:.2f} s, "
-        f"the prompt repeated {med['sampled_separate']:.2f} s "
-        f"({med['sampled_separate'] / med['sampled_shared']:.2f}x)",
-        flush=True,
-    )
+    _print_generation(result, med, ids.shape[1])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "generation.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -339,3 +347,27 @@ def rationale_generation(
 
 if __name__ == "__main__":  # the fresh process of _rss
     print(json.dumps(eval_child(json.loads(sys.argv[1]))))
+
+
+def _print_generation(result: dict, med: dict, prompt_tokens: int) -> None:
+    name, thought_len, new_tokens = result["model"], result["thought_len"], result["new_tokens"]
+    samples, think_threshold = result["samples"], result.get("think_threshold")
+    print(
+        f"# generation, {name}, thought_len={thought_len}, {new_tokens} new tokens, "
+        f"prompt {prompt_tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+        f"plain {result['plain_tokens_per_s']:.2f} tokens/s, thinking "
+        f"{result['think_tokens_per_s']:.2f} tokens/s: thinking costs "
+        f"{result['think_over_plain_time']:.2f}x plain per token (target <= {thought_len + 2}x, "
+        f"the thought's passes)\n"
+        f"{samples} sampled thinking answers: one shared prefill {med['sampled_shared']:.2f} s, "
+        f"the prompt repeated {med['sampled_separate']:.2f} s "
+        f"({med['sampled_separate'] / med['sampled_shared']:.2f}x)",
+        flush=True,
+    )
+    if think_threshold is not None:
+        print(
+            f"gated (threshold {think_threshold}): {result['gated_tokens_per_s']:.2f} tokens/s, "
+            f"{result['gated_over_think_speed']:.2f}x always-on thinking; "
+            f"{result['gated_fraction']:.1%} of tokens thought",
+            flush=True,
+        )

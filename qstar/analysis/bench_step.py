@@ -23,7 +23,7 @@ from qstar.analysis.bench_memory import (
     saved_activation_bytes,
     wrap_model,
 )
-from qstar.config import QuietStarConfig
+from qstar.config import ObjectiveConfig, QuietStarConfig
 from qstar.core import learn
 from qstar.models.random import mistral_shaped, tiny_tokenizer
 
@@ -46,8 +46,9 @@ def _plain_step(model, ids: torch.Tensor) -> None:
     out.loss.backward()
 
 
-def _qstar_step(qs, ids: torch.Tensor, gen: torch.Generator) -> None:
-    learn.objective_loss(qs, ids, generator=gen).loss.backward()
+def _qstar_step(qs, ids: torch.Tensor, gen: torch.Generator, fraction: float = 1.0) -> None:
+    objective = ObjectiveConfig(think_at="hardest", think_fraction=fraction)
+    learn.objective_loss(qs, ids, objective, generator=gen).loss.backward()
 
 
 @dataclass
@@ -64,6 +65,7 @@ class _Case:
     dtype: str
     overrides: dict | None
     fused_ce: str
+    think_fraction: float | None = None
 
 
 def run(
@@ -81,9 +83,12 @@ def run(
     overrides: dict | None = None,
     rss: bool = True,
     fused_ce: str = "chunked",
+    think_fraction: float | None = None,
 ) -> list[dict]:
     """The benchmark table (see :mod:`qstar.analysis.bench`). ``rss``: also measure each step's peak
-    resident-memory increase in a fresh process (CPU only; a few seconds per configuration)."""
+    resident-memory increase in a fresh process (CPU only; a few seconds per configuration).
+    ``think_fraction``: also time the step that thinks at that fraction of positions
+    (``think_at: hardest``) beside the all-positions one."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tok = tiny_tokenizer()
@@ -100,7 +105,7 @@ def run(
             ids = torch.randint(0, 32000, (batch, L), generator=gen_ids).to(dev)
             ids_k = ids.repeat_interleave(k, 0)
             for t, n in configs:
-                case = _Case(size, L, t, n, k, batch, dtype, overrides, fused_ce)
+                case = _Case(size, L, t, n, k, batch, dtype, overrides, fused_ce, think_fraction)
                 qcfg = QuietStarConfig(thought_len=t, n_true=n, n_thoughts=k).replace(
                     **(overrides or {})
                 )
@@ -130,6 +135,8 @@ def _steps(model, qs, ids, ids_k, qcfg, case: _Case, skip_dense, dense_limit_gb)
         steps["dense"] = functools.partial(_dense_step, qs, ids, gen)
     if case.fused_ce != "off":  # the same step with logits materialised, side by side
         steps["unfused"] = functools.partial(_unfused_step, qs, ids, gen)
+    if case.think_fraction is not None:  # thinking at a fraction of the positions
+        steps["fraction"] = functools.partial(_qstar_step, qs, ids, gen, case.think_fraction)
     return steps
 
 
@@ -183,6 +190,10 @@ def _row(case: _Case, passes, res, model, dev, torch_dtype, rss) -> dict:
         "unfused_s": med.get("unfused"),
         "unfused_over_fast": med["unfused"] / med["fast"] if "unfused" in med else None,
         "act_mb_unfused": res["unfused"]["saved"] / 2**20 if "unfused" in res else None,
+        "think_fraction": case.think_fraction,
+        "fraction_s": med.get("fraction"),
+        "fraction_over_fast": med["fraction"] / med["fast"] if "fraction" in med else None,
+        "act_mb_fraction": res["fraction"]["saved"] / 2**20 if "fraction" in res else None,
         **_rss_columns(
             rss and dev.type == "cpu",
             case.size,
@@ -292,6 +303,12 @@ def _print_row(r: dict) -> None:
             f"act MB {r['act_mb_unfused']:.0f}, RSS MB {fmt(r.get('rss_mb_unfused'), '.0f')}"
             if r.get("unfused_s") is not None
             else ""
+        )
+        + (
+            f"  | fraction {r['think_fraction']}: {r['fraction_s']:.3f} s "
+            f"({r['fraction_over_fast']:.2f}x all positions), act MB {r['act_mb_fraction']:.0f}"
+            if r.get("fraction_s") is not None
+            else ""
         ),
         flush=True,
     )
@@ -336,6 +353,24 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 f"{fmt(r.get('act_mb_unfused'), '.0f')} | {fmt(r.get('rss_mb_unfused'), '.0f')} |"
             )
         lines.append(line)
+    frac = [r for r in rows if r.get("fraction_s") is not None]
+    if frac:
+        lines += [
+            "",
+            "Thinking at a fraction of the positions (`think_at: hardest`), timed in the same "
+            "interleaved loop as the all-positions step (`fast`):",
+            "",
+            "| model | L | t,n | fraction | fast s | fraction s | fraction/fast | act MB fast | "
+            "act MB fraction |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in frac:
+            lines.append(
+                f"| {r['model']} | {r['L']} | {r['thought_len']},{r['n_true']} | "
+                f"{r['think_fraction']} | {r['fast_s']:.3f} | {r['fraction_s']:.3f} | "
+                f"{r['fraction_over_fast']:.2f} | {r['act_mb_fast']:.0f} | "
+                f"{r['act_mb_fraction']:.0f} |"
+            )
     gpu = [r for r in rows if r.get("fast_mfu") is not None]
     if gpu:
         lines += [

@@ -11,6 +11,7 @@ from qstar.analysis import content, dynamics, figures
 from qstar.analysis import evidence as ev
 from qstar.analysis.experiment import Experiment, _trial_dirs
 from qstar.analysis.plotting import save
+from qstar.analysis.report_compute import compute_section
 from qstar.analysis.report_tables import _md_table, source
 
 HELDOUT_FILES = "`data/trials/*/heldout/step_N.json.gz`"
@@ -32,6 +33,7 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
         if analyse_model:
             out += _content_section(arms)
         out += _task_section(tasks)
+        out += compute_section(exp, arms, figs_dir)
     return out + _dynamics_sections(exp, run_dirs)
 
 

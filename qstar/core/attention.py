@@ -13,6 +13,8 @@ import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
 from qstar.core import hf
 from qstar.core.kernels import (
     dense_thought_mask,
@@ -23,6 +25,7 @@ from qstar.core.kernels import (
     thought_allowed,
     thought_block_mask,
 )
+from qstar.core.positions import positions_attention
 
 ATTN_NAME = "qstar_sparse"
 
@@ -33,6 +36,7 @@ class ThoughtLayout:
 
     n_prefix: int
     kernel: str = "sparse"  # a KERNELS name: "sparse" picks one by device and model
+    positions: torch.Tensor | None = None  # (B, m): thoughts at chosen positions only
 
 
 _LAYOUT: contextvars.ContextVar[ThoughtLayout | None] = contextvars.ContextVar(
@@ -111,6 +115,20 @@ def _hf_sparse_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if layout.positions is not None:  # thoughts at chosen positions (quiet_star.think_at)
+        out = positions_attention(
+            query,
+            key,
+            value,
+            layout.n_prefix,
+            layout.positions,
+            scaling,
+            window,
+            softcap,
+            dropout,
+            module.training,
+        )
+        return out, None
     name = choose_kernel(layout.kernel, query.is_cuda, window, softcap, dropout, module.training)
     out = KERNELS[name](
         query, key, value, layout.n_prefix, scaling, window, softcap, dropout, module.training
@@ -124,7 +142,9 @@ def register() -> None:
 
 
 @contextlib.contextmanager
-def thought_attention(model, n_prefix: int, implementation: str) -> Iterator[None]:
+def thought_attention(
+    model, n_prefix: int, implementation: str, positions: torch.Tensor | None = None
+) -> Iterator[None]:
     """Within this block, ``model``'s attention follows the thought layout.
 
     ``implementation`` is a :data:`KERNELS` name as users type it in ``quiet_star.attention``:
@@ -132,11 +152,14 @@ def thought_attention(model, n_prefix: int, implementation: str) -> Iterator[Non
     kernel, or the einsum kernel for sliding windows, softcapping or dropout), ``"flex"``,
     ``"einsum"``, or ``"dense"`` (the model's eager attention; the caller passes
     :func:`dense_thought_mask` as ``attention_mask``). The model's previous attention
-    implementation is restored on exit.
+    implementation is restored on exit. ``positions`` (``(B, m)``): thought blocks of ``m``
+    chosen positions instead of all ``n_prefix`` (:func:`qstar.core.positions.positions_attention`,
+    whatever the implementation).
     """
     register()
-    name = "eager" if implementation == "dense" else ATTN_NAME
-    token = _LAYOUT.set(ThoughtLayout(n_prefix=n_prefix, kernel=implementation))
+    name = "eager" if implementation == "dense" and positions is None else ATTN_NAME
+    layout = ThoughtLayout(n_prefix=n_prefix, kernel=implementation, positions=positions)
+    token = _LAYOUT.set(layout)
     try:
         with hf.attention_implementation(model, name):
             yield

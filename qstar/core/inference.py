@@ -169,6 +169,8 @@ def generate(
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     copies: torch.Tensor | int | None = None,
     prefix: torch.Tensor | None = None,
+    think_threshold: float | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """KV-cached batch generation that thinks before every emitted token.
 
@@ -186,7 +188,45 @@ def generate(
     predictions, and emits a token; the emitted token enters the cache in one pass with the
     next ``<start>``, so an emitted token costs ``t + 2`` passes against plain decoding's one. ``stop(tokens (B, n)) -> (B,)`` bool marks
     finished rows; generation ends when all are finished. Returns ``(B, n)`` new tokens.
+
+    ``think_threshold``, ``stats``: think only where a gate says (:func:`_gated_generate`).
     """
+    run = _gated_generate if think and think_threshold is not None else _generate_every
+    return run(
+        qs,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        greedy_thoughts,
+        do_sample,
+        temperature,
+        generator,
+        stop,
+        copies,
+        prefix,
+        think_threshold,
+        stats,
+        think,
+    )
+
+
+def _generate_every(
+    qs,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    greedy_thoughts,
+    do_sample,
+    temperature,
+    generator,
+    stop,
+    copies,
+    prefix,
+    think_threshold,
+    stats,
+    think,
+) -> torch.Tensor:
+    """:func:`generate` thinking before every token (or never, without ``think``)."""
     device = input_ids.device
     cache, h_last, next_pos, mask = _prefill(qs, input_ids, attention_mask, prefix, copies)
     B = h_last.shape[0]
@@ -299,3 +339,67 @@ def _think_and_mix(qs, cache, h, h_last, m, next_pos, ones, end, next_thought_to
     hf.crop_cache(cache, base_len)
     logits, _ = qs.mix_logits(qs.mixing_head(h_last, h), h_last, h)
     return logits
+
+
+def _gated_generate(
+    qs,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    greedy_thoughts,
+    do_sample,
+    temperature,
+    generator,
+    stop,
+    copies,
+    prefix,
+    threshold,
+    stats,
+    think=True,
+) -> torch.Tensor:
+    """:func:`generate` thinking only where the gate says: before a token only where the gate's
+    predicted gain at the last position (``quiet_star.gate``) is at least ``threshold``; the
+    emitted token is then fed alone (one pass) and a thinking row pays ``t + 3`` passes, the
+    others one; a step where no row thinks is a plain step. ``stats`` (a dict) receives
+    ``positions`` and ``thought`` (how many emitted tokens of all rows followed a thought)."""
+    if qs.gate_head is None:
+        raise ValueError(
+            "think_threshold needs a model with a trained gate (quiet_star.gate=true); this "
+            "model has none"
+        )
+    device = input_ids.device
+    cache, h_last, next_pos, mask = _prefill(qs, input_ids, attention_mask, prefix, copies)
+    B = h_last.shape[0]
+    ones = torch.ones((B, 1), dtype=mask.dtype, device=device)
+    emitted = torch.empty((B, 0), dtype=torch.long, device=device)
+    next_thought_token = functools.partial(
+        _thought_token, qs, B, greedy_thoughts, generator, device
+    )
+    start = torch.full((B, 1), qs.start_id, dtype=torch.long, device=device)
+    end = torch.full((B,), qs.end_id, dtype=torch.long, device=device)
+    counts = {"positions": 0, "thought": 0}
+    for _ in range(max_new_tokens):
+        logits = qs.lm_logits(h_last)
+        thinking = qs.gate_head(h_last) >= threshold  # (B,)
+        counts["positions"] += B
+        counts["thought"] += int(thinking.sum())
+        if bool(thinking.any()):
+            m = torch.cat([mask, ones], dim=1)
+            with qs.thinking():
+                h = _feed(qs, cache, start, m, next_pos[:, None])[:, -1]
+            mixed = _think_and_mix(qs, cache, h, h_last, m, next_pos, ones, end, next_thought_token)
+            logits = torch.where(thinking[:, None], mixed, logits)
+        logits = mask_meta_logits(logits, (qs.start_id, qs.end_id))
+        if do_sample:
+            nxt = sample_from_logits(logits, draw_uniforms((B,), generator, device), temperature)
+        else:
+            nxt = logits.argmax(-1)
+        emitted = torch.cat([emitted, nxt[:, None]], dim=1)
+        if stop is not None and bool(stop(emitted).all()):
+            break
+        mask = torch.cat([mask, ones], dim=1)
+        h_last = _feed(qs, cache, nxt[:, None], mask, next_pos[:, None])[:, -1]
+        next_pos = next_pos + 1
+    if stats is not None:
+        stats.update(counts)
+    return emitted

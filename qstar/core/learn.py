@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from qstar.config import ObjectiveConfig
+from qstar.core.think import shifted_valid
 
 
 @dataclass
@@ -40,6 +41,9 @@ class StepOutput:
         mixing_weight: ``(B, k, L, n)``.
         thoughts: ``(B, k, L, t)`` token ids.
         target_valid: ``(B, 1, L, n)``: ``x_{i+1+j}`` exists.
+        positions: ``(B, m)`` when thoughts were computed at chosen positions only
+            (``think_at``); the ``L`` axes of the thinking fields are then ``m`` long.
+        gate_score: ``(B, L)`` the gate head's predicted gain of thinking (graph to the head).
     The thinking fields are ``None`` for a forward without thoughts.
     """
 
@@ -50,6 +54,8 @@ class StepOutput:
     mixing_weight: torch.Tensor | None = None
     thoughts: torch.Tensor | None = None
     target_valid: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    gate_score: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,7 +83,8 @@ def quiet_star_loss(
     base = next_token_nll(out.base_logprob, out.valid)
     mixed = mixed_nll(nll, valid)
     reference = out.base_logprob if reference_logprob is None else reference_logprob
-    base_ll = lookahead_loglik(reference, valid[:, 0]) if cfg.baseline == "none" else None
+    need_base = cfg.baseline == "none" or out.gate_score is not None
+    base_ll = base_lookahead(out, reference) if need_base else None  # (B, 1, C)
     rewards = thought_rewards(nll, valid, cfg.baseline, cfg.reward_filter, base_ll)  # (B, k, L)
     policy = policy_loss(
         out.thought_logprob, rewards, valid[..., 0], per_token=cfg.policy_logprob == "per_token"
@@ -86,7 +93,38 @@ def quiet_star_loss(
         base, mixed, policy, cfg.base_loss_weight, cfg.mixed_loss_weight, cfg.policy_weight
     )
     parts = {"base_nll": base.detach(), "mixed_nll": mixed.detach(), "policy_loss": policy.detach()}
+    if out.gate_score is not None:
+        gate = gate_loss(out, nll, base_ll)
+        loss = loss + cfg.gate_loss_weight * gate
+        parts["gate_loss"] = gate.detach()
     return Loss(loss, parts, rewards, cfg.policy_weight * policy)
+
+
+def _columns(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """``(B, ..., L)`` -> ``(B, ..., m)`` at ``positions`` (``(B, m)``), or ``x``."""
+    if positions is None:
+        return x
+    idx = positions.view(positions.shape[0], *([1] * (x.dim() - 2)), positions.shape[1])
+    return x.gather(-1, idx.expand(*x.shape[:-1], positions.shape[1]))
+
+
+def base_lookahead(out: StepOutput, reference: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, C)``: the log-likelihood of each thinking position's lookahead tokens without a
+    thought (by ``reference``, ``(B, L-1)``), at the positions that thought."""
+    n = out.target_valid.shape[-1]
+    full = shifted_valid(out.valid, n)  # (B, L, n)
+    return _columns(lookahead_loglik(reference, full), out.positions)
+
+
+def gate_loss(out: StepOutput, nll: torch.Tensor, base_ll: torch.Tensor) -> torch.Tensor:
+    """Squared error of the gate head's predicted gain at the positions that thought against
+    the gain measured there: the mean over thoughts of the lookahead tokens' log-likelihood
+    with the thought, less without (detached targets; no extra passes)."""
+    valid = out.target_valid[..., 0]  # (B, 1, C)
+    ll = -(nll.detach() * out.target_valid.to(nll.dtype)).sum(-1).mean(1, keepdim=True)
+    gain = (ll - base_ll.detach()).float()  # (B, 1, C)
+    pred = _columns(out.gate_score[:, None, :], out.positions).float()  # (B, 1, C)
+    return masked_mean((pred - gain) ** 2, valid)
 
 
 def lm_loss(out: StepOutput, cfg: ObjectiveConfig | None = None) -> Loss:
@@ -113,6 +151,8 @@ def objective_loss(
         input_ids,
         policy_temperature=cfg.policy_temperature,
         trunk_grad=cfg.trunk_grad,
+        think_at=cfg.think_at,
+        think_fraction=cfg.think_fraction,
         **forward_kwargs,
     )
     return quiet_star_loss(out, cfg)

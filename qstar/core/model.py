@@ -32,6 +32,7 @@ from qstar.core import think as think_mod
 from qstar.core.head import VocabularyHead
 from qstar.core.learn import StepOutput, logprob_of
 from qstar.core.passes import ThoughtPasses
+from qstar.core.positions import GateHead, choose, gather_columns
 from qstar.core.talk import MixingHead, get_mixer
 from qstar.core.thinker import ThinkerAdapter, detached_parameters
 
@@ -61,6 +62,7 @@ class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
             torch.zeros(2, hidden, dtype=ref.dtype, device=ref.device)
         )
         self.mixing_head = MixingHead(hidden).to(device=ref.device, dtype=ref.dtype)
+        self.gate_head = GateHead(hidden).to(device=ref.device) if config.gate else None
         self.thinker = (
             ThinkerAdapter(
                 base_model, config.thinker_rank, config.thinker_alpha, config.thinker_targets
@@ -89,6 +91,7 @@ class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
         "thinker_rank",
         "thinker_alpha",
         "thinker_targets",
+        "gate",
     )
 
     @contextlib.contextmanager
@@ -225,6 +228,8 @@ class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
         think: bool = True,
         policy_temperature: float = 1.0,
         trunk_grad: str = "all",
+        think_at: str = "all",
+        think_fraction: float = 1.0,
     ) -> StepOutput:
         """One training forward (see the module docstring): what a step computed, no loss.
 
@@ -233,7 +238,11 @@ class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
         thought tokens' log-probabilities (the objective's; the authors score at 3).
         ``trunk_grad="lm_only"``: everything computed from a thought reads the base model's
         weights, the base pass's states and its cache as constants, so the thinking terms'
-        gradient reaches only what thinking adds (meta tokens, mixing head, a thinker adapter)."""
+        gradient reaches only what thinking adds (meta tokens, mixing head, a thinker adapter).
+        ``think_at`` / ``think_fraction``: think at every position (``all``) or at that fraction
+        of each window's positions, chosen by :func:`qstar.core.positions.choose` (``hardest``
+        by the no-thought loss of this step's base pass, ``random``, ``gate`` by the gate head);
+        only the chosen positions are sampled, recomputed and scored."""
         valid = self.check_inputs(input_ids, attention_mask, think)
         if not think:
             h = self.backbone_pass(input_ids, attention_mask=attention_mask).last_hidden_state
@@ -247,19 +256,29 @@ class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
         # base pass, once per sequence: (B, L, H) and its KV cache
         h_base, cache = self.base_pass(input_ids, attention_mask)
         base_lp = self.token_logprob(h_base[:, :-1], input_ids[:, 1:])  # (B, L-1)
+        gate = self.gate_head(h_base.detach()) if self.gate_head is not None else None
+        positions = None
+        if think_at != "all" and think_fraction < 1.0:
+            if think_at == "gate" and gate is None:
+                raise ValueError(
+                    "quiet_star.think_at=gate needs a model with a gate (quiet_star.gate=true)"
+                )
+            positions = choose(think_at, think_fraction, valid, -base_lp, gate, generator)
         lm_only = trunk_grad == "lm_only"
         with detached_parameters(self.base_model) if lm_only else contextlib.nullcontext():
-            return self._thinking_terms(
+            out = self._thinking_terms(
                 input_ids,
                 valid,
                 h_base.detach() if lm_only else h_base,
                 cache,
-                base_lp,
                 greedy,
                 generator,
                 policy_temperature,
-                detach_cache=lm_only,
+                lm_only,
+                positions,
             )
+        out.base_logprob, out.gate_score = base_lp, gate
+        return out
 
     def _thinking_terms(
         self,
@@ -267,27 +286,34 @@ class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
         valid,
         h_base,
         cache,
-        base_lp,
         greedy,
         generator,
         policy_temperature,
         detach_cache,
+        positions,
     ) -> StepOutput:
-        """Everything a step computes from thoughts (:meth:`forward`)."""
+        """Everything a step computes from thoughts (:meth:`forward`), at every position or at
+        ``positions`` (``(B, m)``); ``C`` below is ``L`` or ``m``."""
         cfg = self.config
         B, L = input_ids.shape
         k, t, n = cfg.n_thoughts, cfg.thought_len, cfg.n_true
-        # think: (Bk, L, t) thoughts, then (Bk, D, L, H) hidden states of every depth
-        thoughts, h = self._think(input_ids, cache, k, greedy, generator, detach_cache)
-        # talk: mix base and post-thought predictions of x_{i+1..i+n}, (Bk, n, L, 1) weights
-        h_b = h_base[:, think_mod.lookahead_index(L, n, h.device)].repeat_interleave(k, dim=0)
-        targets = think_mod.shifted_targets(input_ids, n, self.fill_id).transpose(1, 2)
-        targets = targets.repeat_interleave(k, dim=0)  # (Bk, n, L)
+
+        def cols(x, dim):  # the position axis cut to the chosen positions
+            return x if positions is None else gather_columns(x, positions, dim)
+
+        # think: (Bk, C, t) thoughts, then (Bk, D, C, H) hidden states of every depth
+        thoughts, h = self._think(input_ids, cache, k, greedy, generator, detach_cache, positions)
+        C = thoughts.shape[1]
+        # talk: mix base and post-thought predictions of x_{i+1..i+n}, (Bk, n, C, 1) weights
+        h_b = cols(h_base[:, think_mod.lookahead_index(L, n, h.device)], 2)
+        h_b = h_b.repeat_interleave(k, dim=0)
+        targets = cols(think_mod.shifted_targets(input_ids, n, self.fill_id).transpose(1, 2), 2)
+        targets = targets.repeat_interleave(k, dim=0)  # (Bk, n, C)
         raw_w = self.mixing_head(h_b, h[:, t + 1 :])
-        if self._fused():  # no (Bk, n, L, V) logits kept
+        if self._fused():  # no (Bk, n, C, V) logits kept
             logprob, w = self.mixed_token_logprob(cfg.mixing, raw_w, h_b, h[:, t + 1 :], targets)
         else:  # the reference path: logits materialised
-            logits, w = self.mix_logits(raw_w, h_b, h[:, t + 1 :])  # (Bk, n, L, V)
+            logits, w = self.mix_logits(raw_w, h_b, h[:, t + 1 :])  # (Bk, n, C, V)
             logprob = logprob_of(logits, targets)
             del logits
         # policy log-probs of c_1..c_t, predicted at depths 0..t-1, at the policy temperature
@@ -296,34 +322,42 @@ class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
             self.from_vocab(thoughts.transpose(1, 2)),
             policy_temperature,
             thought=True,
-        )  # (Bk, t, L)
+        )  # (Bk, t, C)
         return StepOutput(
-            base_logprob=base_lp,
+            base_logprob=None,
             valid=valid,
-            lookahead_logprob=logprob.view(B, k, n, L).transpose(2, 3),  # (B, k, L, n)
-            thought_logprob=thought_lp.view(B, k, t, L).transpose(2, 3),  # (B, k, L, t)
-            mixing_weight=w.detach().view(B, k, n, L).transpose(2, 3),  # (B, k, L, n)
-            thoughts=thoughts.view(B, k, L, t),
-            target_valid=think_mod.shifted_valid(valid, n)[:, None],  # (B, 1, L, n)
+            lookahead_logprob=logprob.view(B, k, n, C).transpose(2, 3),  # (B, k, C, n)
+            thought_logprob=thought_lp.view(B, k, t, C).transpose(2, 3),  # (B, k, C, t)
+            mixing_weight=w.detach().view(B, k, n, C).transpose(2, 3),  # (B, k, C, n)
+            thoughts=thoughts.view(B, k, C, t),
+            target_valid=cols(think_mod.shifted_valid(valid, n), 1)[:, None],  # (B, 1, C, n)
+            positions=positions,
         )
 
-    def _think(self, input_ids, cache, k: int, greedy: bool, generator, detach_cache=False):
+    def _think(self, input_ids, cache, k, greedy, generator, detach_cache=False, positions=None):
         """Sample ``k`` thoughts per position without gradient (no activations kept), then
-        recompute every depth at once with gradient: ``(Bk, L, t)`` thoughts and hidden states
-        ``(Bk, D, L, H)``, depth 0 = ``<start>`` ... ``t`` = ``c_t``, ``t+1`` = ``<end>``,
-        ``t+1+j`` = ``x_{i+j}``."""
+        recompute every depth at once with gradient: ``(Bk, C, t)`` thoughts and hidden states
+        ``(Bk, D, C, H)``, depth 0 = ``<start>`` ... ``t`` = ``c_t``, ``t+1`` = ``<end>``,
+        ``t+1+j`` = ``x_{i+j}`` (``C``: every position, or the chosen ones)."""
         B, L = input_ids.shape
         thoughts = self.sample_from_cache(
-            hf.repeat_cache(cache, k, detach=True), L, B * k, greedy, generator
+            hf.repeat_cache(cache, k, detach=True), L, B * k, greedy, generator, None, positions
         )
-        block = think_mod.thought_block_tokens(
-            input_ids.repeat_interleave(k, dim=0),
-            thoughts,
-            self.start_id,
-            self.end_id,
-            self.config.n_true,
-            self.fill_id,
-        )
+        ids = input_ids.repeat_interleave(k, dim=0)
+        if positions is None:
+            block = think_mod.thought_block_tokens(
+                ids, thoughts, self.start_id, self.end_id, self.config.n_true, self.fill_id
+            )
+        else:
+            block = think_mod.thought_block_at(
+                ids,
+                thoughts,
+                positions,
+                self.start_id,
+                self.end_id,
+                self.config.n_true,
+                self.fill_id,
+            )
         cache = hf.repeat_cache(cache, k, detach=detach_cache)
-        h = self.thought_pass(block, cache, L, first_block=0)
+        h = self.thought_pass(block, cache, L, first_block=0, positions=positions)
         return thoughts, h

@@ -89,17 +89,27 @@ class ThoughtPasses:
         return out.last_hidden_state, out.cache
 
     def thought_pass(
-        self, tokens: torch.Tensor, cache: hf.Cache, n_prefix: int, first_block: int
+        self,
+        tokens: torch.Tensor,
+        cache: hf.Cache,
+        n_prefix: int,
+        first_block: int,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Feed ``nq`` depth blocks at once.
 
         Args:
-            tokens: ``(B, nq, L)`` tokens of blocks ``first_block .. first_block + nq - 1``.
+            tokens: ``(B, nq, L)`` tokens of blocks ``first_block .. first_block + nq - 1``
+                (``(B, nq, m)`` with ``positions``).
             cache: holds the prefix and the ``first_block`` earlier blocks; extended in place.
+            positions: ``(B / k, m)``: thoughts at these positions only (``quiet_star.think_at``;
+                rows repeated like the batch), else at every position.
         Returns:
             ``(B, nq, L, H)`` hidden states.
         """
         B, nq, L = tokens.shape
+        if positions is not None:
+            return self._positions_pass(tokens, cache, n_prefix, first_block, positions)
         if self.config.attention == "dense" and nq > 1:
             # The authors' way: one depth per call, each with its dense (L, (d+1)L) mask slice.
             return torch.cat(
@@ -132,6 +142,18 @@ class ThoughtPasses:
             )
         return out.last_hidden_state.view(B, nq, L, -1)
 
+    def _positions_pass(self, tokens, cache, n_prefix, first_block, positions):
+        """:meth:`thought_pass` for thoughts at chosen positions: ``(B, nq, m) -> (B, nq, m, H)``."""
+        B, nq, m = tokens.shape
+        pos = positions.repeat_interleave(B // positions.shape[0], dim=0)  # (B, m)
+        depth = torch.arange(first_block, first_block + nq, device=tokens.device)
+        position_ids = (pos[:, None, :] + depth[None, :, None] + 1).reshape(B, nq * m)
+        with thought_attention(self.base_model, n_prefix, "einsum", pos), self.thinking():
+            out = self.backbone_pass(
+                tokens.reshape(B, nq * m), position_ids=position_ids, cache=cache, use_cache=True
+            )
+        return out.last_hidden_state.view(B, nq, m, -1)
+
     @torch.no_grad()
     def sample_from_cache(
         self,
@@ -141,10 +163,13 @@ class ThoughtPasses:
         greedy: bool,
         generator: torch.Generator | None,
         uniforms: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sample ``t`` thought tokens at every position (:func:`qstar.core.think.sample`);
-        extends ``cache`` by ``t`` blocks. Returns token ids ``(batch, L, t)``."""
-        L, t = n_prefix, self.config.thought_len
+        """Sample ``t`` thought tokens at every position (:func:`qstar.core.think.sample`), or
+        at ``positions`` only; extends ``cache`` by ``t`` blocks. Returns token ids ``(batch,
+        L, t)`` (``(batch, m, t)``)."""
+        L = n_prefix if positions is None else positions.shape[1]
+        t = self.config.thought_len
         device = self.meta_embeddings.device
         self.reset_head_cache()  # one meta-free head per sampling (sharded weights move)
         if not greedy and uniforms is None:
@@ -152,7 +177,7 @@ class ThoughtPasses:
 
         def step(idx: torch.Tensor, depth: int) -> torch.Tensor:  # (B, L) -> (B, L, H)
             tok = idx if depth == 0 else self.to_vocab(idx)
-            return self.thought_pass(tok[:, None], cache, n_prefix, first_block=depth)[:, 0]
+            return self.thought_pass(tok[:, None], cache, n_prefix, depth, positions)[:, 0]
 
         start = torch.full((batch, L), self.start_id, dtype=torch.long, device=device)
         idx = think_mod.sample(

@@ -80,6 +80,33 @@ def thought_block_tokens(
     return block.transpose(1, 2).contiguous()
 
 
+def thought_block_at(
+    input_ids: torch.Tensor,
+    thoughts: torch.Tensor,
+    positions: torch.Tensor,
+    start_id: int,
+    end_id: int,
+    n_true: int,
+    fill_id: int,
+) -> torch.Tensor:
+    """:func:`thought_block_tokens` at chosen positions only.
+
+    Args:
+        input_ids: ``(Bk, L)``; thoughts: ``(Bk, m, t)``; positions: ``(B, m)`` (rows repeated
+            like ``input_ids``).
+    Returns:
+        ``(Bk, t + 1 + n, m)``.
+    """
+    Bk, m = thoughts.shape[:2]
+    pos = positions.repeat_interleave(Bk // positions.shape[0], dim=0)  # (Bk, m)
+    start = torch.full((Bk, m, 1), start_id, dtype=torch.long, device=input_ids.device)
+    end = torch.full_like(start, end_id)
+    future = shifted_targets(input_ids, n_true - 1, fill_id)  # (Bk, L, n-1)
+    future = future.gather(1, pos[..., None].expand(-1, -1, future.shape[-1]))  # (Bk, m, n-1)
+    block = torch.cat([start, thoughts, end, future], dim=-1)  # (Bk, m, t+1+n)
+    return block.transpose(1, 2).contiguous()
+
+
 def shifted_targets(input_ids: torch.Tensor, n: int, fill_id: int) -> torch.Tensor:
     """``out[b, i, j] = input_ids[b, i + 1 + j]`` for ``j < n``, ``fill_id`` past the end: ``(B, L, n)``."""
     B, L = input_ids.shape

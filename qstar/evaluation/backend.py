@@ -62,6 +62,7 @@ class QStarLM(TemplateLM):
         dtype: str = "float32",
         max_gen_toks: int = 256,
         overrides: dict | None = None,
+        think_threshold: float | None = None,
         **kwargs,
     ):
         super().__init__()
@@ -80,6 +81,13 @@ class QStarLM(TemplateLM):
             self.overrides["thought_len"] = int(thought_len)
         self.think = bool(think)
         self.greedy = bool(greedy_thoughts)
+        self.threshold = None if think_threshold is None else float(think_threshold)
+        if self.threshold is not None and model.gate_head is None:
+            raise ValueError(
+                "--think-threshold needs a model with a trained gate (quiet_star.gate=true); "
+                f"{pretrained or 'this model'} has none"
+            )
+        self.gate_counts = {"positions": 0, "thought": 0}  # what the gate let think
         self.seed = int(seed)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 4
         self.max_gen_toks = int(max_gen_toks)
@@ -150,7 +158,9 @@ class QStarLM(TemplateLM):
             ],
             device=self.device,
         )  # (B, width); short rows repeat their last position
-        if self.think and self.greedy:
+        if self.think and self.greedy and self.threshold is not None:
+            logits = self._gated_logits(ids, pos, mask)
+        elif self.think and self.greedy:
             logits = self.qs.mixed_logits_at(ids, pos, mask)
         elif not self.think:  # the head on the scored positions only, not (B, L, V)
             qs = self.qs
@@ -162,6 +172,21 @@ class QStarLM(TemplateLM):
         logits = self.qs.mixed_logits(ids, mask, greedy=self.greedy, generator=self._generator())
         lp = self._text_logprobs(logits)
         return [lp[i, s : len(r)] for i, (r, s) in enumerate(zip(rows, starts, strict=True))]
+
+    def _gated_logits(self, ids, pos, mask) -> torch.Tensor:
+        """Scored positions think where the gate predicts a gain of at least ``think_threshold``
+        (the others keep the base prediction); counts what thought."""
+        qs = self.qs
+        h = qs.backbone_pass(ids, attention_mask=mask).last_hidden_state
+        h_pos = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # (B, w, H)
+        logits = qs.lm_logits(h_pos)
+        thinking = qs.gate_head(h_pos) >= self.threshold  # (B, w)
+        self.gate_counts["positions"] += thinking.numel()
+        self.gate_counts["thought"] += int(thinking.sum())
+        if bool(thinking.any()):
+            mixed = qs.mixed_logits_at(ids, pos, mask)
+            logits = torch.where(thinking[..., None], mixed, logits)
+        return logits
 
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
@@ -292,6 +317,16 @@ class QStarLM(TemplateLM):
         return out
 
     def _generate_now(self, ids, mask, max_new, do_sample, temperature, stop, copies=None):
+        stats: dict = {}
+        try:
+            return self._generate_gated(
+                ids, mask, max_new, do_sample, temperature, stop, copies, stats
+            )
+        finally:
+            for key in self.gate_counts:
+                self.gate_counts[key] += stats.get(key, 0)
+
+    def _generate_gated(self, ids, mask, max_new, do_sample, temperature, stop, copies, stats):
         return self.qs.generate(
             ids.to(self.device),
             mask.to(self.device),
@@ -303,6 +338,8 @@ class QStarLM(TemplateLM):
             generator=self._generator(),
             stop=stop,
             copies=copies,
+            think_threshold=self.threshold if self.think else None,
+            stats=stats,
         )
 
 

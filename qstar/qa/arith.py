@@ -29,7 +29,7 @@ import re
 
 from qstar.data_sources import ARITH_SPLITS, DataError, resolve
 from qstar.qa.answers import QAExample
-from qstar.sections import digit_range
+from qstar.sections_qa import digit_range
 
 SEED = 20220328  # the permutation's key: fixed, so every run sees the same problems
 ROUNDS = 4

@@ -31,6 +31,7 @@ from qstar.runs.rundir import write_json, write_summary
 from qstar.runs.state import Run
 from qstar.runs.step import optimizer_step
 from qstar.runs.tracking import MetricsLogger
+from qstar.sections import thought_len_schedule
 
 
 def prepare_data(cfg: RunConfig, tokenizer) -> tuple[WindowStream, list[list[int]], dict[str, Any]]:
@@ -164,6 +165,21 @@ class QuietStarRecipe(Recipe):
 
     # ------------------------------------------------------------------ one step
     def train_step(self, run: Run, step: int) -> dict[str, Any]:
+        """One step; under ``train.thought_len_schedule`` at that step's thought length."""
+        length = self.thought_len_at(step)
+        if length is None:
+            return self._step(run, step)
+        with run.qs.using(thought_len=length):
+            return self._step(run, step)
+
+    def thought_len_at(self, step: int) -> int | None:
+        """The curriculum's thought length at ``step`` (``None``: no schedule)."""
+        schedule = thought_len_schedule(self.cfg.train.thought_len_schedule)
+        if not schedule:
+            return None
+        return [length for first, length in schedule if first <= step][-1]
+
+    def _step(self, run: Run, step: int) -> dict[str, Any]:
         cfg, ctx = run.cfg, run.ctx
         t0 = time.perf_counter()
         parts: dict[str, float] = {}
@@ -182,6 +198,8 @@ class QuietStarRecipe(Recipe):
                     think=self.thinks,
                     policy_temperature=self.objective.policy_temperature,
                     trunk_grad=self.objective.trunk_grad,
+                    think_at=self.objective.think_at,
+                    think_fraction=self.objective.think_fraction,
                 )
                 reference = self.reference.logprob(ids, mask) if self.reference else None
             loss = (
@@ -209,6 +227,8 @@ class QuietStarRecipe(Recipe):
             "step_s": dt,
             "peak_mem_mb": peak_memory_mb(run.device),
         }
+        if self.thought_len_at(step) is not None:
+            row["thought_len"] = run.qs.config.thought_len
         self.last_row = row
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             run.log(row)
