@@ -7,7 +7,7 @@ VENV := .venv/bin
 export QSTAR_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup run train test test-all bench reports lint format
+.PHONY: setup run train test test-all bench reports chromium lint format
 
 setup:
 	@bash scripts/setup.sh
@@ -43,3 +43,7 @@ lint: setup
 format: setup
 	$(VENV)/ruff format qstar tests
 	$(VENV)/ruff check --fix qstar tests
+
+# Headless Chromium for the thought viewer's browser test (tests/test_viewer.py skips without it).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)

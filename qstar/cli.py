@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from qstar import cli_tools
 from qstar.config import quiet_star_overrides
 from qstar.errors import RunFailed
 from qstar.run_config import (  # resolve_config: also re-exported for callers
@@ -185,26 +186,6 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from qstar.analysis.files import bundle_size  # with the report's modules: heavy
-    from qstar.analysis.report import write_report  # pandas, matplotlib: heavy
-
-    exp = Path(args.experiment)
-    if args.out:
-        out = Path(args.out)
-    elif (exp / "bundle.json").is_file():  # a report's data bundle: re-render that report
-        out = exp.resolve().parent
-    else:
-        out = Path("reports") / exp.resolve().name
-    report = write_report(exp, out, analyse_model=not args.no_model, reading=args.reading)
-    print(f"report: {report}")
-    data = report.parent / "data"
-    print(
-        f"data bundle: {data} ({bundle_size(data) / 2**20:.2f} MiB; re-render: qstar report {data})"
-    )
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qstar",
@@ -344,42 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", type=int, default=1, help="Ray Tune verbosity 0-3 (default: 1)")
     p.set_defaults(func=_sweep)
 
-    p = sub.add_parser(
-        "report",
-        help="write report.md and the paper's figures for an experiment or run directory",
-        description="Turn a sweep experiment (or one run directory) into OUT/report.md with figures "
-        "(OUT/figures/, PNG and SVG), a results table and provenance, and OUT/data/: the data "
-        "bundle, the compact copy of everything the report read (trials.json; per trial "
-        "config.yaml, run.json, summary.json, metrics.jsonl, heldout/step_N.json.gz, "
-        "tasks/step_N/*.jsonl and the cached model analyses; no weights), small enough to "
-        "commit. `qstar report OUT/data` re-renders OUT/report.md and OUT/figures from the "
-        "bundle alone, byte-identical, without loading a model. Re-running on the same "
-        "directory reproduces the same files; `make reports` re-renders every committed report "
-        "from its bundle.",
-    )
-    p.add_argument(
-        "experiment",
-        help="experiment directory (qstar sweep), run directory (qstar train), or a report's "
-        "data bundle (REPORT_DIR/data)",
-    )
-    p.add_argument(
-        "--out",
-        help="output directory (default: reports/EXPERIMENT_NAME; for a data bundle, the "
-        "report directory that holds it)",
-    )
-    p.add_argument(
-        "--no-model",
-        action="store_true",
-        help="skip the analyses that load a trained model (the content control, where thinking "
-        "helps, top thoughts)",
-    )
-    p.add_argument(
-        "--reading",
-        metavar="FILE",
-        help="a Markdown file with a written interpretation, placed at the top under 'Reading'",
-    )
-    p.set_defaults(func=_report)
-
     from qstar.analysis import bench  # torch: heavy; not loaded by a bare import of qstar.cli
 
     p = sub.add_parser(
@@ -390,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_arguments(p)
     p.set_defaults(func=_bench)
+    cli_tools.add_parsers(sub)  # qstar show, qstar generate
     return parser
 
 

@@ -29,6 +29,7 @@ LAYERS = {
     "experiments": 6,
     "analysis": 7,
     "cli": 8,
+    "cli_tools": 8,
     "__init__": 8,
 }
 MAX_FILE_LINES = 420

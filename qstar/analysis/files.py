@@ -14,6 +14,7 @@ what the report reads::
     data/trials/ID/tasks/step_N/TASK[:nothink].jsonl  per-example task scores
     data/trials/ID/analysis/content_control.json.gz   the content control (cached)
     data/trials/ID/analysis/top_thoughts.json.gz      the highest-reward thoughts (cached)
+    data/trials/ID/analysis/viewer.json.gz            the thought viewer's data (cached)
 
 Checkpoints, ``final/`` (the weights), ``tb/`` and everything else are left out: a report
 rendered from a bundle never loads a model; the analyses that do are read from their caches.
@@ -47,6 +48,7 @@ TRIAL_FILES = (
 MODEL_CACHES = (
     ("analysis/content_control.json", "float32"),
     ("analysis/top_thoughts.json", "gzip"),
+    ("analysis/viewer.json", "gzip"),
 )
 EXPERIMENT_FILES = ("sweep.yaml", "summary.csv")
 

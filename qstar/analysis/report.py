@@ -63,6 +63,7 @@ from qstar.analysis.report_tables import (  # noqa: F401  (the tables, re-export
     results_table,
     source,
 )
+from qstar.analysis.report_viewer import viewer_section
 
 
 def write_report(
@@ -88,7 +89,13 @@ def write_report(
     if bundle and data.exists() and not files.is_bundle(data):
         raise ValueError(f"{data} exists and is not a data bundle; remove it or choose --out")
     figs_dir = out / "figures"
-    for stale in [*figs_dir.glob("*.png"), *figs_dir.glob("*.svg"), out / "curves.csv"]:
+    stale_pages = [*(out / "viewers").glob("*.html")]
+    for stale in [
+        *figs_dir.glob("*.png"),
+        *figs_dir.glob("*.svg"),
+        out / "curves.csv",
+        *stale_pages,
+    ]:
         stale.unlink(missing_ok=True)  # what this render draws, and nothing older
     sections = [f"# qstar report: {exp.name}", ""]
     for note in exp.notes:
@@ -108,6 +115,7 @@ def write_report(
     sections += _methods_section(exp, figs_dir)
     sections += evidence_sections
     sections += _figure_sections(exp, figs_dir, analyse_model)
+    sections += viewer_section(exp, out, analyse_model)
     sections += _provenance_section(exp)
     sections += [
         "Configs: each trial's resolved config is `data/trials/ID/config.yaml`; the sweep's "

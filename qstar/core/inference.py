@@ -29,7 +29,7 @@ def mixed_logits(
 ):
     """:meth:`qstar.QuietStar.mixed_logits`: next-token logits after thinking at every position,
     ``(B, L) -> (B, L, V)``."""
-    h_base, h_end, raw_w, thoughts = _mixed_states(
+    h_base, h_end, raw_w, thoughts = mixed_states(
         qs, input_ids, attention_mask, greedy, generator, fixed_thought
     )
     logits, _ = qs.mix_logits(raw_w, h_base, h_end)
@@ -53,17 +53,15 @@ def next_token_logprobs(
         qs.check_inputs(input_ids, attention_mask)
         out = qs.backbone_pass(input_ids, attention_mask=attention_mask)
         return qs.token_logprob(out.last_hidden_state[:, :-1], targets, fused=True)
-    h_base, h_end, raw_w, _ = _mixed_states(
-        qs, input_ids, attention_mask, True, None, fixed_thought
-    )
+    h_base, h_end, raw_w, _ = mixed_states(qs, input_ids, attention_mask, True, None, fixed_thought)
     lp, _ = qs.mixed_token_logprob(
         qs.config.mixing, raw_w[:, :-1], h_base[:, :-1], h_end[:, :-1], targets, fused=True
     )
     return lp
 
 
-def _mixed_states(qs, input_ids, attention_mask, greedy, generator, fixed_thought):
-    """What :func:`mixed_logits` mixes: ``h_base``, ``h_end`` ``(B, L, H)``, the raw mixing
+def mixed_states(qs, input_ids, attention_mask, greedy, generator, fixed_thought):
+    """What :func:`mixed_logits` mixes (also what the thought viewer shows): ``h_base``, ``h_end`` ``(B, L, H)``, the raw mixing
     weight ``(B, L, 1)`` and the thoughts ``(B, L, t)``."""
     qs.check_inputs(input_ids, attention_mask)
     B, L = input_ids.shape
@@ -171,6 +169,7 @@ def generate(
     prefix: torch.Tensor | None = None,
     think_threshold: float | None = None,
     stats: dict | None = None,
+    on_token: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """KV-cached batch generation that thinks before every emitted token.
 
@@ -190,6 +189,9 @@ def generate(
     finished rows; generation ends when all are finished. Returns ``(B, n)`` new tokens.
 
     ``think_threshold``, ``stats``: think only where a gate says (:func:`_gated_generate`).
+    ``on_token``: called after each emitted token with ``{"tokens": (B,), "thoughts": (B, t)
+    or None, "weights": (B,) or None}`` (the thought before it and its mixing weight; ``-1``
+    tokens where a row did not think), for streaming.
     """
     run = _gated_generate if think and think_threshold is not None else _generate_every
     return run(
@@ -207,6 +209,7 @@ def generate(
         think_threshold,
         stats,
         think,
+        on_token,
     )
 
 
@@ -225,6 +228,7 @@ def _generate_every(
     think_threshold,
     stats,
     think,
+    on_token,
 ) -> torch.Tensor:
     """:func:`generate` thinking before every token (or never, without ``think``)."""
     device = input_ids.device
@@ -252,11 +256,11 @@ def _generate_every(
                 with qs.thinking(rows=fed == qs.start_id):  # x_new: text; <start>: a thought
                     hs = _feed(qs, cache, fed, m, pos)
                 h_last, h, next_pos = hs[:, 0], hs[:, 1], next_pos + 1
-            logits = _think_and_mix(
+            logits, thought, w = _think_and_mix(
                 qs, cache, h, h_last, m, next_pos, ones, end, next_thought_token
             )
         else:
-            logits = qs.lm_logits(h_last)
+            logits, thought, w = qs.lm_logits(h_last), None, None
         logits = mask_meta_logits(logits, (qs.start_id, qs.end_id))  # text tokens only
         if do_sample:
             u = draw_uniforms((B,), generator, device)
@@ -264,6 +268,8 @@ def _generate_every(
         else:
             nxt = logits.argmax(-1)
         emitted = torch.cat([emitted, nxt[:, None]], dim=1)
+        if on_token is not None:
+            on_token({"tokens": nxt, "thoughts": thought, "weights": w})
         if stop is not None and bool(stop(emitted).all()):
             break
         if think:
@@ -327,18 +333,22 @@ def _thought_token(qs, B, greedy, generator, device, h: torch.Tensor) -> torch.T
 
 def _think_and_mix(qs, cache, h, h_last, m, next_pos, ones, end, next_thought_token):
     """From ``h`` (``(B, H)``, at the ``<start>`` just fed): decode ``c_1..c_t <end>``, cut the
-    cache back to the context and mix with the base state ``h_last``: next-token logits."""
+    cache back to the context and mix with the base state ``h_last``: ``(next-token logits,
+    the thought's tokens (B, t), the mixing weight (B,))``."""
     t = qs.config.thought_len
     base_len = hf.cache_length(cache) - 1  # the context without <start>
     tok = next_thought_token(h) if t > 0 else end
+    thought = []
     for d in range(1, t + 2):  # c_1..c_t, <end> (<start> was d = 0)
+        if d <= t:
+            thought.append(tok)
         m = torch.cat([m, ones], dim=1)
         with qs.thinking():
             h = _feed(qs, cache, tok[:, None], m, (next_pos + d)[:, None])[:, -1]
         tok = next_thought_token(h) if d < t else end
     hf.crop_cache(cache, base_len)
-    logits, _ = qs.mix_logits(qs.mixing_head(h_last, h), h_last, h)
-    return logits
+    logits, w = qs.mix_logits(qs.mixing_head(h_last, h), h_last, h)
+    return logits, torch.stack(thought, dim=1) if thought else None, w[..., 0]
 
 
 def _gated_generate(
@@ -356,6 +366,7 @@ def _gated_generate(
     threshold,
     stats,
     think=True,
+    on_token=None,
 ) -> torch.Tensor:
     """:func:`generate` thinking only where the gate says: before a token only where the gate's
     predicted gain at the last position (``quiet_star.gate``) is at least ``threshold``; the
@@ -387,14 +398,22 @@ def _gated_generate(
             m = torch.cat([mask, ones], dim=1)
             with qs.thinking():
                 h = _feed(qs, cache, start, m, next_pos[:, None])[:, -1]
-            mixed = _think_and_mix(qs, cache, h, h_last, m, next_pos, ones, end, next_thought_token)
+            mixed, thought, w = _think_and_mix(
+                qs, cache, h, h_last, m, next_pos, ones, end, next_thought_token
+            )
             logits = torch.where(thinking[:, None], mixed, logits)
+            thought = torch.where(thinking[:, None], thought, -1)  # -1: no thought here
+            w = torch.where(thinking, w, 0.0)
+        else:
+            thought, w = None, None
         logits = mask_meta_logits(logits, (qs.start_id, qs.end_id))
         if do_sample:
             nxt = sample_from_logits(logits, draw_uniforms((B,), generator, device), temperature)
         else:
             nxt = logits.argmax(-1)
         emitted = torch.cat([emitted, nxt[:, None]], dim=1)
+        if on_token is not None:
+            on_token({"tokens": nxt, "thoughts": thought, "weights": w})
         if stop is not None and bool(stop(emitted).all()):
             break
         mask = torch.cat([mask, ones], dim=1)

@@ -214,10 +214,34 @@ class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
         out = self.backbone_pass(input_ids, attention_mask=attention_mask)
         return self.lm_logits(out.last_hidden_state)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask=None, return_thoughts: bool = False, **kwargs
+    ):
         """KV-cached batch generation that thinks before every emitted token: ``(B, P) -> (B, n)``
-        new tokens (:func:`qstar.core.inference.generate`; its keyword arguments)."""
-        return inference.generate(self, input_ids, attention_mask, **kwargs)
+        new tokens (:func:`qstar.core.inference.generate`; its keyword arguments, ``on_token``
+        to stream). ``return_thoughts``: also ``(B, n, t)`` the thought before each token
+        (``-1`` where none) and ``(B, n)`` its mixing weight."""
+        if not return_thoughts:
+            return inference.generate(self, input_ids, attention_mask, **kwargs)
+        steps: list[dict] = []
+        user = kwargs.pop("on_token", None)
+
+        def keep(info: dict) -> None:
+            steps.append(info)
+            if user is not None:
+                user(info)
+
+        tokens = inference.generate(self, input_ids, attention_mask, on_token=keep, **kwargs)
+        B, t = tokens.shape[0], self.config.thought_len
+        none = torch.full((B, t), -1, dtype=torch.long, device=tokens.device)
+        thoughts = torch.stack(
+            [s["thoughts"] if s["thoughts"] is not None else none for s in steps], dim=1
+        )
+        zero = torch.zeros(B, device=tokens.device)
+        weights = torch.stack(
+            [s["weights"].float() if s["weights"] is not None else zero for s in steps], dim=1
+        )
+        return tokens, thoughts, weights
 
     def forward(
         self,
