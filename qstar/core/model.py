@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from qstar.config import QuietStarConfig
-from qstar.core import hf, inference, persistence
+from qstar.core import generation, hf, inference, persistence
 from qstar.core import think as think_mod
 from qstar.core.head import VocabularyHead
 from qstar.core.learn import StepOutput, logprob_of
@@ -218,11 +218,11 @@ class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
         self, input_ids: torch.Tensor, attention_mask=None, return_thoughts: bool = False, **kwargs
     ):
         """KV-cached batch generation that thinks before every emitted token: ``(B, P) -> (B, n)``
-        new tokens (:func:`qstar.core.inference.generate`; its keyword arguments, ``on_token``
+        new tokens (:func:`qstar.core.generation.generate`; its keyword arguments, ``on_token``
         to stream). ``return_thoughts``: also ``(B, n, t)`` the thought before each token
         (``-1`` where none) and ``(B, n)`` its mixing weight."""
         if not return_thoughts:
-            return inference.generate(self, input_ids, attention_mask, **kwargs)
+            return generation.generate(self, input_ids, attention_mask, **kwargs)
         steps: list[dict] = []
         user = kwargs.pop("on_token", None)
 
@@ -231,7 +231,7 @@ class QuietStar(VocabularyHead, ThoughtPasses, nn.Module):
             if user is not None:
                 user(info)
 
-        tokens = inference.generate(self, input_ids, attention_mask, on_token=keep, **kwargs)
+        tokens = generation.generate(self, input_ids, attention_mask, on_token=keep, **kwargs)
         B, t = tokens.shape[0], self.config.thought_len
         none = torch.full((B, t), -1, dtype=torch.long, device=tokens.device)
         thoughts = torch.stack(

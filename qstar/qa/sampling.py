@@ -66,7 +66,7 @@ def sample_rationales(
     return_ids: bool = False,
 ) -> list[str] | list[tuple[str, list[int]]]:
     """One completion per prompt: batched, KV-cached, left-padded generation
-    (:func:`qstar.core.inference.generate`), greedy at ``temperature`` 0; each completion cut at
+    (:func:`qstar.core.generation.generate`), greedy at ``temperature`` 0; each completion cut at
     :data:`STOP_STRINGS`. Generation of a batch ends once every row has stopped (with
     ``stop_early``; without, after ``max_new_tokens``, as the benchmark compares). The tokens
     every prompt of a batch starts with (the worked examples) are run once and their cache
