@@ -93,6 +93,32 @@ def test_arms_pool_seeds_and_gains_match_hand_computation(experiment):
     assert table.iloc[1]["gain"] is None
 
 
+def test_compute_matched_baseline_is_compared_at_its_own_last_step(experiment, tmp_path):
+    arm, token = experiment
+    exp_dir = next(iter(arm.trials.values())).parent.parent
+    lm_cfg = {"quiet_star": {"thought_len": 4}, "train": {"objective": "lm", "steps": 30}}
+    longer = {0: {"base": [[1.0, 2.0, 9.0], [3.0, 1.0]]}, 10: {"base": [[9.0] * 3, [9.0] * 2]}}
+    longer[30] = {"base": [[1.0, 2.0, 7.0], [3.0, 1.0]]}
+    _write_trial(exp_dir, "t003-objective=lm-steps=30-seed=0", longer, lm_cfg)
+    spec = json.loads((exp_dir / "trials.json").read_text())
+    spec["trials"].append(
+        {"trial_id": "t003-objective=lm-steps=30-seed=0", "overrides": [], "params": {}}
+    )
+    (exp_dir / "trials.json").write_text(json.dumps(spec))
+    dirs = {t["trial_id"]: exp_dir / "trials" / t["trial_id"] for t in spec["trials"]}
+    arms = evidence.arms_of(load_experiment(exp_dir), dirs)
+    tok, compute = evidence.baselines(arms)
+    assert tok.name == token.name and [c.steps()[-1] for c in compute] == [30]
+    table = evidence.heldout_table(arms).set_index("arm")
+    thinking = table.loc["4 thought tokens, n_true 2"]
+    # token-matched: unchanged (the 10-step baseline, not the longer run's step 10)
+    assert thinking["vs baseline"].seeds == pytest.approx([(0.6 + 0 + 1.5 + 0 - 0.1) / 5])
+    # compute-matched: its step 30 (1, 2, 7, 3, 1) minus seed 0's thought at step 10
+    # (0.9, 2, 7, 3, 1.1): (0.1 + 0 + 0 + 0 - 0.1) / 5 = 0
+    assert thinking["vs compute-matched"].seeds == pytest.approx([0.0])
+    assert all(v is None for v in table["vs compute-matched"][table.index.str.startswith("no")])
+
+
 def test_task_table_pairs_thinking_with_not(experiment):
     table = evidence.task_table(experiment, metrics=("acc",))
     row = table.iloc[0]

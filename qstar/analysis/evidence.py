@@ -11,7 +11,9 @@ seeds' own values are listed beside it.
 
 Signs: ``gain`` = NLL without thinking - NLL with thinking (positive: thinking helps);
 ``vs baseline`` = the no-thought baseline's NLL - this arm's NLL with thinking, at the same step
-(positive: thinking beats training the plain LM on the same tokens); ``drift`` = NLL without
+(positive: thinking beats training the plain LM on the same tokens); ``vs compute-matched`` =
+the same against a no-thought baseline trained for more steps than the thinking arms (given
+their FLOPs), at each one's last step; ``drift`` = NLL without
 thinking - its step-0 value (positive: the language model got worse).
 """
 
@@ -48,9 +50,21 @@ from qstar.analysis.stats import Estimate
 
 
 # ---------------------------------------------------------------------------- tables
+def baselines(arms: list[Arm]) -> tuple[Arm | None, list[Arm]]:
+    """The token-matched no-thought baseline (trained no longer than the thinking arms) and the
+    compute-matched ones (no-thought arms trained for more steps than any thinking arm)."""
+    bases = [a for a in arms if a.baseline and a.steps()]
+    thinking = [a.steps()[-1] for a in arms if not a.baseline and a.steps()]
+    if not thinking:
+        return (bases[0] if bases else None), []
+    token = [b for b in bases if b.steps()[-1] <= max(thinking)]
+    compute = [b for b in bases if b.steps()[-1] > max(thinking)]
+    return (token[0] if token else None), compute
+
+
 def heldout_table(arms: list[Arm], step: int | None = None) -> pd.DataFrame:
     """One row per arm at ``step`` (default: the last step all its seeds evaluated)."""
-    baseline = next((a for a in arms if a.baseline), None)
+    baseline, compute = baselines(arms)
     rows = []
     for arm in arms:
         steps = arm.steps()
@@ -70,13 +84,17 @@ def heldout_table(arms: list[Arm], step: int | None = None) -> pd.DataFrame:
             ("drift since step 0", drift(arm, s)),
         ):
             row[key] = value
+        for cm in sorted(compute, key=lambda b: b.steps()[-1])[-1:]:  # the longest
+            row["vs compute-matched"] = (
+                None if arm.baseline else vs_baseline(arm, cm, s, cm.steps()[-1])
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def curves(arms: list[Arm]) -> pd.DataFrame:
     """Long table (arm, step, quantity, value, lo, hi) of every estimate at every step."""
-    baseline = next((a for a in arms if a.baseline), None)
+    baseline, _ = baselines(arms)
     rows = []
     for arm in arms:
         for s in arm.steps():
@@ -215,6 +233,13 @@ FINDINGS = (
         "against the no-thought baseline at the same step, {value} (baseline minus with thinking: ",
         "thinking beats training the plain LM",
         "the plain LM is better",
+    ),
+    (
+        "vs compute-matched",
+        "against the no-thought baseline given the same compute (its last step), {value} "
+        "(baseline minus with thinking: ",
+        "thinking beats the compute-matched plain LM",
+        "the compute-matched plain LM is better",
     ),
 )
 

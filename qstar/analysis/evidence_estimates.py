@@ -114,9 +114,13 @@ def drift(arm: Arm, step: int) -> Row | None:
     return _estimate(arm, step, fn)
 
 
-def vs_baseline(arm: Arm, baseline: Arm, step: int) -> Row | None:
-    """Baseline NLL - this arm's NLL with thinking at the same step; seeds paired in order."""
-    refs = [baseline.tokens[b].get(step) for b in sorted(baseline.tokens)]
+def vs_baseline(
+    arm: Arm, baseline: Arm, step: int, baseline_step: int | None = None
+) -> Row | None:
+    """Baseline NLL (at ``baseline_step``, default ``step``) - this arm's NLL with thinking at
+    ``step``; seeds paired in order."""
+    at = step if baseline_step is None else baseline_step
+    refs = [baseline.tokens[b].get(at) for b in sorted(baseline.tokens)]
     per_seed = []
     for tid, ref in zip(sorted(arm.tokens), refs, strict=False):
         tok = arm.tokens[tid].get(step)

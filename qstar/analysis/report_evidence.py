@@ -45,7 +45,9 @@ def _heldout_section(held: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:
         "`gain` = without thinking - with thinking (> 0: thinking helps); `hardest 10%`: the "
         "tokens whose step-0 loss is in the top decile; `vs baseline` = the no-thought "
         "baseline's NLL - this arm's with thinking, same step (> 0: thinking beats training "
-        "the plain LM on the same tokens); `drift` = NLL without thinking - its step-0 value "
+        "the plain LM on the same tokens); `vs compute-matched`, where present, = the same "
+        "against a no-thought baseline trained for more steps (the thinking arms' FLOPs), "
+        "each at its last step; `drift` = NLL without thinking - its step-0 value "
         "(> 0: the language model got worse). Brackets: 95% percentile bootstrap over held-out "
         "windows (2000 resamples) of the values averaged over seeds; each seed's own value "
         "follows.",
