@@ -114,9 +114,7 @@ def drift(arm: Arm, step: int) -> Row | None:
     return _estimate(arm, step, fn)
 
 
-def vs_baseline(
-    arm: Arm, baseline: Arm, step: int, baseline_step: int | None = None
-) -> Row | None:
+def vs_baseline(arm: Arm, baseline: Arm, step: int, baseline_step: int | None = None) -> Row | None:
     """Baseline NLL (at ``baseline_step``, default ``step``) - this arm's NLL with thinking at
     ``step``; seeds paired in order."""
     at = step if baseline_step is None else baseline_step
