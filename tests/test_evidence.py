@@ -184,3 +184,25 @@ def test_failed_trials_lead_the_report_and_are_not_evidence(experiment, tmp_path
     text = write_report(exp_dir, tmp_path / "out2", analyse_model=False).read_text()
     assert "**No trial finished: all 3 ended in error.**" in text
     assert "## Does it learn?" not in text
+
+
+def test_seed_only_trials_form_one_arm_and_pair_with_the_baseline_of_their_seed():
+    from qstar.analysis.evidence_arms import Arm, Tokens, arm_of
+
+    # a paired sweep whose arm is the base config: only the seed varies
+    assert arm_of("t001-seed=0") == arm_of("t004-seed=1") == "base"
+    assert arm_of("t003-policy_weight=1.0e2-seed=1") == "policy_weight=1.0e2"
+    assert arm_of("my-run") == "my-run"
+
+    def arm(ids_values, baseline):
+        tokens = {}
+        for tid, v in ids_values:
+            base = [np.array([v, v])]
+            tokens[tid] = {5: Tokens(base, None if baseline else [np.array([1.0, 1.0])])}
+        return Arm("a", "a", baseline, 4, {t: Path(t) for t in tokens}, tokens, {})
+
+    # baseline ids sort seed 1 first: pairing must follow the seed, not the order
+    think = arm([("t001-seed=0", 0.0), ("t004-seed=1", 0.0)], baseline=False)
+    base = arm([("t000-objective=lm-seed=1", 3.0), ("t003-objective=lm-seed=0", 2.0)], True)
+    vb = evidence.vs_baseline(think, base, 5)
+    assert vb.seeds == pytest.approx([1.0, 2.0])  # seed 0: 2 - 1, seed 1: 3 - 1

@@ -24,10 +24,19 @@ class Tokens:
 
 
 def arm_of(trial_id: str) -> str:
-    """``t003-policy_weight=1.0e2-seed=1`` -> ``policy_weight=1.0e2`` (seed and index dropped)."""
+    """``t003-policy_weight=1.0e2-seed=1`` -> ``policy_weight=1.0e2`` (seed and index dropped);
+    ``t004-seed=1`` (the base config, varied by seed alone) -> ``base``."""
     arm = re.sub(r"^t\d+-", "", trial_id)
     arm = re.sub(r"-?seed=\d+$", "", arm)
-    return arm or trial_id
+    if arm:
+        return arm
+    return "base" if re.fullmatch(r"t\d+-seed=\d+", trial_id) else trial_id
+
+
+def seed_of(trial_id: str) -> int | None:
+    """The ``seed=N`` a sweep's trial id ends with, if any."""
+    m = re.search(r"seed=(\d+)$", trial_id)
+    return int(m.group(1)) if m else None
 
 
 def load_tokens(run_dir: Path) -> dict[int, Tokens]:

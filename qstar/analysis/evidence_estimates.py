@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qstar.analysis import stats
-from qstar.analysis.evidence_arms import Arm, Tokens
+from qstar.analysis.evidence_arms import Arm, Tokens, seed_of
 from qstar.analysis.stats import Estimate
 
 HARD_FRACTION = 0.1  # "hardest decile": tokens with the top 10% step-0 base NLL
@@ -116,11 +116,18 @@ def drift(arm: Arm, step: int) -> Row | None:
 
 def vs_baseline(arm: Arm, baseline: Arm, step: int, baseline_step: int | None = None) -> Row | None:
     """Baseline NLL (at ``baseline_step``, default ``step``) - this arm's NLL with thinking at
-    ``step``; seeds paired in order."""
+    ``step``; each seed paired with the baseline's run of the same seed where the trial ids
+    name seeds (seeds the baseline lacks are left out), else in order."""
     at = step if baseline_step is None else baseline_step
-    refs = [baseline.tokens[b].get(at) for b in sorted(baseline.tokens)]
+    ids, mine = sorted(baseline.tokens), sorted(arm.tokens)
+    by_seed = {seed_of(b): b for b in ids}
+    if None in by_seed or any(seed_of(t) is None for t in mine):
+        matched = list(zip(mine, ids, strict=False))
+    else:
+        matched = [(t, by_seed[seed_of(t)]) for t in mine if seed_of(t) in by_seed]
+    pairs = [(t, baseline.tokens[b].get(at)) for t, b in matched]
     per_seed = []
-    for tid, ref in zip(sorted(arm.tokens), refs, strict=False):
+    for tid, ref in pairs:
         tok = arm.tokens[tid].get(step)
         if tok is None or ref is None or tok.thought is None:
             continue
