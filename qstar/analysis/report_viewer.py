@@ -34,9 +34,8 @@ def viewer_data(run_dir: Path, analyse_model: bool) -> dict | None:
         return None
     qs = QuietStar.from_pretrained(final).eval()
     data = viewer.view_data(qs, ids[0], samples=3, source=f"{run_dir.name}: held-out window 0")
-    viewer.write_json(data, run_dir / CACHE)
     # as read back, so the page made now and one made later from the cache (or the bundle) agree
-    return json.loads(files.read_text(files.find(run_dir / CACHE)))
+    return json.loads(viewer.write_json(data, run_dir / CACHE).read_text(encoding="utf-8"))
 
 
 def viewer_section(exp: Experiment, out: Path, analyse_model: bool) -> list[str]:
