@@ -14,6 +14,11 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 def add_parsers(sub) -> None:
     """Register ``report``, ``show`` and ``generate`` on the CLI's sub-parsers."""
+    _add_report_parser(sub)
+    _add_show_parser(sub)
+
+
+def _add_report_parser(sub) -> None:
     p = sub.add_parser(
         "report",
         help="write report.md and the paper's figures for an experiment or run directory",
@@ -48,8 +53,27 @@ def add_parsers(sub) -> None:
         metavar="FILE",
         help="a Markdown file with a written interpretation, placed at the top under 'Reading'",
     )
+    p.add_argument(
+        "--with",
+        dest="with_",
+        action="append",
+        default=[],
+        metavar="EXPERIMENT",
+        help="also report the trials of this experiment or report bundle (e.g. a "
+        "baseline trained by another sweep on the same held-out windows); repeatable; the "
+        "bundle keeps them",
+    )
+    p.add_argument(
+        "--with-trials",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only the --with trials whose ids match this glob (e.g. 't001-*'); repeatable",
+    )
     p.set_defaults(func=_report)
 
+
+def _add_show_parser(sub) -> None:
     p = sub.add_parser(
         "show",
         help="write an HTML page of what a model thinks at each token of a text",
@@ -101,7 +125,16 @@ def _report(args: argparse.Namespace) -> int:
         out = exp.resolve().parent
     else:
         out = Path("reports") / exp.resolve().name
-    report = write_report(exp, out, analyse_model=not args.no_model, reading=args.reading)
+    if args.with_trials and not args.with_:
+        raise SystemExit("qstar report: --with-trials chooses among --with trials; add --with")
+    report = write_report(
+        exp,
+        out,
+        analyse_model=not args.no_model,
+        reading=args.reading,
+        with_=args.with_,
+        with_trials=args.with_trials,
+    )
     print(f"report: {report}")
     data = report.parent / "data"
     print(

@@ -8,10 +8,15 @@ single ``qstar train`` run directory (one trial). Tables:
 * ``evals``:  one row per (trial, step, task, metric, value) -- held-out NLL rows have task
   ``heldout``; lm-eval rows come from ``eval/TASK/METRIC``;
 * ``trials``: one row per trial: status, parameters, thought length, label.
+
+A report may also read finished trials of other experiments (``qstar report EXP --with OTHER``):
+an arm already trained elsewhere on the same held-out windows (the headline's baseline, say)
+joins this experiment's trials instead of being trained again; its bundle then holds them all.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from dataclasses import dataclass, field
@@ -46,6 +51,10 @@ class Experiment:
     notes: list[str] = field(default_factory=list)
     name: str = ""  # the experiment's name (a bundle keeps its experiment's)
     bundle: dict[str, Any] = field(default_factory=dict)  # bundle.json when read from a bundle
+    # (trial_id, run_dir, params) of every trial, this experiment's and those read --with
+    trial_dirs: list[tuple[str, Path, dict[str, Any]]] = field(default_factory=list)
+    # the other experiments trials were read from: {"name", "path", "trials"} each
+    references: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_jsonl(
@@ -85,6 +94,66 @@ def _trial_dirs(path: Path) -> list[tuple[str, Path, dict[str, Any]]]:
     raise FileNotFoundError(
         f"{path} is neither a sweep experiment (trials.json) nor a run directory (metrics.jsonl)"
     )
+
+
+def _referenced(
+    path: Path, sources: list[str | Path], patterns: list[str]
+) -> tuple[list[tuple[str, Path, dict[str, Any]]], list[dict[str, Any]]]:
+    """The trials of the experiments ``sources`` (experiment folders or report bundles) whose
+    ids match one of ``patterns`` (all when none), and ``{"name", "path", "trials"}`` of each
+    source; an id that clashes with another trial's, or a pattern that matches nothing, fails."""
+    seen = {t for t, _, _ in _trial_dirs(path)}
+    found, refs = [], []
+    for src in map(Path, sources):
+        trials = [
+            t
+            for t in _trial_dirs(src)
+            if not patterns or any(fnmatch.fnmatch(t[0], p) for p in patterns)
+        ]
+        if not trials:
+            ids = ", ".join(t for t, _, _ in _trial_dirs(src))
+            raise ValueError(
+                f"--with {src}: no trial matches --with-trials {' '.join(patterns)}; its trials: {ids}"
+            )
+        for trial_id, _, _ in trials:
+            if trial_id in seen:
+                raise ValueError(
+                    f"--with {src}: trial {trial_id} has the id of another trial of the report; "
+                    "leave it out with --with-trials"
+                )
+            seen.add(trial_id)
+        found += trials
+        name = files.bundle_meta(src).get("name") or src.resolve().name
+        refs.append({"name": name, "path": str(src), "trials": [t for t, _, _ in trials]})
+    return found, refs
+
+
+# what fixes the held-out windows: trials read --with must agree on it to be compared
+HELDOUT_KEYS = ("data.val_source", "data.val_split", "data.window", "eval.windows")
+
+
+def heldout_key(cfg: dict[str, Any]) -> tuple:
+    """The settings that choose a trial's held-out windows (the seed resolved)."""
+    flat = flatten(cfg)
+    seed = flat.get("eval.heldout_seed")
+    return (*(flat.get(k) for k in HELDOUT_KEYS), flat.get("train.seed") if seed is None else seed)
+
+
+def _check_heldout(configs: dict[str, dict[str, Any]], referenced: list[str]) -> None:
+    own = {heldout_key(c) for t, c in configs.items() if c and t not in referenced}
+    for trial_id in referenced:
+        key = heldout_key(configs[trial_id]) if configs.get(trial_id) else None
+        if own and key is not None and key not in own:
+            mine = sorted(own, key=str)[0]
+            diff = [
+                f"{k} {a!r} vs {b!r}"
+                for k, a, b in zip((*HELDOUT_KEYS, "held-out seed"), key, mine, strict=True)
+                if a != b
+            ]
+            raise ValueError(
+                f"--with trial {trial_id} was evaluated on other held-out windows "
+                f"({'; '.join(diff)}); only trials on the same windows compare"
+            )
 
 
 LABEL_KEYS = {
@@ -174,15 +243,21 @@ def _metric_rows(trial_id: str, rows: list[dict], cfg: dict) -> tuple[list[dict]
     return step_rows, eval_rows
 
 
-def load_experiment(path: str | Path) -> Experiment:
+def load_experiment(
+    path: str | Path, with_: list[str | Path] = (), with_trials: list[str] = ()
+) -> Experiment:
     """Read an experiment (or one run, or a report's data bundle) into tidy DataFrames; see the
-    module docstring."""
+    module docstring. ``with_``: other experiments or bundles whose finished trials (those
+    matching a pattern of ``with_trials``, all when none) join this one's; they must have been
+    evaluated on the same held-out windows."""
     path = Path(path)
     meta = files.bundle_meta(path)
     notes: list[str] = []
     trial_rows, step_rows, eval_rows = [], [], []
     configs, provenance = {}, {}
-    for trial_id, run_dir, params in _trial_dirs(path):
+    extra, references = _referenced(path, list(with_), list(with_trials)) if with_ else ([], [])
+    trial_dirs = _trial_dirs(path) + extra
+    for trial_id, run_dir, params in trial_dirs:
         config = run_dir / "config.yaml"
         cfg = yaml.safe_load(config.read_text()) if config.is_file() else {}
         configs[trial_id] = cfg
@@ -208,6 +283,7 @@ def load_experiment(path: str | Path) -> Experiment:
         steps, evals = _metric_rows(trial_id, rows, cfg)
         step_rows += steps
         eval_rows += evals
+    _check_heldout(configs, [t for t, _, _ in extra])
     _add_seeds(trial_rows)
     trials = pd.DataFrame(trial_rows)
     steps = pd.DataFrame(step_rows)
@@ -217,4 +293,7 @@ def load_experiment(path: str | Path) -> Experiment:
             trials[["trial_id", "label", "thought_len", "baseline", "seed"]], on="trial_id"
         )
     name = meta.get("name") or path.resolve().name
-    return Experiment(path, trials, steps, evals, configs, provenance, notes, name, meta)
+    references = references or meta.get("with", [])
+    return Experiment(
+        path, trials, steps, evals, configs, provenance, notes, name, meta, trial_dirs, references
+    )

@@ -185,23 +185,28 @@ def write_bundle(
     out: Path,
     meta: dict[str, Any],
     model_caches: bool,
+    trials_spec: dict[str, Any] | None = None,
 ) -> Path:
     """Copy what a report reads from ``exp_dir`` into the bundle ``out`` (replacing an older
     bundle there; a folder that is not a bundle is refused). ``trial_dirs``: the experiment's
     ``(trial_id, run_dir, params)``; ``model_caches``: copy the model analyses' caches (the report
-    showed them)."""
+    showed them); ``trials_spec``: the bundle's ``trials.json`` when it is not ``exp_dir``'s (a
+    report that read trials of other experiments)."""
     out = Path(out)
     if out.exists():
         if not is_bundle(out):
             raise ValueError(f"{out} exists and is not a data bundle; remove it or choose --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    if trials_spec is not None:
+        (out / "trials.json").write_text(json.dumps(trials_spec, indent=2) + "\n")
     if exists(exp_dir / "trials.json"):
-        _copy(exp_dir / "trials.json", out / "trials.json", "copy")
+        if trials_spec is None:
+            _copy(exp_dir / "trials.json", out / "trials.json", "copy")
         for name in EXPERIMENT_FILES:
             if (exp_dir / name).is_file():
                 shutil.copyfile(exp_dir / name, out / name)
-    else:  # one run directory: a one-trial sweep
+    elif trials_spec is None:  # one run directory: a one-trial sweep
         trials = [{"trial_id": t, "overrides": [], "params": p} for t, _, p in trial_dirs]
         (out / "trials.json").write_text(json.dumps({"trials": trials}, indent=2) + "\n")
     patterns = TRIAL_FILES + MODEL_CACHES * model_caches

@@ -72,6 +72,8 @@ def write_report(
     analyse_model: bool = True,
     reading: str | Path | None = None,
     bundle: bool = True,
+    with_: list[str | Path] = (),
+    with_trials: list[str] = (),
 ) -> Path:
     """Write ``report.md``, figures and (with ``bundle``) the data bundle ``out/data/`` for an
     experiment; deterministic for the same inputs.
@@ -80,8 +82,11 @@ def write_report(
     rendered from its bundle is byte-identical to the one rendered from the experiment, and
     loads no model (the model analyses come from the bundle's caches). ``reading``: a Markdown
     file with a written interpretation, placed under "Reading" (an input like the runs, so the
-    report stays generated)."""
-    exp = load_experiment(exp_dir)
+    report stays generated). ``with_`` / ``with_trials``: finished trials of other experiments
+    or bundles to report beside this one's (:func:`load_experiment`); the bundle keeps them."""
+    if with_ and files.is_bundle(exp_dir):
+        raise ValueError(f"{exp_dir} is a report's bundle: it holds its --with trials already")
+    exp = load_experiment(exp_dir, with_, with_trials)
     out = Path(out)
     if exp.bundle:
         analyse_model = analyse_model and exp.bundle.get("analyse_model", True)
@@ -112,6 +117,7 @@ def write_report(
         ),
         "",
     ]
+    sections += _references(exp)
     sections += _methods_section(exp, figs_dir)
     sections += evidence_sections
     sections += _figure_sections(exp, figs_dir, analyse_model)
@@ -143,4 +149,37 @@ def _write_bundle(exp: Experiment, data: Path, analyse_model: bool) -> None:
             shutil.copytree(exp.path, data)
         return
     meta = {"name": exp.name, "analyse_model": analyse_model, "task_versions": _task_versions(exp)}
-    files.write_bundle(exp.path, _trial_dirs(exp.path), data, meta, model_caches=analyse_model)
+    spec = None
+    if exp.references:
+        meta["with"] = exp.references
+        spec = _trials_spec(exp.path)
+        for ref in exp.references:
+            entries = {t["trial_id"]: t for t in _trials_spec(Path(ref["path"]))["trials"]}
+            spec["trials"] += [{**entries[t], "from": ref["name"]} for t in ref["trials"]]
+    # the caches that exist go in even under --no-model: a cached analysis is shown either way
+    files.write_bundle(exp.path, exp.trial_dirs, data, meta, True, trials_spec=spec)
+
+
+def _trials_spec(path: Path) -> dict:
+    """``trials.json`` of an experiment or bundle; a run directory as a one-trial sweep."""
+    if files.exists(path / "trials.json"):
+        return files.read_json(path / "trials.json")
+    trials = [{"trial_id": t, "overrides": [], "params": p} for t, _, p in _trial_dirs(path)]
+    return {"trials": trials}
+
+
+def _references(exp: Experiment) -> list[str]:
+    """Which trials were read from other experiments (``--with``), and from where."""
+    if not exp.references:
+        return []
+    lines = [
+        f"- from `{r['name']}` (`{r['path']}`): " + ", ".join(f"`{t}`" for t in r["trials"])
+        for r in exp.references
+    ]
+    return [
+        "Trials read from other experiments (`qstar report --with`), trained there on the same "
+        "held-out windows and not again here:",
+        "",
+        *lines,
+        "",
+    ]

@@ -9,7 +9,7 @@ import pandas as pd
 
 from qstar.analysis import content, dynamics, figures
 from qstar.analysis import evidence as ev
-from qstar.analysis.experiment import Experiment, _trial_dirs
+from qstar.analysis.experiment import Experiment
 from qstar.analysis.plotting import save
 from qstar.analysis.report_compute import compute_section
 from qstar.analysis.report_tables import _md_table, source
@@ -22,7 +22,7 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
     per-token held-out losses (:mod:`qstar.analysis.evidence`); optimisation diagnostics when logged.
     Trials that ended in error are left out."""
     failed = set(exp.trials.trial_id[exp.trials.status == "error"])
-    run_dirs = {t: d for t, d, _ in _trial_dirs(exp.path) if d.is_dir() and t not in failed}
+    run_dirs = {t: d for t, d, _ in exp.trial_dirs if d.is_dir() and t not in failed}
     arms = ev.arms_of(exp, run_dirs)
     out: list[str] = []
     if any(arm.steps() for arm in arms):

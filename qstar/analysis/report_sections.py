@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from qstar.analysis import content
-from qstar.analysis.experiment import HELDOUT, Experiment, _trial_dirs
+from qstar.analysis.experiment import HELDOUT, Experiment
 from qstar.analysis.figures import (
     fig_accuracy_vs_step,
     fig_final_vs_thought_tokens,
@@ -178,7 +178,7 @@ def _top_thoughts(exp: Experiment, figures: list) -> tuple[pd.DataFrame | None, 
     if candidates.empty:
         return None, None
     best = candidates.sort_values("thought_len").iloc[-1]
-    run_dir = {t: d for t, d, _ in _trial_dirs(exp.path)}[best.trial_id]
+    run_dir = {t: d for t, d, _ in exp.trial_dirs}[best.trial_id]
     try:
         found = content.top_thoughts(run_dir)
     except (ValueError, OSError) as exc:  # e.g. a run whose data source is unreachable here
@@ -239,7 +239,7 @@ def _failed_section(exp: Experiment) -> list[str]:
     failed = exp.trials[exp.trials.status == "error"]
     if failed.empty:
         return []
-    dirs = {t: d for t, d, _ in _trial_dirs(exp.path)}
+    dirs = {t: d for t, d, _ in exp.trial_dirs}
     rows = []
     for trial_id in failed.trial_id:
         error = dirs[trial_id] / "error.txt"

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from qstar.analysis import files
-from qstar.analysis.experiment import HELDOUT, Experiment, _trial_dirs, without_seed
+from qstar.analysis.experiment import HELDOUT, Experiment, without_seed
 from qstar.analysis.figures import _trial_order
 
 _INT_COLUMNS = {
@@ -92,7 +92,7 @@ def method_table(exp: Experiment) -> pd.DataFrame:
     rationales kept per iteration, TRICE's acceptance rate and memory coverage, V-STaR's
     preference pairs, verifier pair accuracy, best-of-k, majority vote and pass@1."""
     rows = []
-    dirs = {t: d for t, d, _ in _trial_dirs(exp.path)}
+    dirs = {t: d for t, d, _ in exp.trial_dirs}
     for trial_id in _trial_order(exp):
         t = exp.trials[exp.trials.trial_id == trial_id].iloc[0]
         summary_file = dirs.get(trial_id, exp.path) / "summary.json"

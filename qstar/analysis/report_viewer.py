@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from qstar.analysis import files
-from qstar.analysis.experiment import Experiment, _trial_dirs
+from qstar.analysis.experiment import Experiment
 from qstar.analysis.report_tables import source
 from qstar.analysis.viewer_page import render
 
@@ -41,7 +41,7 @@ def viewer_data(run_dir: Path, analyse_model: bool) -> dict | None:
 def viewer_section(exp: Experiment, out: Path, analyse_model: bool) -> list[str]:
     """Write the pages; the report's list of them (``[]`` when there are none)."""
     links = []
-    for trial_id, run_dir, _ in _trial_dirs(exp.path):
+    for trial_id, run_dir, _ in exp.trial_dirs:
         cfg = exp.configs.get(trial_id, {})
         if cfg.get("train", {}).get("objective") == "lm" or not run_dir.is_dir():
             continue
