@@ -529,3 +529,17 @@ def test_eval_backend_thought_len_override_does_not_leak():
     lm = QStarLM(model=qs, thought_len=5, batch_size=2)
     lm._logprobs([[5, 6, 7, 8]], [1])
     assert qs.config.thought_len == 3
+
+
+def test_bench_default_size_is_the_default_model_with_its_own_tokenizer(monkeypatch):
+    """`qstar bench --sizes default` times the default model (loaded as `qstar train` loads it)
+    with that model's tokenizer; the named sizes stay random models with the test tokenizer."""
+    from qstar.analysis import bench_step
+    from qstar.models import loading
+
+    calls = []
+    monkeypatch.setattr(loading, "load_model", lambda dtype: calls.append(dtype) or ("M", "T"))
+    assert bench_step._bench_model("default", torch.float32, "tiny-tok") == ("M", "T")
+    assert calls == [torch.float32]
+    model, tok = bench_step._bench_model("tiny", torch.float32, "tiny-tok")
+    assert tok == "tiny-tok" and model.config.hidden_size == 256

@@ -52,7 +52,10 @@ from qstar.config import quiet_star_overrides
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--sizes", default="tiny,small", help="comma list of: tiny, small (default: tiny,small)"
+        "--sizes",
+        default="tiny,small",
+        help="comma list of: tiny, small (random Mistral-shaped models), default (the default "
+        "model, SmolLM2-135M, with its tokenizer) (default: tiny,small)",
     )
     p.add_argument(
         "--lengths", default="128,256", help="comma list of sequence lengths (default: 128,256)"

@@ -98,8 +98,8 @@ def run(
     )
     print(HEADER)
     for size in sizes:
-        model = mistral_shaped(size, dtype=torch_dtype).to(dev)
-        model.train()
+        model, tok = _bench_model(size, torch_dtype, tok)
+        model.to(dev).train()
         for L in lengths:
             gen_ids = torch.Generator().manual_seed(0)
             ids = torch.randint(0, 32000, (batch, L), generator=gen_ids).to(dev)
@@ -117,6 +117,16 @@ def run(
                 _print_row(row)
     _write(out, rows, fused_ce)
     return rows
+
+
+def _bench_model(size: str, dtype: torch.dtype, tok):
+    """``(model, tokenizer)``: a random Mistral-shaped model of ``size`` with the test tokenizer,
+    or for ``default`` the default model (SmolLM2-135M, offline) with its own tokenizer."""
+    if size != "default":
+        return mistral_shaped(size, dtype=dtype), tok
+    from qstar.models.loading import load_model  # transformers' loaders: only when asked
+
+    return load_model(dtype=dtype)
 
 
 def _steps(model, qs, ids, ids_k, qcfg, case: _Case, skip_dense, dense_limit_gb) -> dict:
