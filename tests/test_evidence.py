@@ -206,3 +206,40 @@ def test_seed_only_trials_form_one_arm_and_pair_with_the_baseline_of_their_seed(
     base = arm([("t000-objective=lm-seed=1", 3.0), ("t003-objective=lm-seed=0", 2.0)], True)
     vb = evidence.vs_baseline(think, base, 5)
     assert vb.seeds == pytest.approx([1.0, 2.0])  # seed 0: 2 - 1, seed 1: 3 - 1
+
+
+def test_arms_at_a_fraction_are_compared_with_the_all_positions_arm_of_their_settings(tmp_path):
+    """The compute section's `all positions - this`: the all-positions arm with the same other
+    settings, its NLL with thinking minus this arm's, paired by seed (hand-computed); an arm
+    whose other settings differ has none to compare with."""
+    from qstar.analysis.report_compute import compute_table
+
+    def cfg(seed, **qs):
+        return {"quiet_star": {"thought_len": 4, "n_true": 2, **qs},
+                "train": {"objective": "quiet_star", "seed": seed}}  # fmt: skip
+
+    base = [[1.0, 2.0, 3.0]]
+    arms = {
+        "all": ({}, [[0.5, 2.0, 3.0]]),
+        "think_at=hardest": ({"think_at": "hardest", "think_fraction": 0.25}, [[1.0, 2.0, 2.0]]),
+        "think_at=random-thought_len=8": (
+            {"think_at": "random", "think_fraction": 0.25, "thought_len": 8},
+            [[1.0, 1.0, 3.0]],
+        ),
+    }
+    trials = []
+    for i, (name, (qs, thought)) in enumerate(arms.items()):
+        tid = f"t00{i}-{name}-seed=0"
+        _write_trial(tmp_path, tid, {10: {"base": base, "thought": thought}}, cfg(0, **qs))
+        trials.append({"trial_id": tid, "overrides": [], "params": {}})
+    (tmp_path / "trials.json").write_text(json.dumps({"trials": trials}))
+    exp = load_experiment(tmp_path)
+    arm_list = evidence.arms_of(exp, {t: d for t, d, _ in exp.trial_dirs})
+    table = compute_table(exp, arm_list).set_index("think_at")
+    # all: 5.5 / 3 tokens; hardest: 5.0 / 3 -> all - hardest = 0.5 / 3
+    assert table.loc["hardest", "all positions - this"].est.value == pytest.approx(0.5 / 3)
+    assert table.loc["all", "all positions - this"] is None
+    assert table.loc["random", "all positions - this"] is None  # t=8 has no all-positions arm
+    assert table.loc["hardest", "thought compute"] == pytest.approx(
+        0.25 * table.loc["all", "thought compute"]
+    )

@@ -203,3 +203,31 @@ def test_a_thought_length_curriculum_reaches_the_steps(tmp_path, tiny_run_config
     assert [r["thought_len"] for r in rows if r["kind"] == "train"] == [4, 4, 2, 2]
     with pytest.raises(ValueError, match="thought_len_schedule must look like"):
         tiny_run_config("train.thought_len_schedule=4-0")
+
+
+def test_held_out_nll_thinking_where_the_gate_says(tmp_path):
+    """The content control of a gated model adds `gated`: its own thought at the gate's top
+    fraction of each window's positions (those `choose` picks in training), no thought elsewhere;
+    at fraction 1 every position thinks, so it is the all-positions NLL."""
+    from qstar.analysis.content import _content_tokens
+
+    qs = _model(gate=True)
+    torch.nn.init.normal_(qs.gate_head.net[-1].weight, std=1.0)
+    qs.save_pretrained(tmp_path / "final")
+    windows = _ids(12, rows=3).tolist()
+    whole = _content_tokens(tmp_path / "final", windows, batch_size=2, fraction=1.0)
+    for g, t in zip(whole["gated"], whole["thought"], strict=True):
+        assert torch.equal(torch.from_numpy(g), torch.from_numpy(t))
+    part = _content_tokens(tmp_path / "final", windows, batch_size=2, fraction=0.25)
+    ids = torch.tensor(windows)
+    with torch.no_grad():
+        score = qs.gate_head(qs.backbone_pass(ids).last_hidden_state)
+    chosen = choose("gate", 0.25, torch.ones_like(ids, dtype=torch.bool), gate_score=score)
+    for w in range(3):
+        expect = part["base"][w].copy()
+        expect[chosen[w].numpy()] = part["thought"][w][chosen[w].numpy()]
+        assert (part["gated"][w] == expect).all()
+        assert (part["gated"][w] != part["base"][w]).sum() <= n_chosen(12, 0.25)
+    plain = _model()
+    plain.save_pretrained(tmp_path / "plain")
+    assert "gated" not in _content_tokens(tmp_path / "plain", windows, batch_size=2)

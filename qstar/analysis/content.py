@@ -14,7 +14,7 @@ from qstar.analysis import files
 from qstar.analysis.evidence_arms import Arm
 from qstar.analysis.evidence_estimates import _all, _combine
 from qstar.config import ObjectiveConfig
-from qstar.core import learn
+from qstar.core import learn, positions
 from qstar.core.model import QuietStar
 from qstar.data import collate
 from qstar.run_config import load_run_config
@@ -52,7 +52,10 @@ def _cache(run_dir: Path, name: str, value: dict) -> dict:
 def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.ndarray]] | None:
     """Per-token held-out NLL of the trial's final model without thinking (``base``), after its
     greedy thought (``thought``) and after a content-free thought that repeats the pause token
-    ``---`` (``fixed``): the same mixing head and passes, nothing to think. In fp32; cached in
+    ``---`` (``fixed``): the same mixing head and passes, nothing to think; for a model with a
+    gate also ``gated``: its thought only at the positions the gate ranks in the top
+    ``think_fraction`` of each window (as in training), the no-thought prediction elsewhere,
+    which is what thinking only where the gate says costs and gives. In fp32; cached in
     ``RUN_DIR/analysis/content_control.json`` (keyed by the final model file), which is all a
     report's data bundle has."""
     run_dir = Path(run_dir)
@@ -65,7 +68,8 @@ def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.nda
         windows = json.loads(windows_file.read_text())["windows"]
         if not windows:
             return None
-        tokens = _content_tokens(run_dir / "final", windows, batch_size)
+        fraction = run_objective(run_dir).think_fraction
+        tokens = _content_tokens(run_dir / "final", windows, batch_size, fraction)
         saved = _cache(
             run_dir,
             "content_control.json",
@@ -74,22 +78,39 @@ def content_control(run_dir: Path, batch_size: int = 8) -> dict[str, list[np.nda
     return {k: [files.floats(w, saved) for w in v] for k, v in saved["tokens"].items()}
 
 
-def _content_tokens(final: Path, windows: list, batch_size: int) -> dict[str, list[np.ndarray]]:
+def _content_tokens(
+    final: Path, windows: list, batch_size: int, fraction: float = 1.0
+) -> dict[str, list[np.ndarray]]:
     qs = QuietStar.from_pretrained(final).eval()
     pause = qs.tokenizer.encode(qs.config.meta_init_text, add_special_tokens=False)[0]
     out: dict[str, list[np.ndarray]] = {"base": [], "thought": [], "fixed": []}
+    if qs.gate_head is not None:
+        out["gated"] = []
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
             ids, mask = collate(windows[i : i + batch_size], qs.fill_id)
             valid = (mask[:, 1:] & mask[:, :-1]).bool()
-            for name, lp in (  # log p(x_{i+1}) through the fused head: no (B, L, V) logits
-                ("base", qs.next_token_logprobs(ids, mask, think=False)),
-                ("thought", qs.next_token_logprobs(ids, mask)),
-                ("fixed", qs.next_token_logprobs(ids, mask, fixed_thought=pause)),
-            ):
+            scored = {  # log p(x_{i+1}) through the fused head: no (B, L, V) logits
+                "base": qs.next_token_logprobs(ids, mask, think=False),
+                "thought": qs.next_token_logprobs(ids, mask),
+                "fixed": qs.next_token_logprobs(ids, mask, fixed_thought=pause),
+            }
+            if qs.gate_head is not None:
+                scored["gated"] = _gated(qs, ids, mask, fraction, scored)
+            for name, lp in scored.items():
                 nll = -lp
                 out[name] += [row[v].double().numpy() for row, v in zip(nll, valid, strict=True)]
     return out
+
+
+def _gated(qs: QuietStar, ids, mask, fraction: float, scored: dict) -> torch.Tensor:
+    """``(B, L-1)`` log-probabilities with the thought where the gate chooses (its top
+    ``fraction`` of each window's positions, :func:`qstar.core.positions.choose`), without it
+    elsewhere: a thought at ``p`` depends on ``x_0..x_p`` alone, so it is the all-positions one."""
+    h = qs.backbone_pass(ids, attention_mask=mask).last_hidden_state
+    chosen = positions.choose("gate", fraction, mask.bool(), gate_score=qs.gate_head(h))
+    thinks = torch.zeros_like(scored["base"], dtype=torch.bool).scatter(1, chosen, True)
+    return torch.where(thinks, scored["thought"], scored["base"])
 
 
 def top_thoughts(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:

@@ -114,10 +114,13 @@ def drift(arm: Arm, step: int) -> Row | None:
     return _estimate(arm, step, fn)
 
 
-def vs_baseline(arm: Arm, baseline: Arm, step: int, baseline_step: int | None = None) -> Row | None:
+def vs_baseline(
+    arm: Arm, baseline: Arm, step: int, baseline_step: int | None = None, which: str = "base"
+) -> Row | None:
     """Baseline NLL (at ``baseline_step``, default ``step``) - this arm's NLL with thinking at
     ``step``; each seed paired with the baseline's run of the same seed where the trial ids
-    name seeds (seeds the baseline lacks are left out), else in order."""
+    name seeds (seeds the baseline lacks are left out), else in order. ``which``: the
+    reference's NLL without (``base``) or with (``thought``: another thinking arm) thinking."""
     at = step if baseline_step is None else baseline_step
     ids, mine = sorted(baseline.tokens), sorted(arm.tokens)
     by_seed = {seed_of(b): b for b in ids}
@@ -129,9 +132,10 @@ def vs_baseline(arm: Arm, baseline: Arm, step: int, baseline_step: int | None = 
     per_seed = []
     for tid, ref in pairs:
         tok = arm.tokens[tid].get(step)
-        if tok is None or ref is None or tok.thought is None:
+        ref_nll = None if ref is None else getattr(ref, which)
+        if tok is None or ref_nll is None or tok.thought is None:
             continue
-        if [len(w) for w in tok.thought] != [len(w) for w in ref.base]:
+        if [len(w) for w in tok.thought] != [len(w) for w in ref_nll]:
             return None  # not the same held-out windows
-        per_seed.append(_all([r - t for r, t in zip(ref.base, tok.thought, strict=True)]))
+        per_seed.append(_all([r - t for r, t in zip(ref_nll, tok.thought, strict=True)]))
     return _combine(per_seed) if per_seed else None

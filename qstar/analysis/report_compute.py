@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from qstar.analysis import content
 from qstar.analysis import evidence as ev
+from qstar.analysis.evidence_estimates import _all, _combine
 from qstar.analysis.experiment import Experiment
 from qstar.analysis.plotting import _plt, save
 from qstar.analysis.report_tables import _md_table, source
+from qstar.runs.tracking import flatten
 
 
 def thought_compute(qs: dict) -> float:
@@ -24,8 +27,35 @@ def thought_compute(qs: dict) -> float:
     return k * f * (t + 3 * (t + 1 + n))
 
 
+# settings that say where and how much a trial thinks; an arm thinking at a fraction is compared
+# with the all-positions arm whose other settings are the same
+WHERE_KEYS = ("think_at", "think_fraction", "gate", "gate_loss_weight")
+
+
+def _setting(cfg: dict) -> dict:
+    """The config without where it thinks, its seed and its bookkeeping."""
+    flat = flatten({k: v for k, v in cfg.items() if k not in ("eval", "logging")})
+    drop = {f"quiet_star.{k}" for k in WHERE_KEYS} | {"train.seed"}
+    return {k: v for k, v in flat.items() if k not in drop}
+
+
+def all_positions_arm(exp: Experiment, arm: ev.Arm, arms: list[ev.Arm]) -> ev.Arm | None:
+    """The arm that thinks at every position with ``arm``'s other settings, if there is one."""
+    mine = _setting(exp.configs.get(next(iter(arm.trials)), {}))
+    for other in arms:
+        cfg = exp.configs.get(next(iter(other.trials)), {})
+        qs = cfg.get("quiet_star", {})
+        if other is arm or other.baseline or qs.get("think_at", "all") != "all":
+            continue
+        if _setting(cfg) == mine:
+            return other
+    return None
+
+
 def compute_table(exp: Experiment, arms: list[ev.Arm]) -> pd.DataFrame:
-    """One row per arm at its last common step: compute, NLL with thinking, gain."""
+    """One row per arm at its last common step: compute, NLL with thinking, gain (and the
+    estimates with intervals the report prints: the gain, and for an arm that thinks at a fraction
+    the all-positions arm's NLL with thinking minus its own, paired by seed)."""
     rows = []
     for arm in arms:
         steps = arm.steps()
@@ -37,14 +67,20 @@ def compute_table(exp: Experiment, arms: list[ev.Arm]) -> pd.DataFrame:
         lm = cfg.get("train", {}).get("objective") == "lm"
         s = steps[-1]
         with_thought = ev.nll(arm, s, "base" if lm else "thought")
+        ref = None if lm else all_positions_arm(exp, arm, arms)
+        everywhere = qs.get("think_at", "all") == "all"
         rows.append(
             {
                 "arm": arm.label,
                 "think_at": "none" if lm else qs.get("think_at", "all"),
-                "fraction": 0.0 if lm else qs.get("think_fraction", 1.0),
+                "fraction": 0.0 if lm else qs.get("think_fraction", 1.0) if not everywhere else 1.0,
                 "thought compute": 0.0 if lm else thought_compute(qs),
                 "NLL with thinking": with_thought.est.value,
                 "gain": None if lm else ev.gain(arm, s).est.value,
+                "gain [95%]": None if lm else ev.gain(arm, s),
+                "all positions - this": None
+                if ref is None or everywhere
+                else ev.vs_baseline(arm, ref, s, which="thought"),
             }
         )
     return pd.DataFrame(rows)
@@ -62,7 +98,9 @@ def pareto(table: pd.DataFrame) -> pd.Series:
     return pd.Series(best, index=table.index)
 
 
-def compute_section(exp: Experiment, arms: list[ev.Arm], figs_dir: Path) -> list[str]:
+def compute_section(
+    exp: Experiment, arms: list[ev.Arm], figs_dir: Path, analyse_model: bool = True
+) -> list[str]:
     """The section, when the experiment varies where or how much it thinks."""
     table = compute_table(exp, arms)
     modes = set(table.get("think_at", []))
@@ -81,15 +119,21 @@ def compute_section(exp: Experiment, arms: list[ev.Arm], figs_dir: Path) -> list
     ax.set_title("Compute against quality of thinking")
     ax.legend(fontsize=8)
     save(fig, figs_dir, "compute_quality")
+    shown = table.drop(columns=["gain"]).rename(columns={"gain [95%]": "gain"})
+    for col in ("gain", "all positions - this"):
+        shown[col] = shown[col].map(ev.fmt_cell)
     return [
         "## Where thinking pays: compute against quality",
         "",
         "Each arm at its last evaluation: thought compute per text token (model passes in units "
         "of one plain forward: `k f (t + 3 (t + 1 + n))`, `f` the fraction of positions that "
-        "think), held-out NLL with thinking and the gain (without minus with). `on the front`: "
-        "no arm reaches a lower NLL with less compute.",
+        "think in training), held-out NLL with thinking (at every position, greedy) and the gain "
+        "(without minus with), with 95% intervals over windows; `all positions - this`: the arm "
+        "that thinks at every position with the same other settings, its NLL with thinking minus "
+        "this arm's (> 0: this arm is better), paired by seed. `on the front`: no arm reaches a "
+        "lower NLL with less compute.",
         "",
-        _md_table(table),
+        _md_table(shown),
         "",
         "![compute against quality](figures/compute_quality.png)",
         "",
@@ -97,5 +141,58 @@ def compute_section(exp: Experiment, arms: list[ev.Arm], figs_dir: Path) -> list
             "each arm's held-out NLL files `data/trials/*/heldout/step_N.json.gz` and its "
             "`config.yaml`"
         ),
+        "",
+        *(_gate_section(exp, arms) if analyse_model else []),
+    ]
+
+
+def _gate_section(exp: Experiment, arms: list[ev.Arm]) -> list[str]:
+    """The gate at inference: the final model's held-out NLL thinking at every position and only
+    where its gate says (the content control's ``gated`` tokens)."""
+    rows = []
+    for arm in arms:
+        per_seed = [content.content_control(d) for d in arm.trials.values()]
+        per_seed = [t for t in per_seed if t is not None and "gated" in t]
+        if arm.baseline or not per_seed:
+            continue
+        cfg = exp.configs.get(next(iter(arm.trials)), {})
+
+        def combine(fn, seeds=per_seed):
+            return _combine([_all([fn(t, w) for w in range(len(t["base"]))]) for t in seeds])
+
+        def level(which):
+            row = combine(lambda seed, w: seed[which][w])
+            row.signed = False
+            return row
+
+        rows.append(
+            {
+                "arm": arm.label,
+                "thinks at": f"the gate's top {cfg.get('quiet_star', {}).get('think_fraction', 1.0):g}",
+                "NLL, no thinking": level("base"),
+                "NLL, thinking everywhere": level("thought"),
+                "NLL, thinking where the gate says": level("gated"),
+                "everywhere - gated": combine(
+                    lambda seed, w: seed["thought"][w] - seed["gated"][w]
+                ),
+            }
+        )
+    if not rows:
+        return []
+    table = pd.DataFrame(rows)
+    for col in table.columns[2:]:
+        table[col] = table[col].map(ev.fmt_cell)
+    return [
+        "### The gate at inference",
+        "",
+        "The final model of each gated arm on the held-out windows: without thinking, thinking "
+        "at every position, and thinking only at the positions its gate ranks in the top "
+        "fraction of each window (the rest keep the no-thought prediction; a thought depends on "
+        "the text before it alone, so it is the same thought either way). `everywhere - gated` "
+        "> 0: thinking only where the gate says is better. 95% intervals over windows.",
+        "",
+        _md_table(table),
+        "",
+        source("`data/trials/ID/analysis/content_control.json.gz` (computed once from `final/`)"),
         "",
     ]

@@ -33,7 +33,7 @@ def _evidence_sections(exp: Experiment, figs_dir: Path, analyse_model: bool = Tr
         if analyse_model:
             out += _content_section(arms)
         out += _task_section(tasks)
-        out += compute_section(exp, arms, figs_dir)
+        out += compute_section(exp, arms, figs_dir, analyse_model)
     return out + _dynamics_sections(exp, run_dirs)
 
 
