@@ -243,3 +243,28 @@ def test_arms_at_a_fraction_are_compared_with_the_all_positions_arm_of_their_set
     assert table.loc["hardest", "thought compute"] == pytest.approx(
         0.25 * table.loc["all", "thought compute"]
     )
+
+
+def test_the_gate_at_inference_table_reads_the_cached_gated_nll(tmp_path):
+    """A gated arm's final model thinking everywhere against only where its gate says
+    (hand-computed from the cached content control), and the threshold at its fraction."""
+    from qstar.analysis.report_compute import _gate_section
+
+    cfg = {"quiet_star": {"thought_len": 4, "n_true": 2, "gate": True, "think_at": "gate",
+                          "think_fraction": 0.5}, "train": {"objective": "quiet_star", "seed": 0}}  # fmt: skip
+    tid = "t000-gate=True-seed=0"
+    _write_trial(tmp_path, tid, {10: {"base": [[1.0, 1.0]], "thought": [[1.0, 1.0]]}}, cfg)
+    cache = tmp_path / "trials" / tid / "analysis" / "content_control.json"
+    cache.parent.mkdir()
+    tokens = {"base": [[2.0, 2.0, 2.0, 2.0]], "thought": [[1.0, 3.0, 2.0, 2.0]],
+              "fixed": [[2.0, 2.0, 2.0, 2.0]], "gated": [[1.0, 2.0, 2.0, 2.0]],
+              "gate": [[0.4, 0.1, 0.2, 0.3]]}  # fmt: skip
+    cache.write_text(json.dumps({"key": None, "tokens": tokens}))
+    (tmp_path / "trials.json").write_text(json.dumps({"trials": [{"trial_id": tid, "params": {}}]}))
+    exp = load_experiment(tmp_path)
+    lines = _gate_section(exp, evidence.arms_of(exp, {t: d for t, d, _ in exp.trial_dirs}))
+    row = next(line for line in "\n".join(lines).splitlines() if line.startswith("| 4 thought"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "the gate's top 0.5" and float(cells[2]) == pytest.approx(0.25)
+    assert cells[4].startswith("2.0000") and cells[5].startswith("1.7500")  # everywhere, gated
+    assert cells[6].startswith("+0.2500")  # everywhere - gated: (8 - 7) / 4 tokens

@@ -228,6 +228,7 @@ def test_held_out_nll_thinking_where_the_gate_says(tmp_path):
         expect[chosen[w].numpy()] = part["thought"][w][chosen[w].numpy()]
         assert (part["gated"][w] == expect).all()
         assert (part["gated"][w] != part["base"][w]).sum() <= n_chosen(12, 0.25)
+        assert torch.allclose(torch.from_numpy(part["gate"][w]).float(), score[w, :-1])
     plain = _model()
     plain.save_pretrained(tmp_path / "plain")
     assert "gated" not in _content_tokens(tmp_path / "plain", windows, batch_size=2)

@@ -85,7 +85,7 @@ def _content_tokens(
     pause = qs.tokenizer.encode(qs.config.meta_init_text, add_special_tokens=False)[0]
     out: dict[str, list[np.ndarray]] = {"base": [], "thought": [], "fixed": []}
     if qs.gate_head is not None:
-        out["gated"] = []
+        out["gated"], out["gate"] = [], []
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
             ids, mask = collate(windows[i : i + batch_size], qs.fill_id)
@@ -96,21 +96,24 @@ def _content_tokens(
                 "fixed": qs.next_token_logprobs(ids, mask, fixed_thought=pause),
             }
             if qs.gate_head is not None:
-                scored["gated"] = _gated(qs, ids, mask, fraction, scored)
+                scored["gated"], gate = _gated(qs, ids, mask, fraction, scored)
+                out["gate"] += [row[v].double().numpy() for row, v in zip(gate, valid, strict=True)]
             for name, lp in scored.items():
                 nll = -lp
                 out[name] += [row[v].double().numpy() for row, v in zip(nll, valid, strict=True)]
     return out
 
 
-def _gated(qs: QuietStar, ids, mask, fraction: float, scored: dict) -> torch.Tensor:
+def _gated(qs: QuietStar, ids, mask, fraction: float, scored: dict):
     """``(B, L-1)`` log-probabilities with the thought where the gate chooses (its top
     ``fraction`` of each window's positions, :func:`qstar.core.positions.choose`), without it
-    elsewhere: a thought at ``p`` depends on ``x_0..x_p`` alone, so it is the all-positions one."""
+    elsewhere (a thought at ``p`` depends on ``x_0..x_p`` alone, so it is the all-positions
+    one), and ``(B, L-1)`` the gate's predicted gain at each position."""
     h = qs.backbone_pass(ids, attention_mask=mask).last_hidden_state
-    chosen = positions.choose("gate", fraction, mask.bool(), gate_score=qs.gate_head(h))
+    score = qs.gate_head(h)
+    chosen = positions.choose("gate", fraction, mask.bool(), gate_score=score)
     thinks = torch.zeros_like(scored["base"], dtype=torch.bool).scatter(1, chosen, True)
-    return torch.where(thinks, scored["thought"], scored["base"])
+    return torch.where(thinks, scored["thought"], scored["base"]), score[:, :-1].float()
 
 
 def top_thoughts(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:

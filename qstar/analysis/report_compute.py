@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from qstar.analysis import content
@@ -165,10 +166,16 @@ def _gate_section(exp: Experiment, arms: list[ev.Arm]) -> list[str]:
             row.signed = False
             return row
 
+        fraction = cfg.get("quiet_star", {}).get("think_fraction", 1.0)
+        scores = [np.concatenate(t["gate"]) for t in per_seed if "gate" in t]
         rows.append(
             {
                 "arm": arm.label,
-                "thinks at": f"the gate's top {cfg.get('quiet_star', {}).get('think_fraction', 1.0):g}",
+                "thinks at": f"the gate's top {fraction:g}",
+                # the predicted gain above which that share of held-out positions lies
+                "threshold": float(np.mean([np.quantile(g, 1 - fraction) for g in scores]))
+                if scores
+                else None,
                 "NLL, no thinking": level("base"),
                 "NLL, thinking everywhere": level("thought"),
                 "NLL, thinking where the gate says": level("gated"),
@@ -180,7 +187,7 @@ def _gate_section(exp: Experiment, arms: list[ev.Arm]) -> list[str]:
     if not rows:
         return []
     table = pd.DataFrame(rows)
-    for col in table.columns[2:]:
+    for col in table.columns[3:]:
         table[col] = table[col].map(ev.fmt_cell)
     return [
         "### The gate at inference",
@@ -189,7 +196,9 @@ def _gate_section(exp: Experiment, arms: list[ev.Arm]) -> list[str]:
         "at every position, and thinking only at the positions its gate ranks in the top "
         "fraction of each window (the rest keep the no-thought prediction; a thought depends on "
         "the text before it alone, so it is the same thought either way). `everywhere - gated` "
-        "> 0: thinking only where the gate says is better. 95% intervals over windows.",
+        "> 0: thinking only where the gate says is better. 95% intervals over windows. "
+        "`threshold`: the predicted gain above which that share of the held-out positions lies "
+        "(`--think-threshold` for gated generation and evaluation at about that share).",
         "",
         _md_table(table),
         "",
