@@ -209,9 +209,9 @@ def test_seed_only_trials_form_one_arm_and_pair_with_the_baseline_of_their_seed(
 
 
 def test_arms_at_a_fraction_are_compared_with_the_all_positions_arm_of_their_settings(tmp_path):
-    """The compute section's `all positions - this`: the all-positions arm with the same other
-    settings, its NLL with thinking minus this arm's, paired by seed (hand-computed); an arm
-    whose other settings differ has none to compare with."""
+    """The compute section's `all positions - this` and `random - this`: the all-positions arm
+    and the random control with the same other settings, their NLL with thinking minus this
+    arm's, paired by seed (hand-computed); an arm whose other settings differ has none."""
     from qstar.analysis.report_compute import compute_table
 
     def cfg(seed, **qs):
@@ -219,30 +219,32 @@ def test_arms_at_a_fraction_are_compared_with_the_all_positions_arm_of_their_set
                 "train": {"objective": "quiet_star", "seed": seed}}  # fmt: skip
 
     base = [[1.0, 2.0, 3.0]]
+    quarter = {"think_fraction": 0.25}
     arms = {
         "all": ({}, [[0.5, 2.0, 3.0]]),
-        "think_at=hardest": ({"think_at": "hardest", "think_fraction": 0.25}, [[1.0, 2.0, 2.0]]),
-        "think_at=random-thought_len=8": (
-            {"think_at": "random", "think_fraction": 0.25, "thought_len": 8},
-            [[1.0, 1.0, 3.0]],
-        ),
+        "hardest": ({"think_at": "hardest", **quarter}, [[1.0, 2.0, 2.0]]),
+        "random": ({"think_at": "random", **quarter}, [[1.0, 2.0, 2.8]]),
+        "random8": ({"think_at": "random", **quarter, "thought_len": 8}, [[1.0, 1.0, 3.0]]),
     }
     trials = []
     for i, (name, (qs, thought)) in enumerate(arms.items()):
-        tid = f"t00{i}-{name}-seed=0"
+        tid = f"t00{i}-arm={name}-seed=0"
         _write_trial(tmp_path, tid, {10: {"base": base, "thought": thought}}, cfg(0, **qs))
-        trials.append({"trial_id": tid, "overrides": [], "params": {}})
+        trials.append({"trial_id": tid, "overrides": [], "params": {"arm": name}})
     (tmp_path / "trials.json").write_text(json.dumps({"trials": trials}))
     exp = load_experiment(tmp_path)
     arm_list = evidence.arms_of(exp, {t: d for t, d, _ in exp.trial_dirs})
-    table = compute_table(exp, arm_list).set_index("think_at")
-    # all: 5.5 / 3 tokens; hardest: 5.0 / 3 -> all - hardest = 0.5 / 3
+    table = compute_table(exp, arm_list)
+    table.index = [label.rsplit("arm ", 1)[1] for label in table["arm"]]
+    # all: 5.5 / 3 tokens; hardest: 5.0 / 3; random: 5.8 / 3
     assert table.loc["hardest", "all positions - this"].est.value == pytest.approx(0.5 / 3)
+    assert table.loc["hardest", "random - this"].est.value == pytest.approx(0.8 / 3)
+    assert table.loc["random", "all positions - this"].est.value == pytest.approx(-0.3 / 3)
+    assert table.loc["random", "random - this"] is None  # a control has no control
     assert table.loc["all", "all positions - this"] is None
-    assert table.loc["random", "all positions - this"] is None  # t=8 has no all-positions arm
-    assert table.loc["hardest", "thought compute"] == pytest.approx(
-        0.25 * table.loc["all", "thought compute"]
-    )
+    assert table.loc["random8", "all positions - this"] is None  # no all-positions arm at t=8
+    quarter_cost = 0.25 * table.loc["all", "thought compute"]
+    assert table.loc["hardest", "thought compute"] == pytest.approx(quarter_cost)
 
 
 def test_the_gate_at_inference_table_reads_the_cached_gated_nll(tmp_path):

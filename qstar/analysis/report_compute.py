@@ -40,13 +40,19 @@ def _setting(cfg: dict) -> dict:
     return {k: v for k, v in flat.items() if k not in drop}
 
 
-def all_positions_arm(exp: Experiment, arm: ev.Arm, arms: list[ev.Arm]) -> ev.Arm | None:
-    """The arm that thinks at every position with ``arm``'s other settings, if there is one."""
+def matching_arm(
+    exp: Experiment, arm: ev.Arm, arms: list[ev.Arm], think_at: str, fraction: float | None = None
+) -> ev.Arm | None:
+    """The arm that thinks ``think_at`` (at ``fraction``, for a rule that chooses) with ``arm``'s
+    other settings, if there is one: ``all`` gives the all-positions arm, ``random`` the
+    control at the same fraction."""
     mine = _setting(exp.configs.get(next(iter(arm.trials)), {}))
     for other in arms:
         cfg = exp.configs.get(next(iter(other.trials)), {})
         qs = cfg.get("quiet_star", {})
-        if other is arm or other.baseline or qs.get("think_at", "all") != "all":
+        if other is arm or other.baseline or qs.get("think_at", "all") != think_at:
+            continue
+        if fraction is not None and qs.get("think_fraction", 1.0) != fraction:
             continue
         if _setting(cfg) == mine:
             return other
@@ -56,7 +62,8 @@ def all_positions_arm(exp: Experiment, arm: ev.Arm, arms: list[ev.Arm]) -> ev.Ar
 def compute_table(exp: Experiment, arms: list[ev.Arm]) -> pd.DataFrame:
     """One row per arm at its last common step: compute, NLL with thinking, gain (and the
     estimates with intervals the report prints: the gain, and for an arm that thinks at a fraction
-    the all-positions arm's NLL with thinking minus its own, paired by seed)."""
+    the all-positions arm's and the random control's NLL with thinking minus its own, paired by
+    seed)."""
     rows = []
     for arm in arms:
         steps = arm.steps()
@@ -68,8 +75,14 @@ def compute_table(exp: Experiment, arms: list[ev.Arm]) -> pd.DataFrame:
         lm = cfg.get("train", {}).get("objective") == "lm"
         s = steps[-1]
         with_thought = ev.nll(arm, s, "base" if lm else "thought")
-        ref = None if lm else all_positions_arm(exp, arm, arms)
         everywhere = qs.get("think_at", "all") == "all"
+        fraction = qs.get("think_fraction", 1.0)
+        ref = None if lm or everywhere else matching_arm(exp, arm, arms, "all")
+        control = (
+            matching_arm(exp, arm, arms, "random", fraction)
+            if qs.get("think_at") in ("hardest", "gate")
+            else None
+        )
         rows.append(
             {
                 "arm": arm.label,
@@ -80,8 +93,11 @@ def compute_table(exp: Experiment, arms: list[ev.Arm]) -> pd.DataFrame:
                 "gain": None if lm else ev.gain(arm, s).est.value,
                 "gain [95%]": None if lm else ev.gain(arm, s),
                 "all positions - this": None
-                if ref is None or everywhere
+                if ref is None
                 else ev.vs_baseline(arm, ref, s, which="thought"),
+                "random - this": None
+                if control is None
+                else ev.vs_baseline(arm, control, s, which="thought"),
             }
         )
     return pd.DataFrame(rows)
@@ -121,7 +137,7 @@ def compute_section(
     ax.legend(fontsize=8)
     save(fig, figs_dir, "compute_quality")
     shown = table.drop(columns=["gain"]).rename(columns={"gain [95%]": "gain"})
-    for col in ("gain", "all positions - this"):
+    for col in ("gain", "all positions - this", "random - this"):
         shown[col] = shown[col].map(ev.fmt_cell)
     return [
         "## Where thinking pays: compute against quality",
@@ -131,8 +147,9 @@ def compute_section(
         "think in training), held-out NLL with thinking (at every position, greedy) and the gain "
         "(without minus with), with 95% intervals over windows; `all positions - this`: the arm "
         "that thinks at every position with the same other settings, its NLL with thinking minus "
-        "this arm's (> 0: this arm is better), paired by seed. `on the front`: no arm reaches a "
-        "lower NLL with less compute.",
+        "this arm's (> 0: this arm is better), paired by seed; `random - this`: the same against "
+        "the arm thinking at random positions at the same fraction (the control of `hardest` and "
+        "`gate`). `on the front`: no arm reaches a lower NLL with less compute.",
         "",
         _md_table(shown),
         "",
