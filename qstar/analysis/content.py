@@ -12,7 +12,7 @@ import torch
 
 from qstar.analysis import files
 from qstar.analysis.evidence_arms import Arm
-from qstar.analysis.evidence_estimates import _all, _combine
+from qstar.analysis.evidence_estimates import Row, _all, _combine
 from qstar.config import ObjectiveConfig
 from qstar.core import learn, positions
 from qstar.core.model import QuietStar
@@ -149,6 +149,12 @@ def _line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
+def per_window(seeds: list[dict[str, list[np.ndarray]]], fn) -> Row:
+    """``fn(tokens, window) -> per-token values`` over every window of each seed's content-control
+    tokens (:func:`content_control`), bootstrapped over windows and averaged over seeds."""
+    return _combine([_all([fn(t, w) for w in range(len(t["base"]))]) for t in seeds])
+
+
 def content_table(arms: list[Arm]) -> pd.DataFrame:
     """Per arm (final models): the gain of its thoughts, of a content-free pause thought, and the
     difference -- what the thoughts' *content* adds -- each bootstrapped over windows."""
@@ -160,18 +166,18 @@ def content_table(arms: list[Arm]) -> pd.DataFrame:
         per_seed = [t for t in per_seed if t is not None]
         if not per_seed:
             continue
-
-        def combine(fn, seeds=per_seed):
-            return _combine([_all([fn(t, w) for w in range(len(t["base"]))]) for t in seeds])
-
         rows.append(
             {
                 "arm": arm.label,
                 "seeds": len(per_seed),
-                "gain, its thoughts": combine(lambda t, w: t["base"][w] - t["thought"][w]),
-                "gain, pause thought": combine(lambda t, w: t["base"][w] - t["fixed"][w]),
-                "content: pause - its thoughts": combine(
-                    lambda t, w: t["fixed"][w] - t["thought"][w]
+                "gain, its thoughts": per_window(
+                    per_seed, lambda t, w: t["base"][w] - t["thought"][w]
+                ),
+                "gain, pause thought": per_window(
+                    per_seed, lambda t, w: t["base"][w] - t["fixed"][w]
+                ),
+                "content: pause - its thoughts": per_window(
+                    per_seed, lambda t, w: t["fixed"][w] - t["thought"][w]
                 ),
             }
         )

@@ -97,21 +97,21 @@ def _trial_dirs(path: Path) -> list[tuple[str, Path, dict[str, Any]]]:
 
 
 def _referenced(
-    path: Path, sources: list[str | Path], patterns: list[str]
+    own: set[str], sources: list[str | Path], patterns: list[str]
 ) -> tuple[list[tuple[str, Path, dict[str, Any]]], list[dict[str, Any]]]:
     """The trials of the experiments ``sources`` (experiment folders or report bundles) whose
     ids match one of ``patterns`` (all when none), and ``{"name", "path", "trials"}`` of each
-    source; an id that clashes with another trial's, or a pattern that matches nothing, fails."""
-    seen = {t for t, _, _ in _trial_dirs(path)}
+    source; an id that clashes with another trial's (``own``: the report's own trial ids), or a
+    pattern that matches nothing, fails."""
+    seen = set(own)
     found, refs = [], []
     for src in map(Path, sources):
+        every = _trial_dirs(src)
         trials = [
-            t
-            for t in _trial_dirs(src)
-            if not patterns or any(fnmatch.fnmatch(t[0], p) for p in patterns)
+            t for t in every if not patterns or any(fnmatch.fnmatch(t[0], p) for p in patterns)
         ]
         if not trials:
-            ids = ", ".join(t for t, _, _ in _trial_dirs(src))
+            ids = ", ".join(t for t, _, _ in every)
             raise ValueError(
                 f"--with {src}: no trial matches --with-trials {' '.join(patterns)}; its trials: {ids}"
             )
@@ -255,8 +255,11 @@ def load_experiment(
     notes: list[str] = []
     trial_rows, step_rows, eval_rows = [], [], []
     configs, provenance = {}, {}
-    extra, references = _referenced(path, list(with_), list(with_trials)) if with_ else ([], [])
-    trial_dirs = _trial_dirs(path) + extra
+    own = _trial_dirs(path)
+    extra, references = ([], [])
+    if with_:
+        extra, references = _referenced({t for t, _, _ in own}, list(with_), list(with_trials))
+    trial_dirs = own + extra
     for trial_id, run_dir, params in trial_dirs:
         config = run_dir / "config.yaml"
         cfg = yaml.safe_load(config.read_text()) if config.is_file() else {}

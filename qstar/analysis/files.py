@@ -198,17 +198,16 @@ def write_bundle(
             raise ValueError(f"{out} exists and is not a data bundle; remove it or choose --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    if trials_spec is not None:
-        (out / "trials.json").write_text(json.dumps(trials_spec, indent=2) + "\n")
-    if exists(exp_dir / "trials.json"):
-        if trials_spec is None:
-            _copy(exp_dir / "trials.json", out / "trials.json", "copy")
+    sweep = exists(exp_dir / "trials.json")
+    if sweep:
         for name in EXPERIMENT_FILES:
             if (exp_dir / name).is_file():
                 shutil.copyfile(exp_dir / name, out / name)
-    elif trials_spec is None:  # one run directory: a one-trial sweep
-        trials = [{"trial_id": t, "overrides": [], "params": p} for t, _, p in trial_dirs]
-        (out / "trials.json").write_text(json.dumps({"trials": trials}, indent=2) + "\n")
+    if trials_spec is None and sweep:
+        _copy(exp_dir / "trials.json", out / "trials.json", "copy")
+    else:  # the given spec, or one run directory as a one-trial sweep
+        spec = trials_spec if trials_spec is not None else one_run_spec(trial_dirs)
+        (out / "trials.json").write_text(json.dumps(spec, indent=2) + "\n")
     patterns = TRIAL_FILES + MODEL_CACHES * model_caches
     for trial_id, run_dir, _ in trial_dirs:
         if not run_dir.is_dir():
@@ -221,6 +220,11 @@ def write_bundle(
         json.dumps({"format": BUNDLE_FORMAT, **meta}, indent=2, sort_keys=True) + "\n"
     )
     return out
+
+
+def one_run_spec(trial_dirs: list[tuple[str, Path, dict[str, Any]]]) -> dict[str, Any]:
+    """``trials.json`` for trials that no sweep listed (a single run directory)."""
+    return {"trials": [{"trial_id": t, "overrides": [], "params": p} for t, _, p in trial_dirs]}
 
 
 def bundle_size(path: Path) -> int:

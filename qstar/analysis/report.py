@@ -164,8 +164,7 @@ def _trials_spec(path: Path) -> dict:
     """``trials.json`` of an experiment or bundle; a run directory as a one-trial sweep."""
     if files.exists(path / "trials.json"):
         return files.read_json(path / "trials.json")
-    trials = [{"trial_id": t, "overrides": [], "params": p} for t, _, p in _trial_dirs(path)]
-    return {"trials": trials}
+    return files.one_run_spec(_trial_dirs(path))
 
 
 def _references(exp: Experiment) -> list[str]:

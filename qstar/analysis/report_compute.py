@@ -14,7 +14,6 @@ import pandas as pd
 
 from qstar.analysis import content
 from qstar.analysis import evidence as ev
-from qstar.analysis.evidence_estimates import _all, _combine
 from qstar.analysis.experiment import Experiment
 from qstar.analysis.plotting import _plt, save
 from qstar.analysis.report_tables import _md_table, source
@@ -83,15 +82,16 @@ def compute_table(exp: Experiment, arms: list[ev.Arm]) -> pd.DataFrame:
             if qs.get("think_at") in ("hardest", "gate")
             else None
         )
+        gain = None if lm else ev.gain(arm, s)
         rows.append(
             {
                 "arm": arm.label,
                 "think_at": "none" if lm else qs.get("think_at", "all"),
-                "fraction": 0.0 if lm else qs.get("think_fraction", 1.0) if not everywhere else 1.0,
+                "fraction": 0.0 if lm else 1.0 if everywhere else fraction,
                 "thought compute": 0.0 if lm else thought_compute(qs),
                 "NLL with thinking": with_thought.est.value,
-                "gain": None if lm else ev.gain(arm, s).est.value,
-                "gain [95%]": None if lm else ev.gain(arm, s),
+                "gain": None if gain is None else gain.est.value,
+                "gain [95%]": gain,
                 "all positions - this": None
                 if ref is None
                 else ev.vs_baseline(arm, ref, s, which="thought"),
@@ -175,11 +175,8 @@ def _gate_section(exp: Experiment, arms: list[ev.Arm]) -> list[str]:
             continue
         cfg = exp.configs.get(next(iter(arm.trials)), {})
 
-        def combine(fn, seeds=per_seed):
-            return _combine([_all([fn(t, w) for w in range(len(t["base"]))]) for t in seeds])
-
-        def level(which):
-            row = combine(lambda seed, w: seed[which][w])
+        def level(which, seeds=per_seed):
+            row = content.per_window(seeds, lambda seed, w: seed[which][w])
             row.signed = False
             return row
 
@@ -196,8 +193,8 @@ def _gate_section(exp: Experiment, arms: list[ev.Arm]) -> list[str]:
                 "NLL, no thinking": level("base"),
                 "NLL, thinking everywhere": level("thought"),
                 "NLL, thinking where the gate says": level("gated"),
-                "everywhere - gated": combine(
-                    lambda seed, w: seed["thought"][w] - seed["gated"][w]
+                "everywhere - gated": content.per_window(
+                    per_seed, lambda seed, w: seed["thought"][w] - seed["gated"][w]
                 ),
             }
         )
